@@ -1,0 +1,152 @@
+//! Postgres: the connection pool, database creation and the embedded migrations.
+
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::DatabaseSettings;
+use secrecy::ExposeSecret;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Any key works as long as every appevents process uses the same one.
+const MIGRATION_LOCK: i64 = 0x6170_7065_7665_6e74; // "appevent"
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database url: {0}")]
+    Url(String),
+    #[error("database unavailable: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] refinery::Error),
+}
+
+pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    tokio_postgres::Config::from_str(url).map_err(|e| DbError::Url(e.to_string()))
+}
+
+/// Builds the pool. Connections are made lazily, so this succeeds while the database is down;
+/// each use then fails and the caller backs off.
+pub fn pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+    let config = pg_config(settings.url.expose_secret())?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        // Fast recycling skips a round trip per checkout; a broken connection is detected on
+        // use and the pool replaces it.
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(settings.pool_size)
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(settings.wait_timeout),
+            create: Some(settings.wait_timeout),
+            recycle: Some(settings.wait_timeout),
+        })
+        .build()
+        .map_err(|e| DbError::Url(e.to_string()))
+}
+
+/// One dedicated connection, outside the pool (migrations, LISTEN).
+pub async fn connect(url: &str) -> Result<Client, DbError> {
+    let config = pg_config(url)?;
+    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::warn!(error = %err, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the database named in `url` when it does not exist yet, so a fresh machine needs
+/// no manual step. Safe when several processes race to do it.
+pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
+    let config = pg_config(url)?;
+    let name = config.get_dbname().unwrap_or("postgres").to_owned();
+    match connect(url).await {
+        Ok(_) => return Ok(false),
+        Err(DbError::Connect(err)) if err.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+        Err(err) => return Err(err),
+    }
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin.connect(NoTls).await.map_err(DbError::Connect)?;
+    tokio::spawn(connection);
+    let sql = format!("create database \"{}\"", name.replace('"', "\"\""));
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(true),
+        Err(err) if err.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(false),
+        Err(err) => Err(DbError::Query(err)),
+    }
+}
+
+/// Applies the embedded migrations. A session advisory lock serialises workers that start
+/// together: the first migrates, the others wait and then find nothing to do.
+pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
+    let mut client = connect(url).await?;
+    client
+        .execute("select pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let report = embedded::migrations::runner().run_async(&mut client).await;
+    client
+        .execute("select pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let applied = report?
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect();
+    Ok(applied)
+}
+
+/// Errors of the catalog operations (app events, connections, workflows, subscriptions),
+/// shaped for the CLI's messages and the API's statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        let Some(db) = err.as_db_error() else {
+            return StoreError::Db(DbError::Query(err));
+        };
+        let detail = db.detail().unwrap_or(db.message()).to_owned();
+        match *db.code() {
+            SqlState::UNIQUE_VIOLATION => StoreError::Conflict(format!("already exists: {detail}")),
+            SqlState::FOREIGN_KEY_VIOLATION => StoreError::Conflict(detail),
+            SqlState::CHECK_VIOLATION | SqlState::NOT_NULL_VIOLATION => {
+                StoreError::Invalid(db.message().to_owned())
+            }
+            _ => StoreError::Db(DbError::Query(err)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        StoreError::Db(DbError::Pool(err))
+    }
+}

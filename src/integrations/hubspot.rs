@@ -1,0 +1,169 @@
+//! HubSpot CRM v3 contacts.
+//!
+//! Create: `POST /crm/v3/objects/contacts {"properties": {...}}` answers `201 {"id": ...}`,
+//! or `409 {"category": "CONFLICT", "message": "Contact already exists. Existing ID: 123"}`,
+//! which becomes `PATCH /crm/v3/objects/contacts/123`.
+//! Upsert: `POST /crm/v3/objects/contacts/batch/upsert` with one input carrying `idProperty`.
+//! The mapping renders the contact's properties.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{PreparedRequest, RawResponse, StepOutput, encode_segment, join_url};
+use crate::classify::{self, Failure, FailureKind};
+use crate::connection::Connection;
+use crate::integrations::Provider;
+
+const CONTACTS: &str = "crm/v3/objects/contacts";
+
+pub fn create_contact(connection: &Connection, properties: Value) -> PreparedRequest {
+    PreparedRequest::new(Method::POST, join_url(&connection.base_url, CONTACTS))
+        .bearer(connection.access_token.as_ref())
+        .json(json!({ "properties": properties }))
+}
+
+/// `body` is the create request's body, sent again as the update.
+pub fn update_contact(connection: &Connection, id: &str, body: Option<Value>) -> PreparedRequest {
+    let path = format!("{CONTACTS}/{}", encode_segment(id));
+    PreparedRequest::new(Method::PATCH, join_url(&connection.base_url, &path))
+        .bearer(connection.access_token.as_ref())
+        .json(body.unwrap_or_else(|| json!({ "properties": {} })))
+}
+
+pub fn upsert_contact(
+    connection: &Connection,
+    id_property: &str,
+    properties: Value,
+) -> Result<PreparedRequest, Failure> {
+    let id = properties
+        .get(id_property)
+        .and_then(|v| match v {
+            Value::String(text) if !text.is_empty() => Some(text.clone()),
+            Value::Number(number) => Some(number.to_string()),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Failure::new(
+                FailureKind::Permanent,
+                format!("the mapping gave no value for the id property {id_property}"),
+            )
+            .with_code("MISSING_ID_PROPERTY")
+        })?;
+    let body = json!({
+        "inputs": [{ "idProperty": id_property, "id": id, "properties": properties }]
+    });
+    Ok(PreparedRequest::new(
+        Method::POST,
+        join_url(&connection.base_url, &format!("{CONTACTS}/batch/upsert")),
+    )
+    .bearer(connection.access_token.as_ref())
+    .json(body))
+}
+
+/// The existing contact's id from a 409 CONTACT_EXISTS answer.
+pub fn existing_contact_id(response: &RawResponse) -> Option<String> {
+    if response.status != 409 {
+        return None;
+    }
+    let message = response.json()?.get("message")?.as_str()?.to_owned();
+    let (_, tail) = message.split_once("Existing ID:")?;
+    let id: String = tail
+        .trim()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    (!id.is_empty()).then_some(id)
+}
+
+pub fn interpret_create(response: &RawResponse) -> Result<StepOutput, Failure> {
+    if !response.is_success() {
+        return Err(classify::response(
+            Provider::Hubspot,
+            response.status,
+            &response.headers,
+            &response.body,
+        ));
+    }
+    Ok(StepOutput {
+        provider_id: id_of(response.json().as_ref()),
+        status: response.status,
+    })
+}
+
+/// A batch answer can be 207 with per-input errors; one input, so its error is ours.
+pub fn interpret_upsert(response: &RawResponse) -> Result<StepOutput, Failure> {
+    let body = response.json();
+    let first_error = body
+        .as_ref()
+        .and_then(|b| b.get("errors"))
+        .and_then(Value::as_array)
+        .and_then(|errors| errors.first());
+    if let Some(error) = first_error {
+        let bytes = serde_json::to_vec(error).unwrap_or_default();
+        let mut failure = classify::response(Provider::Hubspot, 400, &response.headers, &bytes);
+        failure.status = Some(response.status);
+        return Err(failure);
+    }
+    let result = body
+        .as_ref()
+        .and_then(|b| b.get("results"))
+        .and_then(Value::as_array)
+        .and_then(|results| results.first());
+    Ok(StepOutput {
+        provider_id: id_of(result),
+        status: response.status,
+    })
+}
+
+fn id_of(object: Option<&Value>) -> Option<String> {
+    match object?.get("id")? {
+        Value::String(id) => Some(id.clone()),
+        Value::Number(id) => Some(id.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use reqwest::header::HeaderMap;
+
+    fn response(status: u16, body: &str) -> RawResponse {
+        RawResponse {
+            status,
+            headers: HeaderMap::new(),
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    #[test]
+    fn the_existing_id_is_read_from_a_conflict() {
+        let conflict = response(
+            409,
+            r#"{"status":"error","message":"Contact already exists. Existing ID: 51","category":"CONFLICT"}"#,
+        );
+        assert_eq!(existing_contact_id(&conflict).as_deref(), Some("51"));
+        assert_eq!(existing_contact_id(&response(409, "{}")), None);
+        assert_eq!(existing_contact_id(&response(201, r#"{"id":"1"}"#)), None);
+    }
+
+    #[test]
+    fn a_batch_error_fails_the_upsert() {
+        let partial = response(
+            207,
+            r#"{"status":"COMPLETE","results":[],"errors":[{"status":"error","category":"VALIDATION_ERROR","message":"Property values were not valid"}]}"#,
+        );
+        let failure = interpret_upsert(&partial).expect_err("error");
+        assert_eq!(failure.kind, FailureKind::Permanent);
+        assert_eq!(failure.status, Some(207));
+        let ok = response(
+            200,
+            r#"{"status":"COMPLETE","results":[{"id":"77","new":true}]}"#,
+        );
+        assert_eq!(
+            interpret_upsert(&ok).expect("ok").provider_id.as_deref(),
+            Some("77")
+        );
+    }
+}

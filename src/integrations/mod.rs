@@ -1,0 +1,552 @@
+//! Integration steps: what a workflow does in the user's connected account.
+//!
+//! A step is built as a [`PreparedRequest`] (what a dry run prints), sent by [`Integrations`],
+//! and its response interpreted by the provider's module. Failures are classified by
+//! `classify.rs`; this layer makes one attempt and never retries.
+
+pub mod http_request;
+pub mod hubspot;
+pub mod oauth;
+pub mod salesforce;
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::classify::{self, Failure, FailureKind};
+use crate::config::{HttpSettings, SalesforceSettings};
+use crate::connection::Connection;
+use crate::envelope::Event;
+use crate::mapping::TextTemplate;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Salesforce,
+    Hubspot,
+    Http,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Salesforce => "salesforce",
+            Provider::Hubspot => "hubspot",
+            Provider::Http => "http",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Provider {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "salesforce" => Ok(Provider::Salesforce),
+            "hubspot" => Ok(Provider::Hubspot),
+            "http" => Ok(Provider::Http),
+            other => Err(format!(
+                "unknown provider {other:?}: expected salesforce, hubspot or http"
+            )),
+        }
+    }
+}
+
+/// The step a workflow runs, parsed from its provider, action name and options.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// POST a new record of any sObject.
+    SalesforceCreate { sobject: String },
+    /// PATCH by external id: creates or updates; the id value is the mapped field of that name.
+    SalesforceUpsert {
+        sobject: String,
+        external_id_field: String,
+    },
+    /// POST a contact; `409 CONTACT_EXISTS` becomes an update of the existing id.
+    HubspotCreateContact,
+    /// `batch/upsert` with `idProperty` (email by default).
+    HubspotUpsertContact { id_property: String },
+    /// Any HTTP call; URL and header values are text templates, the mapping is the body.
+    HttpRequest {
+        method: Method,
+        url: TextTemplate,
+        headers: Vec<(String, TextTemplate)>,
+    },
+}
+
+/// The action names per provider, for help texts and errors.
+pub const ACTIONS: &[(Provider, &str, &str)] = &[
+    (
+        Provider::Salesforce,
+        "create",
+        "options: sobject (default Contact)",
+    ),
+    (
+        Provider::Salesforce,
+        "upsert",
+        "options: sobject (default Contact), external_id_field (required)",
+    ),
+    (Provider::Hubspot, "create-contact", "no options"),
+    (
+        Provider::Hubspot,
+        "upsert-contact",
+        "options: id_property (default email)",
+    ),
+    (
+        Provider::Http,
+        "request",
+        "options: url (required; absolute, or a path joined to the connection's base URL), method (default POST), headers (object)",
+    ),
+];
+
+impl Action {
+    pub fn parse(provider: Provider, action: &str, options: &Value) -> Result<Action, String> {
+        let Some(options) = options.as_object() else {
+            return Err("options must be a JSON object".into());
+        };
+        let text = |key: &str| -> Result<Option<String>, String> {
+            match options.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
+                Some(_) => Err(format!("option {key} must be a non-empty string")),
+            }
+        };
+        let sobject = || -> Result<String, String> {
+            let name = text("sobject")?.unwrap_or_else(|| "Contact".to_owned());
+            check_api_name(&name, "sobject")?;
+            Ok(name)
+        };
+        match (provider, action) {
+            (Provider::Salesforce, "create") => Ok(Action::SalesforceCreate {
+                sobject: sobject()?,
+            }),
+            (Provider::Salesforce, "upsert") => {
+                let field = text("external_id_field")?
+                    .ok_or("salesforce upsert needs option external_id_field")?;
+                check_api_name(&field, "external_id_field")?;
+                Ok(Action::SalesforceUpsert {
+                    sobject: sobject()?,
+                    external_id_field: field,
+                })
+            }
+            (Provider::Hubspot, "create-contact") => Ok(Action::HubspotCreateContact),
+            (Provider::Hubspot, "upsert-contact") => Ok(Action::HubspotUpsertContact {
+                id_property: text("id_property")?.unwrap_or_else(|| "email".to_owned()),
+            }),
+            (Provider::Http, "request") => http_request::parse_options(options),
+            (provider, action) => {
+                let known: Vec<&str> = ACTIONS
+                    .iter()
+                    .filter(|(p, _, _)| *p == provider)
+                    .map(|(_, a, _)| *a)
+                    .collect();
+                Err(format!(
+                    "unknown action {action:?} for {provider}: expected {}",
+                    known.join(" or ")
+                ))
+            }
+        }
+    }
+
+    /// Whether running the step twice has the effect of running it once, so a crash
+    /// between the provider's answer and recording it cannot create a duplicate.
+    pub fn is_idempotent(&self) -> bool {
+        match self {
+            Action::SalesforceUpsert { .. } | Action::HubspotUpsertContact { .. } => true,
+            // A second create meets 409 CONTACT_EXISTS and becomes an update.
+            Action::HubspotCreateContact => true,
+            Action::SalesforceCreate { .. } => false,
+            Action::HttpRequest { method, .. } => {
+                matches!(*method, Method::PUT | Method::DELETE | Method::GET)
+            }
+        }
+    }
+}
+
+fn check_api_name(name: &str, what: &str) -> Result<(), String> {
+    let valid = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{what} {name:?} is not a Salesforce API name"))
+    }
+}
+
+/// A request ready to go: what the dry run prints, and exactly what the worker sends.
+#[derive(Debug, Clone)]
+pub struct PreparedRequest {
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(String, HeaderText)>,
+    pub body: Option<Value>,
+}
+
+/// A header value; secret ones print masked.
+#[derive(Clone)]
+pub enum HeaderText {
+    Plain(String),
+    Secret(SecretString),
+}
+
+impl fmt::Debug for HeaderText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderText::Plain(text) => write!(f, "{text:?}"),
+            HeaderText::Secret(_) => f.write_str("\"[redacted]\""),
+        }
+    }
+}
+
+impl HeaderText {
+    pub fn masked(&self) -> String {
+        match self {
+            HeaderText::Plain(text) => text.clone(),
+            HeaderText::Secret(secret) => mask(secret.expose_secret()),
+        }
+    }
+}
+
+/// Keeps a prefix such as "Bearer " and four characters, so a reader can tell which token
+/// without seeing it.
+fn mask(value: &str) -> String {
+    let (prefix, token) = match value.split_once(' ') {
+        Some((scheme, token)) => (format!("{scheme} "), token),
+        None => (String::new(), value),
+    };
+    let shown: String = token.chars().take(4).collect();
+    if token.chars().count() <= 8 {
+        format!("{prefix}****")
+    } else {
+        format!("{prefix}{shown}****")
+    }
+}
+
+impl PreparedRequest {
+    pub fn new(method: Method, url: String) -> PreparedRequest {
+        PreparedRequest {
+            method,
+            url,
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    pub fn bearer(mut self, token: Option<&SecretString>) -> PreparedRequest {
+        if let Some(token) = token {
+            self.headers.push((
+                "authorization".into(),
+                HeaderText::Secret(SecretString::from(format!(
+                    "Bearer {}",
+                    token.expose_secret()
+                ))),
+            ));
+        }
+        self
+    }
+
+    pub fn json(mut self, body: Value) -> PreparedRequest {
+        self.body = Some(body);
+        self
+    }
+}
+
+/// A response, its body read up to the configured cap.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl RawResponse {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// What a successful step reports.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StepOutput {
+    /// The provider's id for what was created or updated.
+    pub provider_id: Option<String>,
+    pub status: u16,
+}
+
+/// HTTP clients for the steps: one keep-alive pool for the CRMs and token endpoints, one
+/// for generic HTTP steps (which has its own outbound rules).
+#[derive(Clone)]
+pub struct Integrations {
+    crm: reqwest::Client,
+    generic: reqwest::Client,
+    max_response_bytes: usize,
+    pub salesforce: SalesforceSettings,
+}
+
+impl Integrations {
+    pub fn new(
+        http: &HttpSettings,
+        salesforce: &SalesforceSettings,
+    ) -> Result<Integrations, reqwest::Error> {
+        // rustls needs one process-wide crypto provider; a second install is a no-op error.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = |policy| {
+            reqwest::Client::builder()
+                .timeout(http.timeout)
+                .connect_timeout(http.connect_timeout)
+                .pool_max_idle_per_host(http.pool_max_idle_per_host)
+                .user_agent(http.user_agent.clone())
+                .redirect(policy)
+                .build()
+        };
+        Ok(Integrations {
+            // CRM APIs never redirect a write; a redirect would be a misconfigured base URL.
+            crm: client(reqwest::redirect::Policy::none())?,
+            generic: client(http_request::same_host_redirects())?,
+            max_response_bytes: http.max_response_bytes,
+            salesforce: salesforce.clone(),
+        })
+    }
+
+    /// Builds the request `action` sends for this rendered body, without sending it.
+    pub fn prepare(
+        &self,
+        action: &Action,
+        connection: &Connection,
+        body: Value,
+        event: &Event,
+    ) -> Result<PreparedRequest, Failure> {
+        match action {
+            Action::SalesforceCreate { sobject } => Ok(salesforce::create(
+                &self.salesforce,
+                connection,
+                sobject,
+                body,
+            )),
+            Action::SalesforceUpsert {
+                sobject,
+                external_id_field,
+            } => salesforce::upsert(
+                &self.salesforce,
+                connection,
+                sobject,
+                external_id_field,
+                body,
+            ),
+            Action::HubspotCreateContact => Ok(hubspot::create_contact(connection, body)),
+            Action::HubspotUpsertContact { id_property } => {
+                hubspot::upsert_contact(connection, id_property, body)
+            }
+            Action::HttpRequest {
+                method,
+                url,
+                headers,
+            } => http_request::prepare(connection, method, url, headers, body, event),
+        }
+    }
+
+    /// One attempt of the step: send, interpret, and follow up where the provider's answer
+    /// calls for it (HubSpot's 409 becomes an update).
+    pub async fn execute(
+        &self,
+        action: &Action,
+        connection: &Connection,
+        body: Value,
+        event: &Event,
+    ) -> Result<StepOutput, Failure> {
+        let request = self.prepare(action, connection, body, event)?;
+        match action {
+            Action::SalesforceCreate { .. } | Action::SalesforceUpsert { .. } => {
+                let response = self.send(&request, Provider::Salesforce, &[]).await?;
+                salesforce::interpret(&response)
+            }
+            Action::HubspotCreateContact => {
+                let response = self.send(&request, Provider::Hubspot, &[409]).await?;
+                let Some(existing) = hubspot::existing_contact_id(&response) else {
+                    return hubspot::interpret_create(&response);
+                };
+                let update = hubspot::update_contact(connection, &existing, request.body);
+                let updated = self.send(&update, Provider::Hubspot, &[]).await?;
+                Ok(StepOutput {
+                    provider_id: Some(existing),
+                    status: updated.status,
+                })
+            }
+            Action::HubspotUpsertContact { .. } => {
+                let response = self.send(&request, Provider::Hubspot, &[]).await?;
+                hubspot::interpret_upsert(&response)
+            }
+            Action::HttpRequest { .. } => {
+                let response = self.send(&request, Provider::Http, &[]).await?;
+                Ok(http_request::interpret(&response))
+            }
+        }
+    }
+
+    /// Sends a prepared request. A non-2xx answer is classified into a [`Failure`], except
+    /// the statuses in `answers` that the step handles itself.
+    pub async fn send(
+        &self,
+        request: &PreparedRequest,
+        provider: Provider,
+        answers: &[u16],
+    ) -> Result<RawResponse, Failure> {
+        let response = self.send_raw(request, provider).await?;
+        if response.is_success() || answers.contains(&response.status) {
+            return Ok(response);
+        }
+        Err(classify::response(
+            provider,
+            response.status,
+            &response.headers,
+            &response.body,
+        ))
+    }
+
+    /// Sends and reads the response whatever its status.
+    pub async fn send_raw(
+        &self,
+        request: &PreparedRequest,
+        provider: Provider,
+    ) -> Result<RawResponse, Failure> {
+        let client = match provider {
+            Provider::Http => &self.generic,
+            Provider::Salesforce | Provider::Hubspot => &self.crm,
+        };
+        let mut builder = client.request(request.method.clone(), &request.url);
+        for (name, value) in &request.headers {
+            builder = match value {
+                HeaderText::Plain(text) => builder.header(name, text),
+                HeaderText::Secret(secret) => builder.header(name, secret.expose_secret()),
+            };
+        }
+        if let Some(body) = &request.body {
+            builder = builder.json(body);
+        }
+        let response = builder.send().await.map_err(|e| classify::transport(&e))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = read_capped(response, self.max_response_bytes).await?;
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// The token endpoint client (same pool as the CRMs).
+    pub(crate) fn crm_client(&self) -> &reqwest::Client {
+        &self.crm
+    }
+
+    pub(crate) fn max_response_bytes(&self) -> usize {
+        self.max_response_bytes
+    }
+}
+
+/// Reads at most `cap` bytes of the body. A longer body is cut: a success stays a success
+/// (its effect happened), an error keeps enough text to be classified.
+pub(crate) async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Bytes, Failure> {
+    let mut body = Vec::new();
+    loop {
+        let chunk = response.chunk().await.map_err(|e| {
+            Failure::new(
+                FailureKind::Transient,
+                format!("reading the response failed: {e}"),
+            )
+        })?;
+        let Some(chunk) = chunk else { break };
+        let room = cap.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= cap {
+            break;
+        }
+    }
+    Ok(Bytes::from(body))
+}
+
+/// Joins a connection's base URL and a path, with exactly one slash between.
+pub fn join_url(base: &str, path: &str) -> String {
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
+}
+
+/// Percent-encodes one URL path segment.
+pub fn encode_segment(segment: &str) -> String {
+    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn actions_parse_with_their_options() {
+        assert_eq!(
+            Action::parse(Provider::Salesforce, "create", &json!({})),
+            Ok(Action::SalesforceCreate {
+                sobject: "Contact".into()
+            })
+        );
+        assert_eq!(
+            Action::parse(
+                Provider::Salesforce,
+                "upsert",
+                &json!({"sobject": "Lead", "external_id_field": "Ext_Id__c"})
+            ),
+            Ok(Action::SalesforceUpsert {
+                sobject: "Lead".into(),
+                external_id_field: "Ext_Id__c".into()
+            })
+        );
+        assert!(Action::parse(Provider::Salesforce, "upsert", &json!({})).is_err());
+        assert!(
+            Action::parse(Provider::Salesforce, "create", &json!({"sobject": "../x"})).is_err()
+        );
+        assert_eq!(
+            Action::parse(Provider::Hubspot, "upsert-contact", &json!({})),
+            Ok(Action::HubspotUpsertContact {
+                id_property: "email".into()
+            })
+        );
+        let err = Action::parse(Provider::Hubspot, "create", &json!({})).expect_err("unknown");
+        assert!(err.contains("create-contact"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_masked_when_shown() {
+        let secret = HeaderText::Secret(SecretString::from("Bearer 00Dxx0000001gPL!AR8AQ"));
+        assert_eq!(secret.masked(), "Bearer 00Dx****");
+        assert_eq!(format!("{secret:?}"), "\"[redacted]\"");
+        assert_eq!(mask("short"), "****");
+    }
+
+    #[test]
+    fn urls_join_with_one_slash() {
+        assert_eq!(join_url("http://a/", "/b"), "http://a/b");
+        assert_eq!(join_url("http://a", "b"), "http://a/b");
+        assert_eq!(encode_segment("a b/c@d"), "a%20b%2Fc%40d");
+    }
+}

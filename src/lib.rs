@@ -1,0 +1,56 @@
+//! appevents: App Events published to RabbitMQ become records in each user's Salesforce,
+//! HubSpot or HTTP endpoint, reliably.
+//!
+//! # Layout
+//!
+//! The flow of one event, and where each part lives:
+//!
+//! - [`envelope`]: the publishing contract; a message body becomes an [`envelope::Event`] or
+//!   the precise reason it is not one.
+//! - [`resolve`]: which workflows the event's user has switched on for its name (one indexed
+//!   query, cached and invalidated by `LISTEN/NOTIFY`).
+//! - [`run`]: claiming a run before the provider call and recording its outcome after, in
+//!   Postgres; what makes redelivery run a workflow once.
+//! - [`mapping`]: the field mapping templates that turn the event into the provider's fields.
+//! - [`integrations`]: the steps (Salesforce, HubSpot, generic HTTP), OAuth refresh.
+//! - [`classify`]: every step failure classified in one place (transient, rate-limited,
+//!   expired or revoked credentials, permanent).
+//! - [`retry`]: the retry-or-give-up decision: in-process backoff, broker retry queues, dead
+//!   letters.
+//! - [`dead_letter`]: what a dead letter says, and listing, replaying, purging them.
+//! - [`worker`]: the consume loop and the unit of work that ties the above together.
+//! - [`broker`]: RabbitMQ connections, topology, confirmed publishing, our headers.
+//! - [`publish`]: publishing events (CLI and HTTP ingest) on the worker's own parser.
+//!
+//! The catalog an integration engineer manages: [`app_event`], [`workflow`],
+//! [`connection`] (secrets sealed by [`vault`]), [`subscription`].
+//!
+//! Around them: [`config`] (layered settings), [`db`] (pool, migrations), [`telemetry`]
+//! (logs), [`metrics`] and [`ops`] (Prometheus, health, readiness), [`cli`] (the binary's
+//! commands), [`demo`] and [`standin`] (a stand-in CRM for the demo, the chaos run and the
+//! benchmark).
+
+pub mod app_event;
+pub mod broker;
+pub mod classify;
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod db;
+pub mod dead_letter;
+pub mod demo;
+pub mod envelope;
+pub mod integrations;
+pub mod mapping;
+pub mod metrics;
+pub mod ops;
+pub mod publish;
+pub mod resolve;
+pub mod retry;
+pub mod run;
+pub mod standin;
+pub mod subscription;
+pub mod telemetry;
+pub mod vault;
+pub mod worker;
+pub mod workflow;

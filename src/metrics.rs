@@ -1,0 +1,141 @@
+//! Prometheus metrics. Each process builds its own registry (no global state), so tests in
+//! one process each see their own counters.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Events consumed, by outcome: processed, unmatched, invalid, poison.
+    pub events: Family<Labels, Counter>,
+    /// Unmatched events by reason: unknown_event, no_subscription.
+    pub unmatched: Family<Labels, Counter>,
+    /// Runs finished by provider and outcome: succeeded, retry, dead, skipped.
+    pub runs: Family<Labels, Counter>,
+    /// Broker-level retries scheduled, by failure kind.
+    pub retries: Family<Labels, Counter>,
+    /// Messages dead-lettered, by reason code.
+    pub dead_letters: Family<Labels, Counter>,
+    /// Seconds per provider step attempt, by provider.
+    pub step_seconds: Family<Labels, Histogram>,
+    pub events_in_flight: Gauge,
+    pub consumer_connected: Gauge,
+    /// Access token refreshes by result.
+    pub token_refreshes: Family<Labels, Counter>,
+    /// HTTP ingest: events accepted and refused by status.
+    pub ingested: Family<Labels, Counter>,
+}
+
+fn step_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("appevents");
+        let events = Family::default();
+        registry.register("events", "Events consumed, by outcome", events.clone());
+        let unmatched = Family::default();
+        registry.register(
+            "unmatched_events",
+            "Events acknowledged without running anything, by reason",
+            unmatched.clone(),
+        );
+        let runs = Family::default();
+        registry.register(
+            "runs",
+            "Workflow runs finished, by provider and outcome",
+            runs.clone(),
+        );
+        let retries = Family::default();
+        registry.register(
+            "retries",
+            "Broker-level retries scheduled, by failure kind",
+            retries.clone(),
+        );
+        let dead_letters = Family::default();
+        registry.register(
+            "dead_letters",
+            "Messages dead-lettered, by reason",
+            dead_letters.clone(),
+        );
+        let step_seconds =
+            Family::<Labels, Histogram>::new_with_constructor(step_histogram as fn() -> Histogram);
+        registry.register(
+            "step_duration_seconds",
+            "Duration of one provider step attempt",
+            step_seconds.clone(),
+        );
+        let events_in_flight = Gauge::default();
+        registry.register(
+            "events_in_flight",
+            "Events being processed now",
+            events_in_flight.clone(),
+        );
+        let consumer_connected = Gauge::default();
+        registry.register(
+            "consumer_connected",
+            "1 while the worker is connected to the broker and consuming",
+            consumer_connected.clone(),
+        );
+        let token_refreshes = Family::default();
+        registry.register(
+            "token_refreshes",
+            "Access token refreshes, by result",
+            token_refreshes.clone(),
+        );
+        let ingested = Family::default();
+        registry.register(
+            "ingested_events",
+            "Events received over HTTP, by status",
+            ingested.clone(),
+        );
+        Metrics {
+            registry,
+            events,
+            unmatched,
+            runs,
+            retries,
+            dead_letters,
+            step_seconds: Family::clone(&step_seconds),
+            events_in_flight,
+            consumer_connected,
+            token_refreshes,
+            ingested,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub fn label(key: &'static str, value: impl Into<String>) -> Labels {
+    vec![(key, value.into())]
+}
+
+pub fn labels2(
+    k1: &'static str,
+    v1: impl Into<String>,
+    k2: &'static str,
+    v2: impl Into<String>,
+) -> Labels {
+    vec![(k1, v1.into()), (k2, v2.into())]
+}

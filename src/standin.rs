@@ -1,0 +1,662 @@
+//! A stand-in for Salesforce and HubSpot (and an OAuth token endpoint and an HTTP sink), for
+//! the demo, the chaos run and the benchmark. It speaks the subset of both APIs appevents
+//! uses, with their success and error shapes, keeps what it is sent in memory, and can be
+//! told to fail: a scripted sequence of answers, a fraction of random failures, latency,
+//! expired or revoked tokens. Tests of single behaviours use wiremock instead.
+//!
+//! Inspection and control, under `/_standin/`:
+//! - `GET records`: every record, per provider and object, with how many times each was
+//!   created and updated;
+//! - `GET requests`: the log of API requests (method, path, status);
+//! - `POST faults` `{"fail_rate": 0.1, "fail_status": 500, "latency_ms": 5, "script": [{"status": 429, "retry_after": 1}]}`;
+//! - `POST tokens` `{"valid_access": ["a"], "valid_refresh": ["r"], "rotate_refresh": true}`:
+//!   from then on only these access tokens are accepted (any is, until this is called);
+//! - `POST reset`.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Form, Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+/// One stored record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub provider: String,
+    pub object: String,
+    pub id: String,
+    pub fields: Map<String, Value>,
+    pub creates: u32,
+    pub updates: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoggedRequest {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// A scripted answer, used before the route's real behaviour.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScriptedAnswer {
+    pub status: u16,
+    #[serde(default)]
+    pub retry_after: Option<u64>,
+    #[serde(default)]
+    pub body: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Faults {
+    /// Fraction of API calls answered with `fail_status` before doing anything.
+    #[serde(default)]
+    pub fail_rate: f64,
+    #[serde(default = "default_fail_status")]
+    pub fail_status: u16,
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Answers for the next calls, in order.
+    #[serde(default)]
+    pub script: Vec<ScriptedAnswer>,
+}
+
+fn default_fail_status() -> u16 {
+    500
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tokens {
+    /// When set, only these access tokens are accepted.
+    #[serde(default)]
+    pub valid_access: Option<Vec<String>>,
+    #[serde(default)]
+    pub valid_refresh: Vec<String>,
+    /// Hand out a new refresh token on each refresh (and retire the old one).
+    #[serde(default)]
+    pub rotate_refresh: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    records: Vec<Record>,
+    requests: Vec<LoggedRequest>,
+    fail_rate: f64,
+    fail_status: u16,
+    latency: Duration,
+    script: VecDeque<ScriptedAnswer>,
+    valid_access: Option<HashSet<String>>,
+    valid_refresh: HashSet<String>,
+    rotate_refresh: bool,
+    issued: u64,
+    next_id: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct Standin {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// A stand-in serving on a local port.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub standin: Standin,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Serves a fresh stand-in on `addr` (port 0 for any free port) in a background task.
+pub async fn spawn(addr: &str) -> std::io::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let standin = Standin::default();
+    let app = standin.router();
+    let task = tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(error = %err, "stand-in CRM stopped");
+        }
+    });
+    Ok(Running {
+        addr,
+        standin,
+        task,
+    })
+}
+
+impl Standin {
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route(
+                "/services/data/{version}/sobjects/{sobject}/",
+                post(salesforce_create),
+            )
+            .route(
+                "/services/data/{version}/sobjects/{sobject}",
+                post(salesforce_create),
+            )
+            .route(
+                "/services/data/{version}/sobjects/{sobject}/{field}/{value}",
+                patch(salesforce_upsert),
+            )
+            .route("/crm/v3/objects/contacts", post(hubspot_create))
+            .route(
+                "/crm/v3/objects/contacts/batch/upsert",
+                post(hubspot_upsert),
+            )
+            .route("/crm/v3/objects/contacts/{id}", patch(hubspot_update))
+            .route("/oauth/token", post(token))
+            .route(
+                "/hooks/{*path}",
+                post(hook).put(hook).patch(hook).delete(hook).get(hook),
+            )
+            .route("/_standin/records", get(records))
+            .route("/_standin/requests", get(requests))
+            .route("/_standin/faults", post(set_faults))
+            .route("/_standin/tokens", post(set_tokens))
+            .route("/_standin/reset", post(reset))
+            .with_state(self.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn records(&self) -> Vec<Record> {
+        self.lock().records.clone()
+    }
+
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.lock().requests.clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        let mut inner = self.lock();
+        inner.fail_rate = faults.fail_rate;
+        inner.fail_status = faults.fail_status;
+        inner.latency = Duration::from_millis(faults.latency_ms);
+        inner.script = faults.script.into();
+    }
+
+    pub fn set_tokens(&self, tokens: Tokens) {
+        let mut inner = self.lock();
+        inner.valid_access = tokens.valid_access.map(|t| t.into_iter().collect());
+        inner.valid_refresh = tokens.valid_refresh.into_iter().collect();
+        inner.rotate_refresh = tokens.rotate_refresh;
+    }
+
+    /// Runs the checks every API call goes through: latency, scripted and random faults,
+    /// the bearer token. `Some` is the answer to give instead of the real one.
+    async fn gate(
+        &self,
+        provider: Provider,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Option<Response> {
+        let latency = self.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let mut inner = self.lock();
+        if let Some(answer) = inner.script.pop_front() {
+            return Some(inner.log(method, uri, scripted(provider, &answer)));
+        }
+        if inner.fail_rate > 0.0 && fastrand::f64() < inner.fail_rate {
+            let answer = ScriptedAnswer {
+                status: inner.fail_status,
+                ..ScriptedAnswer::default()
+            };
+            return Some(inner.log(method, uri, scripted(provider, &answer)));
+        }
+        if let Some(valid) = &inner.valid_access {
+            let token = bearer(headers);
+            if !token.is_some_and(|t| valid.contains(t)) {
+                return Some(inner.log(method, uri, expired(provider)));
+            }
+        }
+        None
+    }
+}
+
+impl Inner {
+    fn log(&mut self, method: &Method, uri: &Uri, response: Response) -> Response {
+        self.requests.push(LoggedRequest {
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+            status: response.status().as_u16(),
+        });
+        response
+    }
+
+    fn new_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        if prefix.is_empty() {
+            self.next_id.to_string()
+        } else {
+            // Salesforce ids are 18 characters, prefixed by object type.
+            format!("{prefix}{:015}", self.next_id)
+        }
+    }
+
+    fn find(
+        &mut self,
+        provider: &str,
+        object: &str,
+        field: &str,
+        value: &str,
+    ) -> Option<&mut Record> {
+        self.records.iter_mut().find(|r| {
+            r.provider == provider
+                && r.object == object
+                && r.fields.get(field).is_some_and(|v| text(v) == value)
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Provider {
+    Salesforce,
+    Hubspot,
+    Http,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+fn scripted(provider: Provider, answer: &ScriptedAnswer) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = answer
+        .body
+        .clone()
+        .unwrap_or_else(|| error_body(provider, status));
+    let mut response = reply(status, body);
+    if let Some(seconds) = answer.retry_after
+        && let Ok(value) = seconds.to_string().parse()
+    {
+        response.headers_mut().insert("retry-after", value);
+    }
+    response
+}
+
+/// Each provider's error shape for a status.
+fn error_body(provider: Provider, status: StatusCode) -> Value {
+    match provider {
+        Provider::Salesforce => {
+            let code = match status.as_u16() {
+                401 => "INVALID_SESSION_ID",
+                403 => "REQUEST_LIMIT_EXCEEDED",
+                400 => "INVALID_FIELD",
+                404 => "NOT_FOUND",
+                _ => "UNKNOWN_EXCEPTION",
+            };
+            json!([{"message": format!("stand-in {}", status), "errorCode": code, "fields": []}])
+        }
+        Provider::Hubspot => {
+            let category = match status.as_u16() {
+                429 => "RATE_LIMITS",
+                401 => "EXPIRED_AUTHENTICATION",
+                400 => "VALIDATION_ERROR",
+                _ => "INTERNAL_ERROR",
+            };
+            let mut body = json!({"status": "error", "message": format!("stand-in {}", status), "category": category});
+            if status.as_u16() == 429 {
+                body["errorType"] = json!("RATE_LIMIT");
+            }
+            body
+        }
+        Provider::Http => json!({"error": format!("stand-in {}", status)}),
+    }
+}
+
+fn expired(provider: Provider) -> Response {
+    let body = match provider {
+        Provider::Salesforce => {
+            json!([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}])
+        }
+        Provider::Hubspot => {
+            json!({"status": "error", "message": "The OAuth token used to make this call expired.", "category": "EXPIRED_AUTHENTICATION"})
+        }
+        Provider::Http => json!({"error": "unauthorized"}),
+    };
+    reply(StatusCode::UNAUTHORIZED, body)
+}
+
+fn object_body(body: &Value) -> Map<String, Value> {
+    body.as_object().cloned().unwrap_or_default()
+}
+
+async fn salesforce_create(
+    State(standin): State<Standin>,
+    Path(params): Path<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Salesforce, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let sobject = params.get("sobject").cloned().unwrap_or_default();
+    let mut inner = standin.lock();
+    let fields = object_body(&body);
+    if sobject == "Contact" && !fields.contains_key("LastName") {
+        let response = reply(
+            StatusCode::BAD_REQUEST,
+            json!([{"message": "Required fields are missing: [LastName]", "errorCode": "REQUIRED_FIELD_MISSING", "fields": ["LastName"]}]),
+        );
+        return inner.log(&method, &uri, response);
+    }
+    let id = inner.new_id("003");
+    inner.records.push(Record {
+        provider: "salesforce".into(),
+        object: sobject,
+        id: id.clone(),
+        fields,
+        creates: 1,
+        updates: 0,
+    });
+    let response = reply(
+        StatusCode::CREATED,
+        json!({"id": id, "success": true, "errors": []}),
+    );
+    inner.log(&method, &uri, response)
+}
+
+async fn salesforce_upsert(
+    State(standin): State<Standin>,
+    Path(params): Path<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Salesforce, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let sobject = params.get("sobject").cloned().unwrap_or_default();
+    let field = params.get("field").cloned().unwrap_or_default();
+    let value = params.get("value").cloned().unwrap_or_default();
+    let mut inner = standin.lock();
+    let fields = object_body(&body);
+    if let Some(record) = inner.find("salesforce", &sobject, &field, &value) {
+        record.fields.extend(fields);
+        record.updates += 1;
+        let id = record.id.clone();
+        let response = reply(
+            StatusCode::OK,
+            json!({"id": id, "success": true, "errors": [], "created": false}),
+        );
+        return inner.log(&method, &uri, response);
+    }
+    let id = inner.new_id("003");
+    let mut fields = fields;
+    fields.insert(field, Value::String(value));
+    inner.records.push(Record {
+        provider: "salesforce".into(),
+        object: sobject,
+        id: id.clone(),
+        fields,
+        creates: 1,
+        updates: 0,
+    });
+    let response = reply(
+        StatusCode::CREATED,
+        json!({"id": id, "success": true, "errors": [], "created": true}),
+    );
+    inner.log(&method, &uri, response)
+}
+
+fn properties(body: &Value) -> Map<String, Value> {
+    body.get("properties")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn contact(record: &Record, new: bool) -> Value {
+    json!({"id": record.id, "properties": record.fields, "archived": false, "new": new})
+}
+
+async fn hubspot_create(
+    State(standin): State<Standin>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Hubspot, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let fields = properties(&body);
+    let mut inner = standin.lock();
+    if let Some(email) = fields.get("email").map(text)
+        && let Some(existing) = inner.find("hubspot", "contacts", "email", &email)
+    {
+        let message = format!("Contact already exists. Existing ID: {}", existing.id);
+        let response = reply(
+            StatusCode::CONFLICT,
+            json!({"status": "error", "message": message, "category": "CONFLICT"}),
+        );
+        return inner.log(&method, &uri, response);
+    }
+    let id = inner.new_id("");
+    let record = Record {
+        provider: "hubspot".into(),
+        object: "contacts".into(),
+        id,
+        fields,
+        creates: 1,
+        updates: 0,
+    };
+    let response = reply(StatusCode::CREATED, contact(&record, true));
+    inner.records.push(record);
+    inner.log(&method, &uri, response)
+}
+
+async fn hubspot_update(
+    State(standin): State<Standin>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Hubspot, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let mut inner = standin.lock();
+    let found = inner
+        .records
+        .iter_mut()
+        .find(|r| r.provider == "hubspot" && r.id == id);
+    let response = match found {
+        Some(record) => {
+            record.fields.extend(properties(&body));
+            record.updates += 1;
+            reply(StatusCode::OK, contact(record, false))
+        }
+        None => reply(
+            StatusCode::NOT_FOUND,
+            json!({"status": "error", "message": "resource not found", "category": "OBJECT_NOT_FOUND"}),
+        ),
+    };
+    inner.log(&method, &uri, response)
+}
+
+async fn hubspot_upsert(
+    State(standin): State<Standin>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Hubspot, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let inputs = body
+        .get("inputs")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut inner = standin.lock();
+    let mut results = Vec::new();
+    for input in inputs {
+        let id_property = input
+            .get("idProperty")
+            .map(text)
+            .unwrap_or_else(|| "email".into());
+        let id_value = input.get("id").map(text).unwrap_or_default();
+        let fields = properties(&input);
+        if let Some(record) = inner.find("hubspot", "contacts", &id_property, &id_value) {
+            record.fields.extend(fields);
+            record.updates += 1;
+            results.push(contact(record, false));
+            continue;
+        }
+        let id = inner.new_id("");
+        let mut fields = fields;
+        fields.insert(id_property, Value::String(id_value));
+        let record = Record {
+            provider: "hubspot".into(),
+            object: "contacts".into(),
+            id,
+            fields,
+            creates: 1,
+            updates: 0,
+        };
+        results.push(contact(&record, true));
+        inner.records.push(record);
+    }
+    let response = reply(
+        StatusCode::OK,
+        json!({"status": "COMPLETE", "results": results}),
+    );
+    inner.log(&method, &uri, response)
+}
+
+async fn token(
+    State(standin): State<Standin>,
+    method: Method,
+    uri: Uri,
+    Form(form): Form<BTreeMap<String, String>>,
+) -> Response {
+    let mut inner = standin.lock();
+    let refresh = form.get("refresh_token").cloned().unwrap_or_default();
+    if form.get("grant_type").map(String::as_str) != Some("refresh_token")
+        || !inner.valid_refresh.contains(&refresh)
+    {
+        let response = reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_grant", "error_description": "expired access/refresh token"}),
+        );
+        return inner.log(&method, &uri, response);
+    }
+    inner.issued += 1;
+    let access = format!("standin-access-{}", inner.issued);
+    if let Some(valid) = &mut inner.valid_access {
+        valid.insert(access.clone());
+    }
+    let mut body = json!({"access_token": access, "token_type": "Bearer", "expires_in": 1800});
+    if inner.rotate_refresh {
+        let rotated = format!("standin-refresh-{}", inner.issued);
+        inner.valid_refresh.remove(&refresh);
+        inner.valid_refresh.insert(rotated.clone());
+        body["refresh_token"] = json!(rotated);
+    }
+    inner.log(&method, &uri, reply(StatusCode::OK, body))
+}
+
+async fn hook(
+    State(standin): State<Standin>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(answer) = standin.gate(Provider::Http, &method, &uri, &headers).await {
+        return answer;
+    }
+    let mut inner = standin.lock();
+    let id = inner.new_id("");
+    let fields = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .map(|b| object_body(&b))
+        .unwrap_or_default();
+    inner.records.push(Record {
+        provider: "http".into(),
+        object: uri.path().to_owned(),
+        id: id.clone(),
+        fields,
+        creates: 1,
+        updates: 0,
+    });
+    inner.log(&method, &uri, reply(StatusCode::OK, json!({"id": id})))
+}
+
+async fn records(State(standin): State<Standin>) -> Json<Vec<Record>> {
+    Json(standin.records())
+}
+
+async fn requests(State(standin): State<Standin>) -> Json<Vec<LoggedRequest>> {
+    Json(standin.requests())
+}
+
+async fn set_faults(State(standin): State<Standin>, Json(faults): Json<Faults>) -> StatusCode {
+    standin.set_faults(faults);
+    StatusCode::NO_CONTENT
+}
+
+async fn set_tokens(State(standin): State<Standin>, Json(tokens): Json<Tokens>) -> StatusCode {
+    standin.set_tokens(tokens);
+    StatusCode::NO_CONTENT
+}
+
+async fn reset(State(standin): State<Standin>) -> StatusCode {
+    *standin.lock() = Inner::default();
+    StatusCode::NO_CONTENT
+}
