@@ -1,0 +1,87 @@
+# appevents: the worker, the HTTP API (`appevents serve`) and the stand-in CRM in one image.
+#
+#   docker build -t appevents:local .
+#   docker run --rm appevents:local --help
+#
+# Default command: `appevents worker`. Other commands: `docker run ... appevents:local migrate`,
+# `... serve`, or `--entrypoint appevents-standin ... --listen 0.0.0.0:8099`.
+
+# ---------------------------------------------------------------------------------------------
+# Builder.
+#
+# The crate declares rust-version = "1.88" and edition 2024, so it needs Rust 1.88 or newer.
+# `rust:1-bookworm` is the newest stable 1.x on Debian 12 (always >= 1.88), deliberately not
+# `rust:1.88-bookworm`: a dependency in Cargo.lock may raise its own rust-version above the
+# crate's, and `--locked` would then fail on an exactly pinned old toolchain. Bookworm matches
+# the runtime stage, so the binaries link against the same glibc they run with.
+# ---------------------------------------------------------------------------------------------
+FROM rust:1-bookworm AS builder
+
+WORKDIR /src
+
+# 1. Dependencies only, in their own layer: it is rebuilt only when Cargo.toml or Cargo.lock
+#    change. Stub sources give Cargo every target it expects (the library, the default
+#    `appevents` binary and the binaries under src/bin/); the stubs' own artefacts and
+#    fingerprints are removed afterwards, so the real sources below are always compiled.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src/bin \
+    && echo 'fn main() {}' > src/main.rs \
+    && : > src/lib.rs \
+    && echo 'fn main() {}' > src/bin/appevents-standin.rs \
+    && echo 'fn main() {}' > src/bin/bench.rs \
+    && cargo build --release --locked --bin appevents --bin appevents-standin \
+    && rm -rf src \
+        target/release/.fingerprint/appevents-* \
+        target/release/deps/appevents-* \
+        target/release/deps/appevents_standin-* \
+        target/release/deps/libappevents-* \
+        target/release/appevents \
+        target/release/appevents.d \
+        target/release/appevents-standin \
+        target/release/appevents-standin.d \
+        target/release/libappevents.*
+
+# 2. The crate itself. config/default.toml (include_str!) and migrations/ (refinery's
+#    embed_migrations!) are read at compile time, so both must be here for the build.
+COPY src ./src
+COPY migrations ./migrations
+COPY config ./config
+RUN cargo build --release --locked --bin appevents --bin appevents-standin
+
+# ---------------------------------------------------------------------------------------------
+# Runtime: Debian 12 slim with the CA bundle (outbound TLS to Salesforce and HubSpot, amqps://)
+# and nothing else.
+# ---------------------------------------------------------------------------------------------
+FROM debian:bookworm-slim AS runtime
+
+# ca-certificates is left unpinned on purpose: a Debian stable point release replaces the
+# pinned version and the build would break; its updates are the ones we want.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/*
+
+# Unprivileged user with fixed ids (10001), no home and no login shell.
+RUN groupadd --system --gid 10001 appevents \
+    && useradd --system --uid 10001 --gid appevents \
+        --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin appevents
+
+COPY --from=builder /src/target/release/appevents /src/target/release/appevents-standin /usr/local/bin/
+# The per-environment layer files: config/{APPEVENTS_ENVIRONMENT}.toml is read over the compiled-in
+# defaults when it exists. Owned by root, read-only for the service user.
+COPY config/ /app/config/
+
+WORKDIR /app
+ENV APPEVENTS_CONFIG_DIR=/app/config
+
+# The `appevents` user, by number: a numeric USER lets Kubernetes' runAsNonRoot verify it
+# without reading /etc/passwd.
+USER 10001:10001
+
+# 9090: ops endpoints of the worker (/metrics, /healthz, /readyz).
+# 8080: HTTP ingest and management API of `appevents serve`.
+EXPOSE 9090 8080
+
+ENTRYPOINT ["appevents"]
+CMD ["worker"]
