@@ -492,9 +492,16 @@ pub fn join_url(base: &str, path: &str) -> String {
     )
 }
 
+/// Everything but RFC 3986's unreserved characters is encoded in a path segment.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes one URL path segment.
 pub fn encode_segment(segment: &str) -> String {
-    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 #[cfg(test)]
@@ -547,6 +554,6 @@ mod tests {
     fn urls_join_with_one_slash() {
         assert_eq!(join_url("http://a/", "/b"), "http://a/b");
         assert_eq!(join_url("http://a", "b"), "http://a/b");
-        assert_eq!(encode_segment("a b/c@d"), "a%20b%2Fc%40d");
+        assert_eq!(encode_segment("a b/c@d.e-f_g~h"), "a%20b%2Fc%40d.e-f_g~h");
     }
 }

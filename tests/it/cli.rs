@@ -1,0 +1,251 @@
+//! The command line, as the README's newcomer and scripts use it.
+
+use std::time::Duration;
+
+use appevents::standin;
+use serde_json::Value;
+
+use crate::support::{TestApp, appevents_command, eventually};
+
+/// Runs the binary; returns (status code, stdout, stderr).
+async fn run(app: &TestApp, args: &[&str]) -> (i32, String, String) {
+    let output = appevents_command(&app.settings, args)
+        .output()
+        .await
+        .expect("run appevents");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    )
+}
+
+async fn ok(app: &TestApp, args: &[&str]) -> String {
+    let (code, out, err) = run(app, args).await;
+    assert_eq!(code, 0, "appevents {args:?} failed: {err}");
+    out
+}
+
+#[tokio::test]
+async fn the_readme_story_from_the_command_line() {
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let url = crm.url();
+    let mut app = TestApp::new().await;
+    app.start_worker().await;
+
+    ok(
+        &app,
+        &[
+            "app-event",
+            "create",
+            "--name",
+            "Contact Created",
+            "--schema",
+            r#"{"email":"ada@example.com","first_name":"Ada","last_name":"Lovelace"}"#,
+        ],
+    )
+    .await;
+    let sf = ok(&app, &["workflow", "create", "--name", "Contact to Salesforce", "--event", "Contact Created", "--provider", "salesforce", "--action", "create", "--sobject", "Contact",
+        "--mapping", r#"{"Email":"{{payload.email}}","FirstName":"{{payload.first_name}}","LastName":"{{payload.last_name}}"}"#]).await;
+    let hs = ok(&app, &["workflow", "create", "--name", "Contact to HubSpot", "--event", "Contact Created", "--provider", "hubspot", "--action", "create-contact",
+        "--mapping", r#"{"email":"{{payload.email}}","firstname":"{{payload.first_name}}","lastname":"{{payload.last_name}}"}"#]).await;
+    let sf_conn = ok(
+        &app,
+        &[
+            "connection",
+            "create",
+            "--user",
+            "user-123",
+            "--provider",
+            "salesforce",
+            "--base-url",
+            &url,
+            "--access-token",
+            "sf-secret-token",
+        ],
+    )
+    .await;
+    let hs_conn = ok(
+        &app,
+        &[
+            "connection",
+            "create",
+            "--user",
+            "user-123",
+            "--provider",
+            "hubspot",
+            "--base-url",
+            &url,
+            "--access-token",
+            "hs-secret-token",
+        ],
+    )
+    .await;
+    ok(
+        &app,
+        &[
+            "subscription",
+            "create",
+            "--user",
+            "user-123",
+            "--workflow",
+            &sf,
+            "--connection",
+            &sf_conn,
+        ],
+    )
+    .await;
+    ok(
+        &app,
+        &[
+            "subscription",
+            "create",
+            "--user",
+            "user-123",
+            "--workflow",
+            &hs,
+            "--connection",
+            &hs_conn,
+        ],
+    )
+    .await;
+    let id = ok(
+        &app,
+        &[
+            "publish",
+            "--name",
+            "Contact Created",
+            "--user",
+            "user-123",
+            "--payload",
+            r#"{"email":"ada@example.com","first_name":"Ada","last_name":"Lovelace"}"#,
+        ],
+    )
+    .await;
+    assert!(!id.is_empty());
+
+    let both = eventually(Duration::from_secs(20), || async {
+        let out = ok(
+            &app,
+            &[
+                "runs",
+                "list",
+                "--user",
+                "user-123",
+                "--status",
+                "succeeded",
+                "--json",
+            ],
+        )
+        .await;
+        serde_json::from_str::<Vec<Value>>(&out)
+            .map(|runs| runs.len() == 2)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(both, "two succeeded runs listed");
+    assert_eq!(crm.standin.records().len(), 2);
+
+    let listed = ok(&app, &["connection", "list", "--user", "user-123"]).await;
+    assert!(
+        listed.contains("salesforce") && listed.contains("active"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains("secret-token"),
+        "listings never show secrets: {listed}"
+    );
+    let as_json = ok(&app, &["connection", "list", "--json"]).await;
+    assert!(!as_json.contains("secret-token"), "{as_json}");
+    let workflows: Vec<Value> =
+        serde_json::from_str(&ok(&app, &["workflow", "list", "--json"]).await).expect("json");
+    assert_eq!(workflows.len(), 2);
+    let filtered = ok(&app, &["runs", "list", "--workflow", &sf, "--json"]).await;
+    let filtered: Vec<Value> = serde_json::from_str(&filtered).expect("json");
+    assert_eq!(filtered.len(), 1);
+    assert_eq!(filtered[0]["workflow"], "Contact to Salesforce");
+    let none: Vec<Value> =
+        serde_json::from_str(&ok(&app, &["runs", "list", "--status", "dead", "--json"]).await)
+            .expect("json");
+    assert!(none.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_arguments_get_one_line_and_a_non_zero_exit() {
+    let app = TestApp::new().await;
+    let cases: &[&[&str]] = &[
+        &["no-such-command"],
+        &["publish", "--name", "X"],
+        &["runs", "list", "--status", "exploded"],
+        &[
+            "connection",
+            "create",
+            "--user",
+            "u",
+            "--provider",
+            "myspace",
+            "--base-url",
+            "http://x",
+        ],
+        &["workflow", "delete", "not-a-uuid"],
+        &["runs", "list", "--since", "the day before yesterday"],
+    ];
+    for args in cases {
+        let (code, out, err) = run(&app, args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?}");
+        assert_eq!(err.lines().count(), 1, "one line for {args:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+        assert!(!err.contains("panicked"));
+    }
+    let failures: &[(&[&str], &str)] = &[
+        (
+            &["app-event", "create", "--name", "X", "--schema", "[1,2]"],
+            "must be a JSON object",
+        ),
+        (
+            &["app-event", "create", "--name", "X", "--schema", "{oops"],
+            "--schema is not valid JSON",
+        ),
+        (
+            &[
+                "app-event",
+                "create",
+                "--name",
+                "X",
+                "--schema",
+                "@/nonexistent/file.json",
+            ],
+            "cannot read",
+        ),
+        (
+            &[
+                "workflow",
+                "create",
+                "--name",
+                "w",
+                "--event",
+                "Nope",
+                "--provider",
+                "hubspot",
+                "--action",
+                "create-contact",
+                "--mapping",
+                "{}",
+            ],
+            "no app event",
+        ),
+        (
+            &["publish", "--name", "X", "--user", "u", "--payload", "[]"],
+            "must be an object",
+        ),
+    ];
+    for (args, expected) in failures {
+        let (code, _, err) = run(&app, args).await;
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    app.cleanup().await;
+}

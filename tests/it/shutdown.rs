@@ -1,0 +1,106 @@
+//! SIGTERM and SIGKILL against the real binary.
+
+use std::time::Duration;
+
+use appevents::integrations::Provider;
+use appevents::run::RunStatus;
+use appevents::standin::{self, Faults};
+use serde_json::json;
+
+use crate::support::{TestApp, appevents_command, eventually, signal};
+
+const EVENT: &str = "Order Placed";
+
+async fn hook_workflow(app: &TestApp, crm: &str) {
+    app.app_event(EVENT).await;
+    let hook = app
+        .workflow(
+            "hook",
+            EVENT,
+            Provider::Http,
+            "request",
+            json!({"url": "/hooks/orders"}),
+            json!({"order": "{{payload.n}}"}),
+        )
+        .await;
+    let conn = app.connection("u", Provider::Http, crm, "t").await;
+    app.subscribe("u", hook.id, conn).await;
+}
+
+#[tokio::test]
+async fn sigterm_with_events_in_flight_loses_none_and_runs_none_twice() {
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    crm.standin.set_faults(Faults {
+        latency_ms: 300,
+        ..Faults::default()
+    });
+    let mut app = TestApp::with_settings(|s| {
+        s.worker.concurrency = 4;
+        s.amqp.prefetch = 8;
+    })
+    .await;
+    hook_workflow(&app, &crm.url()).await;
+    let mut worker = appevents_command(&app.settings, &["worker"])
+        .spawn()
+        .expect("worker binary");
+
+    let publisher = app.publisher().await;
+    for n in 0..30 {
+        publisher
+            .publish(&appevents::publish::NewEvent {
+                id: Some(format!("order-{n}")),
+                name: EVENT.into(),
+                user_id: "u".into(),
+                payload: json!({"n": n}),
+                occurred_at: None,
+            })
+            .await
+            .expect("publish");
+    }
+    publisher.close().await;
+    let started = eventually(Duration::from_secs(15), || async {
+        !crm.standin.records().is_empty()
+    })
+    .await;
+    assert!(started, "the worker started processing");
+
+    signal(&worker, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .expect("exits within the grace period")
+        .expect("wait");
+    assert!(status.success(), "clean exit: {status:?}");
+
+    // Whatever was in flight finished; nothing is left half-done.
+    let runs = app.all_runs().await;
+    assert!(
+        runs.iter().all(|r| r.status == RunStatus::Succeeded),
+        "{runs:#?}"
+    );
+    let done = runs.len();
+    assert!(
+        done < 30,
+        "SIGTERM came while events were still queued ({done} done)"
+    );
+    assert_eq!(crm.standin.records().len(), done);
+    assert_eq!(
+        app.queue_depth(&app.settings.amqp.queue).await as usize,
+        30 - done,
+        "the rest is back in the queue"
+    );
+
+    app.start_worker().await;
+    let all = eventually(Duration::from_secs(30), || async {
+        app.all_runs()
+            .await
+            .iter()
+            .filter(|r| r.status == RunStatus::Succeeded)
+            .count()
+            == 30
+    })
+    .await;
+    assert!(all, "every event processed after the restart");
+    let records = crm.standin.records();
+    assert_eq!(records.len(), 30, "each event's workflow ran exactly once");
+    app.cleanup().await;
+}

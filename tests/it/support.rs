@@ -1,0 +1,576 @@
+//! What every integration test starts from: its own database (random name, migrated), its
+//! own exchange and queues, a worker running in-process on them, and helpers to publish,
+//! wait and look. Real RabbitMQ and Postgres; fakes (wiremock, the stand-in) only for the
+//! CRMs.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appevents::broker::{self, Recovery};
+use appevents::config::Settings;
+use appevents::connection::NewConnection;
+use appevents::integrations::Provider;
+use appevents::publish::{EventPublisher, NewEvent};
+use appevents::run::{Run, RunFilter, RunStatus};
+use appevents::vault::Keyring;
+use appevents::worker::{self, Core};
+use appevents::workflow::{NewWorkflow, Workflow};
+use appevents::{app_event, connection, db, subscription, workflow};
+use deadpool_postgres::Pool;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// A fixed key for tests: base64 of 32 bytes.
+pub const TEST_KEY: &str = "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktdGVzdCE=";
+
+pub fn database_base_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Settings for one test: unique names everywhere, schedules shrunk to milliseconds.
+pub fn test_settings(tag: &str) -> Settings {
+    let mut settings = Settings::defaults().expect("default settings");
+    let mut db_config = db::pg_config(&database_base_url()).expect("database url");
+    db_config.dbname(format!("appevents_test_{tag}"));
+    settings.database.url = SecretString::from(pg_url(&db_config));
+    settings.database.pool_size = 8;
+    settings.amqp.url = SecretString::from(amqp_url());
+    settings.amqp.exchange = format!("test.{tag}.events");
+    settings.amqp.queue = format!("test.{tag}.work");
+    settings.amqp.dead_letter_queue = format!("test.{tag}.dead");
+    settings.amqp.prefetch = 32;
+    settings.worker.concurrency = 16;
+    settings.worker.ops_listen = "127.0.0.1:0".into();
+    settings.worker.claim_lease = Duration::from_secs(5);
+    settings.worker.shutdown_grace = Duration::from_secs(10);
+    settings.retry.attempts = 3;
+    settings.retry.min_delay = Duration::from_millis(10);
+    settings.retry.max_delay = Duration::from_millis(50);
+    settings.retry.max_in_process_wait = Duration::from_secs(2);
+    settings.retry.schedule = vec![Duration::from_millis(200), Duration::from_millis(400)];
+    settings.retry.rate_limited_min_delay = Duration::from_millis(400);
+    settings.http.timeout = Duration::from_secs(3);
+    settings.http.allow = vec!["127.0.0.1".into()];
+    settings.secrets.active_key = "test".into();
+    settings.secrets.keys = BTreeMap::from([("test".to_owned(), SecretString::from(TEST_KEY))]);
+    settings
+}
+
+/// A libpq-style URL for a config (user, host, port, dbname).
+pub fn pg_url(config: &tokio_postgres::Config) -> String {
+    let user = config.get_user().unwrap_or("postgres");
+    let (host, port) = match (config.get_hosts().first(), config.get_ports().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(host)), Some(port)) => (host.clone(), *port),
+        _ => ("127.0.0.1".to_owned(), 5432),
+    };
+    let password = config
+        .get_password()
+        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    format!(
+        "postgres://{user}{password}@{host}:{port}/{}",
+        config.get_dbname().unwrap_or("postgres")
+    )
+}
+
+pub struct TestApp {
+    pub tag: String,
+    pub settings: Settings,
+    pub pool: Pool,
+    pub keyring: Arc<Keyring>,
+    pub amqp: lapin::Connection,
+    pub channel: lapin::Channel,
+    worker: Option<WorkerHandle>,
+}
+
+pub struct WorkerHandle {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub core: Arc<Core>,
+    pub ops_addr: std::net::SocketAddr,
+}
+
+impl TestApp {
+    /// A migrated database and declared topology, no worker yet.
+    pub async fn new() -> TestApp {
+        Self::with_settings(|_| {}).await
+    }
+
+    pub async fn with_settings(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+        let tag = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let mut settings = test_settings(&tag);
+        adjust(&mut settings);
+        db::ensure_database(settings.database_url())
+            .await
+            .expect("create test database");
+        db::migrate(settings.database_url()).await.expect("migrate");
+        let pool = db::pool(&settings.database).expect("pool");
+        let keyring = Arc::new(Keyring::from_settings(&settings.secrets).expect("keyring"));
+        let amqp = broker::connect(settings.amqp_url(), "appevents tests", Recovery::None)
+            .await
+            .expect("broker");
+        let channel = amqp.create_channel().await.expect("channel");
+        worker_topology(&settings)
+            .declare(&channel)
+            .await
+            .expect("topology");
+        TestApp {
+            tag,
+            settings,
+            pool,
+            keyring,
+            amqp,
+            channel,
+            worker: None,
+        }
+    }
+
+    pub async fn start_worker(&mut self) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        let task = tokio::spawn(worker::run(
+            self.settings.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+            Some(started_tx),
+        ));
+        let running = started_rx.await.expect("worker started");
+        // The consumer is registered once the worker reports itself connected.
+        let connected = eventually(Duration::from_secs(10), || async {
+            running.core.metrics.consumer_connected.get() == 1
+        })
+        .await;
+        assert!(connected, "worker never connected to the broker");
+        self.worker = Some(WorkerHandle {
+            stop,
+            task,
+            core: running.core,
+            ops_addr: running.ops_addr,
+        });
+    }
+
+    /// Stops the in-process worker as SIGTERM would and waits for it to exit.
+    pub async fn stop_worker(&mut self) {
+        if let Some(handle) = self.worker.take() {
+            let _ = handle.stop.send(());
+            let result = tokio::time::timeout(Duration::from_secs(30), handle.task)
+                .await
+                .expect("worker stops within 30s")
+                .expect("worker task");
+            result.expect("worker exits cleanly");
+        }
+    }
+
+    pub fn worker(&self) -> &WorkerHandle {
+        self.worker.as_ref().expect("worker running")
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.worker().ops_addr)
+    }
+
+    pub async fn publisher(&self) -> EventPublisher {
+        EventPublisher::connect(&self.settings, Recovery::None)
+            .await
+            .expect("publisher")
+    }
+
+    /// Publishes a valid event through the same code path as `appevents publish`.
+    pub async fn publish(
+        &self,
+        name: &str,
+        user: &str,
+        payload: Value,
+        id: Option<&str>,
+    ) -> String {
+        let publisher = self.publisher().await;
+        let id = publisher
+            .publish(&NewEvent {
+                id: id.map(str::to_owned),
+                name: name.to_owned(),
+                user_id: user.to_owned(),
+                payload,
+                occurred_at: None,
+            })
+            .await
+            .expect("publish");
+        publisher.close().await;
+        id
+    }
+
+    /// Publishes raw bytes to the exchange, as a careless producer might.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.settings.amqp.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish");
+        drop(confirm);
+    }
+
+    /// Takes every message in the dead-letter queue (acknowledging it).
+    pub async fn take_dead_letters(&self) -> Vec<DeadLetterMessage> {
+        self.take_all(&self.settings.amqp.dead_letter_queue).await
+    }
+
+    /// Takes dead letters until there are `n` or `within` passes.
+    pub async fn dead_letters_until(&self, n: usize, within: Duration) -> Vec<DeadLetterMessage> {
+        let deadline = Instant::now() + within;
+        let mut letters = self.take_dead_letters().await;
+        while letters.len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            letters.extend(self.take_dead_letters().await);
+        }
+        letters
+    }
+
+    pub async fn take_all(&self, queue: &str) -> Vec<DeadLetterMessage> {
+        let mut out = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            message
+                .delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+            out.push(DeadLetterMessage {
+                body: message.delivery.data.clone(),
+                headers: message
+                    .delivery
+                    .properties
+                    .headers()
+                    .clone()
+                    .unwrap_or_default(),
+            });
+        }
+        out
+    }
+
+    /// Messages waiting in a queue (ready, not delivered).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let declared = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        declared.message_count()
+    }
+
+    pub async fn runs(&self, event_id: &str) -> Vec<Run> {
+        appevents::run::list(
+            &self.pool,
+            &RunFilter {
+                event_id: Some(event_id.to_owned()),
+                limit: 1000,
+                ..RunFilter::default()
+            },
+        )
+        .await
+        .expect("runs")
+    }
+
+    pub async fn all_runs(&self) -> Vec<Run> {
+        appevents::run::list(
+            &self.pool,
+            &RunFilter {
+                limit: 100_000,
+                ..RunFilter::default()
+            },
+        )
+        .await
+        .expect("runs")
+    }
+
+    /// Waits until `n` runs of the event are in `status`; returns them all.
+    pub async fn wait_for_runs(&self, event_id: &str, n: usize, status: RunStatus) -> Vec<Run> {
+        let done = eventually(Duration::from_secs(20), || async {
+            self.runs(event_id)
+                .await
+                .iter()
+                .filter(|r| r.status == status)
+                .count()
+                >= n
+        })
+        .await;
+        let runs = self.runs(event_id).await;
+        assert!(
+            done,
+            "expected {n} {status:?} runs of {event_id}, have {runs:#?}"
+        );
+        runs
+    }
+
+    /// An app event with a default example payload.
+    pub async fn app_event(&self, name: &str) {
+        app_event::create(
+            &self.pool,
+            name,
+            &serde_json::json!({"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}),
+        )
+        .await
+        .expect("app event");
+    }
+
+    pub async fn workflow(
+        &self,
+        name: &str,
+        event: &str,
+        provider: Provider,
+        action: &str,
+        options: Value,
+        mapping: Value,
+    ) -> Workflow {
+        workflow::create(
+            &self.pool,
+            &NewWorkflow {
+                name: name.to_owned(),
+                event: event.to_owned(),
+                provider,
+                action: action.to_owned(),
+                options,
+                mapping,
+            },
+        )
+        .await
+        .expect("workflow")
+    }
+
+    pub async fn connection(
+        &self,
+        user: &str,
+        provider: Provider,
+        base_url: &str,
+        token: &str,
+    ) -> Uuid {
+        self.connection_with(NewConnection {
+            user_id: user.to_owned(),
+            provider,
+            base_url: base_url.to_owned(),
+            settings: serde_json::json!({}),
+            access_token: Some(SecretString::from(token.to_owned())),
+            refresh_token: None,
+            token_url: None,
+            client_id: None,
+            client_secret: None,
+        })
+        .await
+    }
+
+    pub async fn connection_with(&self, new: NewConnection) -> Uuid {
+        connection::create(&self.pool, &self.keyring, &new)
+            .await
+            .expect("connection")
+    }
+
+    pub async fn subscribe(&self, user: &str, workflow: Uuid, connection: Uuid) {
+        subscription::create(&self.pool, user, workflow, connection)
+            .await
+            .expect("subscription");
+    }
+
+    /// Stops the worker, drops the database and deletes the queues and exchange.
+    pub async fn cleanup(mut self) {
+        self.stop_worker().await;
+        let topology = worker_topology(&self.settings);
+        let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
+        queues.extend(topology.retry_queues.iter().map(|(_, q)| q.clone()));
+        for queue in queues {
+            let _ = self
+                .channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self
+            .channel
+            .exchange_delete(
+                topology.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.amqp.close(200, "test done".into()).await;
+        self.pool.close();
+        drop_database(&self.settings).await;
+    }
+}
+
+pub fn worker_topology(settings: &Settings) -> broker::Topology {
+    broker::Topology::new(
+        &settings.amqp,
+        &appevents::retry::RetryPolicy::from(&settings.retry),
+    )
+}
+
+pub async fn drop_database(settings: &Settings) {
+    let config = db::pg_config(settings.database_url()).expect("url");
+    let name = config.get_dbname().unwrap_or_default().to_owned();
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    if let Ok((client, connection)) = admin.connect(tokio_postgres::NoTls).await {
+        tokio::spawn(connection);
+        let _ = client
+            .batch_execute(&format!("drop database if exists \"{name}\" with (force)"))
+            .await;
+    }
+}
+
+pub struct DeadLetterMessage {
+    pub body: Vec<u8>,
+    pub headers: FieldTable,
+}
+
+impl DeadLetterMessage {
+    pub fn header(&self, key: &str) -> Option<String> {
+        match self.headers.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            AMQPValue::LongLongInt(i) => Some(i.to_string()),
+            other => Some(format!("{other:?}")),
+        }
+    }
+}
+
+/// Polls `condition` until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// The real binary, configured for this test through the environment as an operator would.
+pub fn appevents_command(settings: &Settings, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_appevents"));
+    command.args(args);
+    for (key, value) in settings_env(settings) {
+        command.env(key, value);
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+/// The environment that reproduces `settings` for the binary.
+pub fn settings_env(settings: &Settings) -> Vec<(String, String)> {
+    use secrecy::ExposeSecret;
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let schedule: Vec<String> = settings.retry.schedule.iter().map(|d| ms(*d)).collect();
+    let env = vec![
+        ("APPEVENTS_ENVIRONMENT", "test".to_owned()),
+        ("DATABASE_URL", settings.database_url().to_owned()),
+        ("AMQP_URL", settings.amqp_url().to_owned()),
+        ("APPEVENTS__AMQP__EXCHANGE", settings.amqp.exchange.clone()),
+        ("APPEVENTS__AMQP__QUEUE", settings.amqp.queue.clone()),
+        (
+            "APPEVENTS__AMQP__DEAD_LETTER_QUEUE",
+            settings.amqp.dead_letter_queue.clone(),
+        ),
+        (
+            "APPEVENTS__AMQP__PREFETCH",
+            settings.amqp.prefetch.to_string(),
+        ),
+        (
+            "APPEVENTS__WORKER__CONCURRENCY",
+            settings.worker.concurrency.to_string(),
+        ),
+        (
+            "APPEVENTS__WORKER__OPS_LISTEN",
+            settings.worker.ops_listen.clone(),
+        ),
+        (
+            "APPEVENTS__WORKER__CLAIM_LEASE",
+            ms(settings.worker.claim_lease),
+        ),
+        (
+            "APPEVENTS__WORKER__SHUTDOWN_GRACE",
+            ms(settings.worker.shutdown_grace),
+        ),
+        (
+            "APPEVENTS__WORKER__MAX_DELIVERIES",
+            settings.worker.max_deliveries.to_string(),
+        ),
+        ("APPEVENTS__RETRY__SCHEDULE", schedule.join(",")),
+        ("APPEVENTS__RETRY__MIN_DELAY", ms(settings.retry.min_delay)),
+        ("APPEVENTS__RETRY__MAX_DELAY", ms(settings.retry.max_delay)),
+        (
+            "APPEVENTS__RETRY__RATE_LIMITED_MIN_DELAY",
+            ms(settings.retry.rate_limited_min_delay),
+        ),
+        ("APPEVENTS__HTTP__TIMEOUT", ms(settings.http.timeout)),
+        ("APPEVENTS__HTTP__ALLOW", settings.http.allow.join(",")),
+        (
+            "APPEVENTS__SECRETS__ACTIVE_KEY",
+            settings.secrets.active_key.clone(),
+        ),
+        ("APPEVENTS__LOG__FORMAT", "json".to_owned()),
+        ("RUST_LOG", "warn".to_owned()),
+    ];
+    let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    for (id, key) in &settings.secrets.keys {
+        env.push((
+            format!("APPEVENTS__SECRETS__KEYS__{}", id.to_uppercase()),
+            key.expose_secret().to_owned(),
+        ));
+    }
+    env
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("child is running");
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
