@@ -18,7 +18,8 @@ use crate::publish::{EventPublisher, NewEvent};
 use crate::run::{RunFilter, RunStatus};
 use crate::workflow::{NewWorkflow, WorkflowChanges};
 use crate::{
-    app_event, broker, connection, db, demo, run, subscription, telemetry, vault, worker, workflow,
+    app_event, broker, connection, db, dead_letter, demo, run, subscription, telemetry, vault,
+    worker, workflow,
 };
 
 #[derive(Debug, Parser)]
@@ -60,9 +61,81 @@ enum Command {
     /// Run history.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Inspect, replay and purge the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Keys that encrypt connection secrets.
     #[command(subcommand)]
     Secrets(SecretsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// What is dead-lettered, with a summary by reason.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Show at most this many letters (the summary counts them all).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move matching letters back to the work queue with a fresh attempt budget, for the
+    /// workflows that failed. Each move is confirmed by the broker before the letter is removed.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Only show what would move.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete matching letters. Refuses without --yes.
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Really delete them.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Filters shared by the dlq commands; all given must match.
+#[derive(Debug, Args)]
+struct DlqFilter {
+    /// Event name.
+    #[arg(long)]
+    event: Option<String>,
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    workflow: Option<Uuid>,
+    /// Substring of the reason, case-insensitive.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Dead-lettered at least this long ago, e.g. 30m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<std::time::Duration>,
+    /// Dead-lettered at most this long ago, e.g. 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    newer_than: Option<std::time::Duration>,
+}
+
+impl DlqFilter {
+    fn to_filter(&self) -> dead_letter::Filter {
+        dead_letter::Filter {
+            event_name: self.event.clone(),
+            user_id: self.user.clone(),
+            workflow_id: self.workflow,
+            reason: self.reason.clone(),
+            older_than: self.older_than,
+            newer_than: self.newer_than,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -259,19 +332,27 @@ enum SubscriptionCommand {
 
 #[derive(Debug, Args)]
 struct PublishArgs {
-    #[arg(long)]
-    name: String,
-    #[arg(long)]
-    user: String,
+    #[arg(long, required_unless_present = "file")]
+    name: Option<String>,
+    #[arg(long, required_unless_present = "file")]
+    user: Option<String>,
     /// The payload: a JSON object, or @FILE.
-    #[arg(long, value_name = "JSON|@FILE")]
-    payload: String,
+    #[arg(long, value_name = "JSON|@FILE", required_unless_present = "file")]
+    payload: Option<String>,
     /// The event id (the idempotency key); a UUIDv7 when omitted.
     #[arg(long)]
     id: Option<String>,
     /// RFC 3339 timestamp of when it happened.
     #[arg(long)]
     occurred_at: Option<String>,
+    /// Publish every line of this file (newline-delimited JSON events, `-` for stdin), each
+    /// confirmed; reconnects and carries on if the broker goes away. Prints each id.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["name", "user", "payload", "id", "occurred_at"])]
+    file: Option<String>,
+    /// With --file: send each line as it is, without checking it against the contract
+    /// (to see what the worker does with a bad message).
+    #[arg(long, requires = "file")]
+    unchecked: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -465,6 +546,9 @@ async fn manage(command: Command, settings: Settings) -> anyhow::Result<()> {
     if let Command::Publish(args) = command {
         return publish(&settings, args).await;
     }
+    if let Command::Dlq(command) = command {
+        return dlq(&settings, command).await;
+    }
     let pool = db::pool(&settings.database)?;
     match command {
         Command::AppEvent(command) => app_events(&pool, command).await,
@@ -477,15 +561,21 @@ async fn manage(command: Command, settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
-    let payload = json_arg(&args.payload, "--payload")?;
+    if let Some(file) = &args.file {
+        return publish_file(settings, file, args.unchecked).await;
+    }
+    let (Some(name), Some(user), Some(payload)) = (args.name, args.user, args.payload) else {
+        bail!("--name, --user and --payload are required");
+    };
+    let payload = json_arg(&payload, "--payload")?;
     let publisher = EventPublisher::connect(settings, broker::Recovery::None)
         .await
         .context("cannot reach the broker")?;
     let result = publisher
         .publish(&NewEvent {
             id: args.id,
-            name: args.name,
-            user_id: args.user,
+            name,
+            user_id: user,
             payload,
             occurred_at: args.occurred_at,
         })
@@ -493,6 +583,122 @@ async fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
     publisher.close().await;
     println!("{}", result?);
     Ok(())
+}
+
+/// One event per line, `{"name", "user_id", "payload", "id"?, "occurred_at"?}`.
+#[derive(serde::Deserialize)]
+struct EventLine {
+    name: String,
+    user_id: String,
+    payload: Value,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    occurred_at: Option<String>,
+}
+
+async fn publish_file(settings: &Settings, file: &str, unchecked: bool) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if file == "-" {
+        Box::new(tokio::io::stdin())
+    } else {
+        Box::new(
+            tokio::fs::File::open(file)
+                .await
+                .with_context(|| format!("cannot read {file}"))?,
+        )
+    };
+    let mut lines = tokio::io::BufReader::new(reader).lines();
+    let mut publisher: Option<EventPublisher> = None;
+    let (mut published, mut refused, mut number) = (0usize, 0usize, 0usize);
+    while let Some(line) = lines.next_line().await? {
+        number += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event = if unchecked {
+            None
+        } else {
+            match serde_json::from_str::<EventLine>(&line) {
+                Ok(event) => Some(NewEvent {
+                    id: event.id,
+                    name: event.name,
+                    user_id: event.user_id,
+                    payload: event.payload,
+                    occurred_at: event.occurred_at,
+                }),
+                Err(err) => {
+                    eprintln!("line {number}: not an event: {err}");
+                    refused += 1;
+                    continue;
+                }
+            }
+        };
+        let mut outage = std::time::Duration::ZERO;
+        loop {
+            let current = match &publisher {
+                Some(current) => current,
+                None => match EventPublisher::connect(settings, broker::Recovery::None).await {
+                    Ok(connected) => publisher.insert(connected),
+                    Err(err) => {
+                        outage = wait_for_broker(outage, &err.to_string()).await?;
+                        continue;
+                    }
+                },
+            };
+            let sent = match &event {
+                Some(event) => current.publish(event).await.map(Some),
+                None => current
+                    .publish_unchecked("unchecked", line.as_bytes())
+                    .await
+                    .map(|()| None)
+                    .map_err(crate::publish::PublishFailure::from),
+            };
+            match sent {
+                Ok(id) => {
+                    if let Some(id) = id {
+                        println!("{id}");
+                    }
+                    published += 1;
+                    break;
+                }
+                Err(crate::publish::PublishFailure::Invalid(err)) => {
+                    eprintln!("line {number}: invalid event: {err}");
+                    refused += 1;
+                    break;
+                }
+                Err(crate::publish::PublishFailure::Broker(err)) => {
+                    publisher = None;
+                    outage = wait_for_broker(outage, &err.to_string()).await?;
+                }
+            }
+        }
+    }
+    if let Some(publisher) = publisher {
+        publisher.close().await;
+    }
+    eprintln!("published {published} event(s), refused {refused}");
+    if refused > 0 {
+        bail!("{refused} line(s) were not published");
+    }
+    Ok(())
+}
+
+/// Backs off while the broker is unreachable; gives up after two minutes without it.
+async fn wait_for_broker(
+    outage: std::time::Duration,
+    error: &str,
+) -> anyhow::Result<std::time::Duration> {
+    let limit = std::time::Duration::from_secs(120);
+    if outage >= limit {
+        bail!("the broker has been unreachable for {limit:?}: {error}");
+    }
+    if outage.is_zero() {
+        eprintln!("broker unavailable ({error}); retrying");
+    }
+    let pause = std::time::Duration::from_millis(500);
+    tokio::time::sleep(pause).await;
+    Ok(outage + pause)
 }
 
 /// A JSON argument given inline or as @FILE.
@@ -879,4 +1085,146 @@ async fn runs(pool: &deadpool_postgres::Pool, command: RunsCommand) -> anyhow::R
         RunsCommand::Show { id } => print_json(&run::get(pool, id).await?)?,
     }
     Ok(())
+}
+
+async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
+    let connection = broker::connect(settings.amqp_url(), "appevents dlq", broker::Recovery::None)
+        .await
+        .context("cannot reach the broker")?;
+    let topology = broker::Topology::new(
+        &settings.amqp,
+        &crate::retry::RetryPolicy::from(&settings.retry),
+    );
+    let result = dlq_walk(&connection, &topology, command).await;
+    let _ = connection.close(200, "done".into()).await;
+    result
+}
+
+async fn dlq_walk(
+    connection: &lapin::Connection,
+    topology: &broker::Topology,
+    command: DlqCommand,
+) -> anyhow::Result<()> {
+    use dead_letter::Action;
+    let (filter, action, json, limit) = match &command {
+        DlqCommand::List {
+            filter,
+            json,
+            limit,
+        } => (filter, Action::List, *json, *limit),
+        DlqCommand::Replay {
+            filter,
+            dry_run,
+            json,
+        } => (
+            filter,
+            if *dry_run {
+                Action::List
+            } else {
+                Action::Replay
+            },
+            *json,
+            usize::MAX,
+        ),
+        DlqCommand::Purge { filter, yes, json } => (
+            filter,
+            if *yes { Action::Purge } else { Action::List },
+            *json,
+            usize::MAX,
+        ),
+    };
+    let mut letters = Vec::new();
+    let report = dead_letter::walk(
+        connection,
+        topology,
+        &filter.to_filter(),
+        action,
+        |letter| {
+            if letters.len() < limit {
+                letters.push(letter.clone());
+            }
+        },
+    )
+    .await?;
+    if json {
+        print_json(&json!({"report": report, "letters": letters}))?;
+    } else {
+        print_letters(&letters);
+        print_report(&command, &report);
+    }
+    if let DlqCommand::Purge { yes: false, .. } = command
+        && report.matched > 0
+    {
+        bail!(
+            "refusing to purge {} dead letter(s) without --yes",
+            report.matched
+        );
+    }
+    Ok(())
+}
+
+fn print_letters(letters: &[dead_letter::Letter]) {
+    if letters.is_empty() {
+        return;
+    }
+    let rows = letters
+        .iter()
+        .map(|l| {
+            vec![
+                l.position.to_string(),
+                l.dead_lettered_at
+                    .and_then(|at| {
+                        at.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default(),
+                l.event_name.clone().unwrap_or_default(),
+                l.user_id.clone().unwrap_or_default(),
+                l.workflow_id.clone().unwrap_or_default(),
+                l.attempts.map(|a| a.to_string()).unwrap_or_default(),
+                l.reason.clone(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    print_table(
+        &[
+            "#",
+            "DEAD-LETTERED",
+            "EVENT",
+            "USER",
+            "WORKFLOW",
+            "ATTEMPTS",
+            "REASON",
+        ],
+        &rows,
+    );
+    println!();
+}
+
+fn print_report(command: &DlqCommand, report: &dead_letter::Report) {
+    let by_reason: Vec<String> = report
+        .by_reason
+        .iter()
+        .map(|(reason, count)| format!("{reason}: {count}"))
+        .collect();
+    let summary = if by_reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", by_reason.join(", "))
+    };
+    let line = match command {
+        DlqCommand::List { .. } => format!("{} dead letter(s) match{summary}", report.matched),
+        DlqCommand::Replay { dry_run: true, .. } => {
+            format!("would replay {} dead letter(s){summary}", report.matched)
+        }
+        DlqCommand::Replay { .. } => format!("replayed {} dead letter(s){summary}", report.moved),
+        DlqCommand::Purge { yes: true, .. } => {
+            format!("purged {} dead letter(s){summary}", report.purged)
+        }
+        DlqCommand::Purge { .. } => format!("{} dead letter(s) match{summary}", report.matched),
+    };
+    println!(
+        "{line}; {} scanned, the others left in place",
+        report.scanned
+    );
 }

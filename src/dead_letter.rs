@@ -6,7 +6,7 @@
 //! when. One message per failed workflow run, so a replay re-runs exactly that workflow.
 
 use lapin::BasicProperties;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -100,4 +100,252 @@ pub fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Which dead letters an operation applies to; every filter given must match.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub event_name: Option<String>,
+    pub user_id: Option<String>,
+    pub workflow_id: Option<Uuid>,
+    /// Case-insensitive substring of the reason.
+    pub reason: Option<String>,
+    /// Dead-lettered at least this long ago.
+    pub older_than: Option<std::time::Duration>,
+    /// Dead-lettered at most this long ago.
+    pub newer_than: Option<std::time::Duration>,
+}
+
+/// One dead letter as operators see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Letter {
+    /// Position in the queue, from 1.
+    pub position: usize,
+    pub reason: String,
+    pub reason_code: String,
+    pub event_id: Option<String>,
+    pub event_name: Option<String>,
+    pub user_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub attempts: Option<i64>,
+    pub error_kind: Option<String>,
+    pub error_status: Option<i64>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub dead_lettered_at: Option<OffsetDateTime>,
+    /// The original body, as text when it is UTF-8.
+    pub body: String,
+    pub body_bytes: usize,
+}
+
+impl Letter {
+    pub fn from_message(position: usize, body: &[u8], properties: &BasicProperties) -> Letter {
+        let headers = properties.headers().as_ref();
+        let text = |key| crate::broker::header_str(headers, key);
+        let (reason, reason_code) = match (text(header::REASON), text(header::REASON_CODE)) {
+            (Some(reason), code) => (reason, code.unwrap_or_else(|| "unknown".to_owned())),
+            // Dead-lettered by the broker itself (the work queue's delivery limit).
+            _ => match broker_death(headers) {
+                Some((why, _)) => (
+                    format!(
+                        "dead-lettered by the broker: {why} (delivered too many times without an acknowledgement)"
+                    ),
+                    POISON.to_owned(),
+                ),
+                None => ("no reason recorded".to_owned(), "unknown".to_owned()),
+            },
+        };
+        let dead_lettered_at = text(header::DEAD_LETTERED_AT)
+            .and_then(|at| OffsetDateTime::parse(&at, &Rfc3339).ok())
+            .or_else(|| broker_death(headers).and_then(|(_, at)| at));
+        Letter {
+            position,
+            reason,
+            reason_code,
+            event_id: text(header::EVENT_ID).or_else(|| {
+                properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str().to_owned())
+            }),
+            event_name: text(header::EVENT_NAME),
+            user_id: text(header::USER_ID),
+            workflow_id: text(header::WORKFLOW_ID),
+            attempts: crate::broker::header_int(headers, header::ATTEMPTS),
+            error_kind: text(header::ERROR_KIND),
+            error_status: crate::broker::header_int(headers, header::ERROR_STATUS),
+            error_code: text(header::ERROR_CODE),
+            error_message: text(header::ERROR_MESSAGE),
+            dead_lettered_at,
+            body: String::from_utf8_lossy(body).into_owned(),
+            body_bytes: body.len(),
+        }
+    }
+
+    pub fn matches(&self, filter: &Filter, now: OffsetDateTime) -> bool {
+        let same = |wanted: &Option<String>, actual: &Option<String>| {
+            wanted
+                .as_ref()
+                .is_none_or(|w| actual.as_deref() == Some(w.as_str()))
+        };
+        let workflow = filter.workflow_id.map(|id| id.to_string());
+        let reason_ok = filter
+            .reason
+            .as_ref()
+            .is_none_or(|needle| self.reason.to_lowercase().contains(&needle.to_lowercase()));
+        let age = self.dead_lettered_at.map(|at| now - at);
+        let older_ok = filter.older_than.is_none_or(|limit| {
+            age.is_some_and(|age| {
+                age >= time::Duration::try_from(limit).unwrap_or(time::Duration::MAX)
+            })
+        });
+        let newer_ok = filter.newer_than.is_none_or(|limit| {
+            age.is_some_and(|age| {
+                age <= time::Duration::try_from(limit).unwrap_or(time::Duration::MAX)
+            })
+        });
+        same(&filter.event_name, &self.event_name)
+            && same(&filter.user_id, &self.user_id)
+            && same(&workflow, &self.workflow_id)
+            && reason_ok
+            && older_ok
+            && newer_ok
+    }
+}
+
+/// The reason and time of the broker's own dead-lettering, from `x-death`.
+fn broker_death(headers: Option<&FieldTable>) -> Option<(String, Option<OffsetDateTime>)> {
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let reason = match first.inner().get("reason")? {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        _ => return None,
+    };
+    let at = match first.inner().get("time") {
+        Some(AMQPValue::Timestamp(secs)) => {
+            OffsetDateTime::from_unix_timestamp(i64::try_from(*secs).ok()?).ok()
+        }
+        _ => None,
+    };
+    Some((reason, at))
+}
+
+/// What an operation on the dead-letter queue did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    /// Messages looked at.
+    pub scanned: usize,
+    /// Messages that matched the filter (and were moved or deleted, unless a dry run).
+    pub matched: usize,
+    pub moved: usize,
+    pub purged: usize,
+    /// Matching messages by reason code.
+    pub by_reason: std::collections::BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Look only.
+    List,
+    /// Move matching messages back to the work queue.
+    Replay,
+    /// Delete matching messages.
+    Purge,
+}
+
+/// Walks the dead-letter queue once, front to back, taking each message without
+/// acknowledging it. Matching messages are (for `Replay`) republished to the work queue and,
+/// once the broker confirmed that, acknowledged; (for `Purge`) acknowledged. Everything else
+/// is handed back when the channel closes and stays in place and in order. Killing the
+/// process at any point loses nothing: at worst a message was republished but not yet
+/// acknowledged, and is replayed twice, which the run records absorb.
+pub async fn walk(
+    connection: &lapin::Connection,
+    topology: &crate::broker::Topology,
+    filter: &Filter,
+    action: Action,
+    mut visit: impl FnMut(&Letter),
+) -> Result<Report, crate::broker::PublishError> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+
+    let channel = connection.create_channel().await?;
+    let publisher = crate::broker::Publisher::open(connection).await?;
+    let queue = channel
+        .queue_declare(
+            topology.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let now = OffsetDateTime::now_utc();
+    let mut report = Report::default();
+    // Only what is there now: letters added meanwhile wait for the next walk.
+    for position in 1..=queue.message_count() as usize {
+        let Some(message) = channel
+            .basic_get(
+                topology.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
+        report.scanned += 1;
+        let delivery = &message.delivery;
+        let letter = Letter::from_message(position, &delivery.data, &delivery.properties);
+        if !letter.matches(filter, now) {
+            continue;
+        }
+        report.matched += 1;
+        *report
+            .by_reason
+            .entry(letter.reason_code.clone())
+            .or_default() += 1;
+        visit(&letter);
+        match action {
+            Action::List => {}
+            Action::Replay => {
+                let properties = replay_properties(&delivery.properties);
+                publisher
+                    .publish("", &topology.queue, &delivery.data, properties)
+                    .await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                report.moved += 1;
+            }
+            Action::Purge => {
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                report.purged += 1;
+            }
+        }
+    }
+    // Hands back every message not acknowledged, in its place.
+    let _ = channel.close(200, "dead-letter walk done".into()).await;
+    let _ = publisher
+        .channel()
+        .close(200, "dead-letter walk done".into())
+        .await;
+    Ok(report)
+}
+
+/// A replayed message: the original body and properties, a fresh attempt budget, only the
+/// workflow that failed (when the letter names one), and the replay mark that lets a dead
+/// run run again.
+fn replay_properties(original: &BasicProperties) -> BasicProperties {
+    let headers = original.headers().as_ref();
+    let workflow = crate::broker::header_str(headers, header::WORKFLOW_ID);
+    let mut replayed = carried_headers(headers);
+    crate::broker::set_bool(&mut replayed, header::REPLAY, true);
+    if let Some(workflow) = workflow {
+        set_strings(&mut replayed, header::WORKFLOWS, &[workflow]);
+    }
+    original.clone().with_headers(replayed)
 }

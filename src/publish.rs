@@ -79,6 +79,21 @@ impl EventPublisher {
         Ok(id)
     }
 
+    /// Publishes a body exactly as given, unchecked: a testing tool for what careless
+    /// producers send.
+    pub async fn publish_unchecked(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let properties = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        self.publisher
+            .publish(&self.exchange, routing_key, body, properties)
+            .await
+    }
+
     pub async fn close(&self) {
         let _ = self.connection.close(200, "done".into()).await;
     }

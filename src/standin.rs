@@ -449,6 +449,18 @@ fn properties(body: &Value) -> Map<String, Value> {
         .unwrap_or_default()
 }
 
+/// HubSpot refuses an email property that is not an address.
+fn invalid_email(fields: &Map<String, Value>) -> Option<Response> {
+    let email = fields.get("email").map(text)?;
+    if email.contains('@') {
+        return None;
+    }
+    Some(reply(
+        StatusCode::BAD_REQUEST,
+        json!({"status": "error", "message": format!("Property values were not valid: email {email:?} is not a valid email address"), "category": "VALIDATION_ERROR"}),
+    ))
+}
+
 fn contact(record: &Record, new: bool) -> Value {
     json!({"id": record.id, "properties": record.fields, "archived": false, "new": new})
 }
@@ -468,6 +480,9 @@ async fn hubspot_create(
     }
     let fields = properties(&body);
     let mut inner = standin.lock();
+    if let Some(invalid) = invalid_email(&fields) {
+        return inner.log(&method, &uri, invalid);
+    }
     if let Some(email) = fields.get("email").map(text)
         && let Some(existing) = inner.find("hubspot", "contacts", "email", &email)
     {
@@ -552,6 +567,9 @@ async fn hubspot_upsert(
             .unwrap_or_else(|| "email".into());
         let id_value = input.get("id").map(text).unwrap_or_default();
         let fields = properties(&input);
+        if let Some(invalid) = invalid_email(&fields) {
+            return inner.log(&method, &uri, invalid);
+        }
         if let Some(record) = inner.find("hubspot", "contacts", &id_property, &id_value) {
             record.fields.extend(fields);
             record.updates += 1;

@@ -16,19 +16,21 @@
 //! retried with backoff while the message stays unacknowledged, until it succeeds or the
 //! process shuts down (the message then goes back to the queue).
 
-use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -153,6 +155,26 @@ pub struct Worker {
     pub publisher: Publisher,
 }
 
+/// The message a run belongs to.
+struct Message<'a> {
+    body: &'a [u8],
+    properties: &'a BasicProperties,
+    event: &'a Event,
+    retries_done: u32,
+}
+
+impl Tally {
+    fn count(&mut self, next: &Settle) {
+        match next {
+            Settle::Succeeded => self.succeeded += 1,
+            Settle::Retry { .. } => self.retrying += 1,
+            Settle::Dead { .. } => self.dead += 1,
+            Settle::Defer { .. } => self.deferred += 1,
+            Settle::Skip => self.skipped += 1,
+        }
+    }
+}
+
 /// The decision for one run of a message.
 struct Settled<'a> {
     target: &'a Target,
@@ -163,6 +185,7 @@ struct Settled<'a> {
     next: Settle,
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Settle {
     Succeeded,
     Retry {
@@ -298,18 +321,61 @@ impl Worker {
                 .max(0),
         )
         .unwrap_or(u32::MAX);
+        let message = Message {
+            body,
+            properties,
+            event: &event,
+            retries_done,
+        };
+        // Each run is settled on its own (executed, republished if it must wait, recorded),
+        // so a fast run is recorded without waiting for a slow sibling: a crash then leaves
+        // as little as possible unrecorded.
         let work = targets
             .iter()
             .zip(claims)
-            .map(|(target, claimed)| self.settle(target, claimed, &event, retries_done));
-        let settled: Vec<Settled<'_>> = futures::future::join_all(work).await;
-
-        self.publish_retries(body, properties, &event, &settled, retries_done, abort)
-            .await?;
-        self.publish_dead_letters(body, properties, &event, &settled, abort)
-            .await?;
-        let tally = self.record(&settled, abort).await?;
+            .map(|(target, claimed)| self.run_one(&message, target, claimed, abort));
+        let mut tally = Tally::default();
+        let mut abandoned = false;
+        for result in futures::future::join_all(work).await {
+            match result {
+                Ok(next) => tally.count(&next),
+                Err(Abandoned) => abandoned = true,
+            }
+        }
+        if abandoned {
+            return Err(Abandoned);
+        }
         Ok(Outcome::Processed(tally))
+    }
+
+    /// Executes one run per its claim, republishes it if it must wait or is dead, records it.
+    async fn run_one(
+        &self,
+        message: &Message<'_>,
+        target: &Target,
+        claimed: Claimed,
+        abort: &CancellationToken,
+    ) -> Result<Settle, Abandoned> {
+        let settled = self
+            .settle(target, claimed, message.event, message.retries_done)
+            .await;
+        match settled.next {
+            Settle::Retry { delay } => {
+                self.publish_retry(message, target, delay, message.retries_done + 1, abort)
+                    .await?
+            }
+            Settle::Defer { delay } => {
+                self.publish_retry(message, target, delay, message.retries_done, abort)
+                    .await?
+            }
+            Settle::Dead { why } => {
+                self.publish_dead_letter(message, &settled, why, abort)
+                    .await?
+            }
+            Settle::Succeeded | Settle::Skip => {}
+        }
+        self.record(&settled, abort).await?;
+        Ok(settled.next)
     }
 
     /// Runs one claimed workflow (or not, per its claim) and decides what follows.
@@ -347,11 +413,44 @@ impl Worker {
         };
         let span =
             tracing::info_span!("run", workflow_id = %target.workflow_id, run_id = %claim.run_id);
+        if claim.abandoned >= i32::try_from(core.max_deliveries).unwrap_or(i32::MAX) {
+            let failure = Failure::new(
+                FailureKind::Permanent,
+                format!(
+                    "the run was abandoned {} times by workers that stopped mid-run",
+                    claim.abandoned
+                ),
+            )
+            .with_code("POISON");
+            span.in_scope(|| tracing::error!(error = %failure, "poison run dead-lettered"));
+            return Settled {
+                failure: Some(failure),
+                ..settled(
+                    Some(claim),
+                    0,
+                    Settle::Dead {
+                        why: dead_letter::POISON,
+                    },
+                )
+            };
+        }
         let calls = AtomicU32::new(0);
-        let result = self
-            .execute_run(target, &claim, event, &calls)
-            .instrument(span.clone())
-            .await;
+        // A run must end well inside its lease, or another worker could take it over while
+        // it is still calling the provider.
+        let run_timeout = core.claim_lease * 3 / 4;
+        let result = tokio::time::timeout(
+            run_timeout,
+            self.execute_run(target, event, &calls)
+                .instrument(span.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::new(
+                FailureKind::Transient,
+                format!("run timed out after {run_timeout:?}"),
+            )
+            .with_code("TIMEOUT"))
+        });
         let calls = calls.into_inner();
         let _entered = span.enter();
         match result {
@@ -389,21 +488,10 @@ impl Worker {
     async fn execute_run(
         &self,
         target: &Target,
-        claim: &RunClaim,
         event: &Event,
         calls: &AtomicU32,
     ) -> Result<StepOutput, Failure> {
         let core = &self.core;
-        if claim.abandoned >= i32::try_from(core.max_deliveries).unwrap_or(i32::MAX) {
-            return Err(Failure::new(
-                FailureKind::Permanent,
-                format!(
-                    "poison: the run was abandoned {} times by workers that stopped mid-run",
-                    claim.abandoned
-                ),
-            )
-            .with_code("POISON"));
-        }
         let workflow = target.workflow.as_ref().map_err(|e| {
             Failure::new(FailureKind::Permanent, format!("workflow cannot run: {e}"))
         })?;
@@ -490,88 +578,74 @@ impl Worker {
         result
     }
 
-    /// One retry message per delay, naming only the workflows that wait for it.
-    async fn publish_retries(
+    /// Sends the message to the retry queue of `delay`, for this workflow only.
+    async fn publish_retry(
         &self,
-        body: &[u8],
-        properties: &BasicProperties,
-        event: &Event,
-        settled: &[Settled<'_>],
-        retries_done: u32,
+        message: &Message<'_>,
+        target: &Target,
+        delay: Duration,
+        attempt: u32,
         abort: &CancellationToken,
     ) -> Result<(), Abandoned> {
-        let mut groups: BTreeMap<(Duration, u32), Vec<String>> = BTreeMap::new();
-        for run in settled {
-            match run.next {
-                Settle::Retry { delay } => groups
-                    .entry((delay, retries_done + 1))
-                    .or_default()
-                    .push(run.target.workflow_id.to_string()),
-                Settle::Defer { delay } => groups
-                    .entry((delay, retries_done))
-                    .or_default()
-                    .push(run.target.workflow_id.to_string()),
-                _ => {}
-            }
+        let Some(queue) = self.core.topology.retry_queue(delay) else {
+            // Delays always come from the schedule, whose queues were declared.
+            tracing::error!(
+                ?delay,
+                "no retry queue for this delay; the message is redelivered instead"
+            );
+            return Err(Abandoned);
+        };
+        let mut headers = dead_letter::carried_headers(message.properties.headers().as_ref());
+        broker::set_int(&mut headers, header::ATTEMPT, i64::from(attempt));
+        broker::set_strings(
+            &mut headers,
+            header::WORKFLOWS,
+            &[target.workflow_id.to_string()],
+        );
+        let retry_at = OffsetDateTime::now_utc() + delay;
+        if let Ok(at) = retry_at.format(&time::format_description::well_known::Rfc3339) {
+            broker::set_str(&mut headers, header::RETRY_AT, &at);
         }
-        for ((delay, attempt), workflows) in groups {
-            let Some(queue) = self.core.topology.retry_queue(delay) else {
-                tracing::error!(?delay, "no retry queue for this delay");
-                continue;
-            };
-            let mut headers = dead_letter::carried_headers(properties.headers().as_ref());
-            broker::set_int(&mut headers, header::ATTEMPT, i64::from(attempt));
-            broker::set_strings(&mut headers, header::WORKFLOWS, &workflows);
-            let retry_at = OffsetDateTime::now_utc() + delay;
-            if let Ok(at) = retry_at.format(&time::format_description::well_known::Rfc3339) {
-                broker::set_str(&mut headers, header::RETRY_AT, &at);
-            }
-            let props = republished(properties, headers, &event.id);
-            self.persist(abort, "publish retry", || {
-                self.publisher.publish("", queue, body, props.clone())
-            })
-            .await?;
-        }
-        Ok(())
+        let props = republished(message.properties, headers, &message.event.id);
+        self.persist(abort, "publish retry", || {
+            self.publisher
+                .publish("", queue, message.body, props.clone())
+        })
+        .await
     }
 
-    async fn publish_dead_letters(
+    async fn publish_dead_letter(
         &self,
-        body: &[u8],
-        properties: &BasicProperties,
-        event: &Event,
-        settled: &[Settled<'_>],
+        message: &Message<'_>,
+        run: &Settled<'_>,
+        why: &'static str,
         abort: &CancellationToken,
     ) -> Result<(), Abandoned> {
-        for run in settled {
-            let Settle::Dead { why } = run.next else {
-                continue;
-            };
-            let failure = run.failure.as_ref();
-            let attempts = run
-                .claim
-                .as_ref()
-                .map(|c| u32::try_from(c.attempts).unwrap_or(0) + run.calls);
-            let letter = DeadLetter {
-                reason: Reason {
-                    code: why,
-                    text: match failure {
-                        Some(f) => format!("{}: {}", describe(why), f.summary()),
-                        None => describe(why).to_owned(),
-                    },
+        let failure = run.failure.as_ref();
+        let attempts = run
+            .claim
+            .as_ref()
+            .map(|c| u32::try_from(c.attempts).unwrap_or(0) + run.calls);
+        let letter = DeadLetter {
+            reason: Reason {
+                code: why,
+                text: match failure {
+                    Some(f) => format!("{}: {}", describe(why), f.summary()),
+                    None => describe(why).to_owned(),
                 },
-                event: Some(event),
-                workflow_id: Some(run.target.workflow_id),
-                attempts,
-                failure,
-            };
-            self.dead_letter(body, properties, &letter, abort).await?;
-            self.core
-                .metrics
-                .dead_letters
-                .get_or_create(&label("reason", why))
-                .inc();
-        }
+            },
+            event: Some(message.event),
+            workflow_id: Some(run.target.workflow_id),
+            attempts,
+            failure,
+        };
+        self.dead_letter(message.body, message.properties, &letter, abort)
+            .await?;
+        self.core
+            .metrics
+            .dead_letters
+            .get_or_create(&label("reason", why))
+            .inc();
         Ok(())
     }
 
@@ -590,80 +664,63 @@ impl Worker {
         .await
     }
 
-    async fn record(
-        &self,
-        settled: &[Settled<'_>],
-        abort: &CancellationToken,
-    ) -> Result<Tally, Abandoned> {
-        let mut tally = Tally::default();
-        let mut records = Vec::new();
-        for run in settled {
-            let provider = run.target.provider.as_str();
-            let (status, outcome, next_attempt_at) = match run.next {
-                Settle::Skip => {
-                    tally.skipped += 1;
+    async fn record(&self, run: &Settled<'_>, abort: &CancellationToken) -> Result<(), Abandoned> {
+        let provider = run.target.provider.as_str();
+        let (status, outcome, next_attempt_at) = match run.next {
+            Settle::Skip => {
+                self.core
+                    .metrics
+                    .runs
+                    .get_or_create(&labels2("provider", provider, "outcome", "skipped"))
+                    .inc();
+                return Ok(());
+            }
+            Settle::Defer { .. } => return Ok(()),
+            Settle::Succeeded => (RunStatus::Succeeded, "succeeded", None),
+            Settle::Retry { delay } => {
+                if let Some(f) = &run.failure {
                     self.core
                         .metrics
-                        .runs
-                        .get_or_create(&labels2("provider", provider, "outcome", "skipped"))
+                        .retries
+                        .get_or_create(&label("kind", f.kind.as_str()))
                         .inc();
-                    continue;
                 }
-                Settle::Defer { .. } => {
-                    tally.deferred += 1;
-                    continue;
-                }
-                Settle::Succeeded => {
-                    tally.succeeded += 1;
-                    (RunStatus::Succeeded, "succeeded", None)
-                }
-                Settle::Retry { delay } => {
-                    tally.retrying += 1;
-                    if let Some(f) = &run.failure {
-                        self.core
-                            .metrics
-                            .retries
-                            .get_or_create(&label("kind", f.kind.as_str()))
-                            .inc();
-                    }
-                    (
-                        RunStatus::Retrying,
-                        "retry",
-                        Some(OffsetDateTime::now_utc() + delay),
-                    )
-                }
-                Settle::Dead { .. } => {
-                    tally.dead += 1;
-                    (RunStatus::Dead, "dead", None)
-                }
-            };
-            self.core
-                .metrics
-                .runs
-                .get_or_create(&labels2("provider", provider, "outcome", outcome))
-                .inc();
-            let Some(claim) = &run.claim else { continue };
-            records.push(RunRecord {
-                run_id: claim.run_id,
-                token: claim.token,
-                status,
-                attempts: run.calls,
-                provider_id: run.output.as_ref().and_then(|o| o.provider_id.clone()),
-                last_error: run.failure.clone(),
-                next_attempt_at,
-            });
-        }
+                (
+                    RunStatus::Retrying,
+                    "retry",
+                    Some(OffsetDateTime::now_utc() + delay),
+                )
+            }
+            Settle::Dead { .. } => (RunStatus::Dead, "dead", None),
+        };
+        let Some(claim) = &run.claim else {
+            return Ok(());
+        };
+        let records = [RunRecord {
+            run_id: claim.run_id,
+            token: claim.token,
+            status,
+            attempts: run.calls,
+            provider_id: run.output.as_ref().and_then(|o| o.provider_id.clone()),
+            last_error: run.failure.clone(),
+            next_attempt_at,
+        }];
         let core = &self.core;
         let lost = self
-            .persist(abort, "record runs", || async {
+            .persist(abort, "record run", || async {
                 let client = core.pool.get().await.map_err(db::StoreError::from)?;
                 run::record(&client, &records).await
             })
             .await?;
-        for run_id in lost {
-            tracing::warn!(%run_id, "run was taken over by another worker before its outcome was recorded");
+        if !lost.is_empty() {
+            tracing::warn!(run_id = %claim.run_id, "run was taken over by another worker before its outcome was recorded");
         }
-        Ok(tally)
+        self.core
+            .metrics
+            .runs
+            .get_or_create(&labels2("provider", provider, "outcome", outcome))
+            .inc();
+        Ok(())
     }
 
     /// Retries an operation on the database or broker with backoff until it succeeds or
@@ -717,15 +774,30 @@ impl Worker {
             user_id = tracing::field::Empty,
             event_name = tracing::field::Empty
         );
-        let result = self
-            .try_execute(&delivery.data, &delivery.properties, abort)
-            .instrument(span.clone())
-            .await;
+        let result = AssertUnwindSafe(
+            self.try_execute(&delivery.data, &delivery.properties, abort)
+                .instrument(span.clone()),
+        )
+        .catch_unwind()
+        .await;
         metrics.events_in_flight.dec();
         let _entered = span.enter();
         let outcome = match result {
-            Ok(outcome) => outcome,
-            Err(Abandoned) => {
+            Ok(Ok(outcome)) => outcome,
+            Err(_panic) => {
+                // A bug met this message. Hand it back: its delivery count grows with each
+                // try, and past worker.max_deliveries it is dead-lettered as poison.
+                tracing::error!("processing panicked; the message goes back to the queue");
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+                return;
+            }
+            Ok(Err(Abandoned)) => {
                 tracing::info!(
                     "shutting down before the event was settled; it goes back to the queue"
                 );

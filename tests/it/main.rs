@@ -5,4 +5,6 @@ mod support;
 
 mod cli;
 mod end_to_end;
+mod faults;
+mod retries;
 mod shutdown;

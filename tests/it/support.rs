@@ -574,3 +574,115 @@ pub fn signal(child: &tokio::process::Child, signal: &str) {
         .expect("kill");
     assert!(status.success(), "kill -{signal} {pid}");
 }
+
+/// A TCP relay in front of Postgres or RabbitMQ that a test can cut (drop every connection
+/// and refuse new ones) and restore: an outage of one dependency for one test only.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: &str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let target = target.to_owned();
+        let (accept_up, accept_connections) = (up.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accept_up.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                accept_connections
+                    .lock()
+                    .expect("lock")
+                    .push(task.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            connections,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for connection in self.connections.lock().expect("lock").drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The readiness endpoint's status and body.
+pub async fn readiness(app: &TestApp) -> (u16, String) {
+    let response = http_client()
+        .get(app.ops_url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// The event most tests publish.
+pub const CONTACT_CREATED: &str = "Contact Created";
+
+impl TestApp {
+    /// `Contact Created` with one HubSpot create-contact workflow, switched on for user "u"
+    /// against `crm`. Returns the workflow id.
+    pub async fn hubspot_workflow(&self, crm: &str) -> Uuid {
+        self.app_event(CONTACT_CREATED).await;
+        let workflow = self
+            .workflow(
+                "hs",
+                CONTACT_CREATED,
+                Provider::Hubspot,
+                "create-contact",
+                serde_json::json!({}),
+                serde_json::json!({"email": "{{payload.email}}", "firstname": "{{payload.first_name}}"}),
+            )
+            .await;
+        let conn = self.connection("u", Provider::Hubspot, crm, "token").await;
+        self.subscribe("u", workflow.id, conn).await;
+        workflow.id
+    }
+}
+
+/// Scripts a fake CRM: `calls` requests matching `method` and `route` get `response`, and
+/// exactly that many are expected. With `limited`, later requests fall through to the next
+/// mock mounted.
+pub async fn answer(
+    crm: &wiremock::MockServer,
+    http_method: &str,
+    route: impl wiremock::Match + 'static,
+    response: wiremock::ResponseTemplate,
+    calls: u64,
+    limited: bool,
+) {
+    let mock = wiremock::Mock::given(wiremock::matchers::method(http_method))
+        .and(route)
+        .respond_with(response);
+    let mock = if limited {
+        mock.up_to_n_times(calls)
+    } else {
+        mock
+    };
+    mock.expect(calls).mount(crm).await;
+}
