@@ -10,7 +10,8 @@
 //! - [`resolve`]: which workflows the event's user has switched on for its name (one indexed
 //!   query, cached and invalidated by `LISTEN/NOTIFY`).
 //! - [`run`]: claiming a run before the provider call and recording its outcome after, in
-//!   Postgres; what makes redelivery run a workflow once.
+//!   Postgres; what makes redelivery run a workflow once. [`batch`] coalesces the claims
+//!   and records of concurrent events into one statement each.
 //! - [`mapping`]: the field mapping templates that turn the event into the provider's fields.
 //! - [`integrations`]: the steps (Salesforce, HubSpot, generic HTTP), OAuth refresh.
 //! - [`classify`]: every step failure classified in one place (transient, rate-limited,
@@ -31,6 +32,7 @@
 //! benchmark).
 
 pub mod app_event;
+pub mod batch;
 pub mod broker;
 pub mod classify;
 pub mod cli;

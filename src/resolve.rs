@@ -115,6 +115,16 @@ impl Resolver {
         Ok(resolution)
     }
 
+    /// Incremented by every invalidation: a change notification, or the listener reconnecting.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether answers are being cached (the change listener is up).
+    pub fn is_caching(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
     pub fn invalidate(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         lock(&self.cache).clear();

@@ -89,6 +89,11 @@ pub struct RunClaim {
 pub struct RunRecord {
     pub run_id: Uuid,
     pub token: Uuid,
+    pub user_id: String,
+    pub event_id: String,
+    pub event_name: String,
+    pub workflow_id: Uuid,
+    pub connection_id: Option<Uuid>,
     pub status: RunStatus,
     /// Provider calls made under this claim.
     pub attempts: u32,
@@ -120,13 +125,25 @@ const STATUS: &str = "select r.user_id, r.event_id, r.workflow_id, r.status, r.c
      from runs r join unnest($1::text[], $2::text[], $3::uuid[]) as q(user_id, event_id, workflow_id) \
      on r.user_id = q.user_id and r.event_id = q.event_id and r.workflow_id = q.workflow_id";
 
-const RECORD: &str = "update runs r set status = u.status, attempts = r.attempts + u.attempts, \
-     provider_id = coalesce(u.provider_id, r.provider_id), last_error = u.last_error, \
-     next_attempt_at = u.next_attempt_at, claim_token = null, claimed_until = null, \
-     finished_at = case when u.status in ('succeeded', 'dead') then now() end, updated_at = now() \
-     from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::jsonb[], $7::timestamptz[]) \
-     as u(id, token, status, attempts, provider_id, last_error, next_attempt_at) \
-     where r.id = u.id and r.claim_token = u.token \
+/// Writes an outcome where the claim is still this worker's. An upsert, not an update: the
+/// outcome is durable even if the claim itself was lost (claims are committed without
+/// waiting for the disk, see `db::claims_pool`, and a Postgres crash can drop the last ones).
+const RECORD: &str = "insert into runs as r (id, user_id, event_id, event_name, workflow_id, \
+     connection_id, status, attempts, provider_id, last_error, next_attempt_at, claims, claim_token, \
+     finished_at) \
+     select u.id, u.user_id, u.event_id, u.event_name, u.workflow_id, u.connection_id, u.status, \
+     u.attempts, u.provider_id, u.last_error, u.next_attempt_at, 1, u.token, \
+     case when u.status in ('succeeded', 'dead') then now() end \
+     from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::jsonb[], \
+     $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::uuid[], $12::uuid[]) \
+     as u(id, token, status, attempts, provider_id, last_error, next_attempt_at, user_id, event_id, \
+     event_name, workflow_id, connection_id) \
+     on conflict (user_id, event_id, workflow_id) do update set status = excluded.status, \
+     attempts = r.attempts + excluded.attempts, \
+     provider_id = coalesce(excluded.provider_id, r.provider_id), last_error = excluded.last_error, \
+     next_attempt_at = excluded.next_attempt_at, claim_token = null, claimed_until = null, \
+     finished_at = excluded.finished_at, updated_at = now() \
+     where r.claim_token = excluded.claim_token \
      returning r.id";
 
 type Key = (String, String, Uuid);
@@ -150,13 +167,21 @@ pub async fn claim(
             .execute(&statement, &[&users, &events, &workflows])
             .await?;
     }
-    let run_ids: Vec<Uuid> = requests.iter().map(|_| Uuid::now_v7()).collect();
-    let tokens: Vec<Uuid> = requests.iter().map(|_| Uuid::new_v4()).collect();
-    let users: Vec<&str> = requests.iter().map(|r| r.user_id.as_str()).collect();
-    let events: Vec<&str> = requests.iter().map(|r| r.event_id.as_str()).collect();
-    let names: Vec<&str> = requests.iter().map(|r| r.event_name.as_str()).collect();
-    let workflows: Vec<Uuid> = requests.iter().map(|r| r.workflow_id).collect();
-    let connections: Vec<Option<Uuid>> = requests.iter().map(|r| r.connection_id).collect();
+    // The same run twice in one statement would make ON CONFLICT touch a row twice (an
+    // error): only the first copy is claimed; the others find it held, as a second worker
+    // would.
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&ClaimRequest> = requests
+        .iter()
+        .filter(|r| seen.insert((r.user_id.as_str(), r.event_id.as_str(), r.workflow_id)))
+        .collect();
+    let run_ids: Vec<Uuid> = unique.iter().map(|_| Uuid::now_v7()).collect();
+    let tokens: Vec<Uuid> = unique.iter().map(|_| Uuid::new_v4()).collect();
+    let users: Vec<&str> = unique.iter().map(|r| r.user_id.as_str()).collect();
+    let events: Vec<&str> = unique.iter().map(|r| r.event_id.as_str()).collect();
+    let names: Vec<&str> = unique.iter().map(|r| r.event_name.as_str()).collect();
+    let workflows: Vec<Uuid> = unique.iter().map(|r| r.workflow_id).collect();
+    let connections: Vec<Option<Uuid>> = unique.iter().map(|r| r.connection_id).collect();
     let lease_secs = lease.as_secs_f64();
     let statement = client.prepare_cached(CLAIM).await?;
     let rows = client
@@ -187,7 +212,7 @@ pub async fn claim(
             }),
         );
     }
-    if claimed.len() < requests.len() {
+    if claimed.len() < unique.len() {
         let statement = client.prepare_cached(STATUS).await?;
         for row in client
             .query(&statement, &[&users, &events, &workflows])
@@ -214,10 +239,10 @@ pub async fn claim(
         .iter()
         .map(|r| {
             let key = (r.user_id.clone(), r.event_id.clone(), r.workflow_id);
-            // A row that vanished between the two statements (its workflow was deleted)
-            // is reported as held: the message is retried and resolves afresh.
+            // A later copy of a run claimed above, or a row that vanished between the two
+            // statements (its workflow was deleted), is held: looked at again later.
             Ok(claimed.remove(&key).unwrap_or(Claimed::Held {
-                until: OffsetDateTime::now_utc(),
+                until: OffsetDateTime::now_utc() + lease,
             }))
         })
         .collect()
@@ -232,6 +257,9 @@ pub async fn record(
     if records.is_empty() {
         return Ok(Vec::new());
     }
+    // One outcome per run in a statement (a second would be a conflict on the same row).
+    let mut seen = std::collections::HashSet::new();
+    let records: Vec<&RunRecord> = records.iter().filter(|r| seen.insert(r.run_id)).collect();
     let ids: Vec<Uuid> = records.iter().map(|r| r.run_id).collect();
     let tokens: Vec<Uuid> = records.iter().map(|r| r.token).collect();
     let statuses: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
@@ -250,6 +278,11 @@ pub async fn record(
         })
         .collect();
     let next: Vec<Option<OffsetDateTime>> = records.iter().map(|r| r.next_attempt_at).collect();
+    let users: Vec<&str> = records.iter().map(|r| r.user_id.as_str()).collect();
+    let events: Vec<&str> = records.iter().map(|r| r.event_id.as_str()).collect();
+    let names: Vec<&str> = records.iter().map(|r| r.event_name.as_str()).collect();
+    let workflows: Vec<Uuid> = records.iter().map(|r| r.workflow_id).collect();
+    let connections: Vec<Option<Uuid>> = records.iter().map(|r| r.connection_id).collect();
     let statement = client.prepare_cached(RECORD).await?;
     let rows = client
         .query(
@@ -262,6 +295,11 @@ pub async fn record(
                 &provider_ids,
                 &errors,
                 &next,
+                &users,
+                &events,
+                &names,
+                &workflows,
+                &connections,
             ],
         )
         .await?;

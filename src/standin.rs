@@ -97,6 +97,8 @@ struct Inner {
     rotate_refresh: bool,
     issued: u64,
     next_id: u64,
+    /// Answer as usual but keep no records or request log (for benchmarks).
+    forget: bool,
 }
 
 #[derive(Clone, Default)]
@@ -119,10 +121,18 @@ impl Running {
 
 /// Serves a fresh stand-in on `addr` (port 0 for any free port) in a background task.
 pub async fn spawn(addr: &str) -> std::io::Result<Running> {
+    spawn_with(addr, false).await
+}
+
+/// As [`spawn`]; with `forget`, it answers as usual but keeps no records or request log, so
+/// its memory stays flat under millions of calls (benchmarks).
+pub async fn spawn_with(addr: &str, forget: bool) -> std::io::Result<Running> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let standin = Standin::default();
+    standin.lock().forget = forget;
     let app = standin.router();
+    let listener = crate::ops::no_delay(listener);
     let task = tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             tracing::error!(error = %err, "stand-in CRM stopped");
@@ -234,12 +244,21 @@ impl Standin {
 
 impl Inner {
     fn log(&mut self, method: &Method, uri: &Uri, response: Response) -> Response {
+        if self.forget {
+            return response;
+        }
         self.requests.push(LoggedRequest {
             method: method.to_string(),
             path: uri.path().to_owned(),
             status: response.status().as_u16(),
         });
         response
+    }
+
+    fn keep(&mut self, record: Record) {
+        if !self.forget {
+            self.records.push(record);
+        }
     }
 
     fn new_id(&mut self, prefix: &str) -> String {
@@ -380,7 +399,7 @@ async fn salesforce_create(
         return inner.log(&method, &uri, response);
     }
     let id = inner.new_id("003");
-    inner.records.push(Record {
+    inner.keep(Record {
         provider: "salesforce".into(),
         object: sobject,
         id: id.clone(),
@@ -427,7 +446,7 @@ async fn salesforce_upsert(
     let id = inner.new_id("003");
     let mut fields = fields;
     fields.insert(field, Value::String(value));
-    inner.records.push(Record {
+    inner.keep(Record {
         provider: "salesforce".into(),
         object: sobject,
         id: id.clone(),
@@ -503,7 +522,7 @@ async fn hubspot_create(
         updates: 0,
     };
     let response = reply(StatusCode::CREATED, contact(&record, true));
-    inner.records.push(record);
+    inner.keep(record);
     inner.log(&method, &uri, response)
 }
 
@@ -588,7 +607,7 @@ async fn hubspot_upsert(
             updates: 0,
         };
         results.push(contact(&record, true));
-        inner.records.push(record);
+        inner.keep(record);
     }
     let response = reply(
         StatusCode::OK,
@@ -645,7 +664,7 @@ async fn hook(
         .ok()
         .map(|b| object_body(&b))
         .unwrap_or_default();
-    inner.records.push(Record {
+    inner.keep(Record {
         provider: "http".into(),
         object: uri.path().to_owned(),
         id: id.clone(),
@@ -675,6 +694,11 @@ async fn set_tokens(State(standin): State<Standin>, Json(tokens): Json<Tokens>) 
 }
 
 async fn reset(State(standin): State<Standin>) -> StatusCode {
-    *standin.lock() = Inner::default();
+    let mut inner = standin.lock();
+    let forget = inner.forget;
+    *inner = Inner {
+        forget,
+        ..Inner::default()
+    };
     StatusCode::NO_CONTENT
 }

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::batch::Batcher;
 use crate::broker::{self, Publisher, Recovery, Topology, header};
 use crate::classify::{Failure, FailureKind};
 use crate::config::Settings;
@@ -105,6 +106,14 @@ pub struct Tally {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Abandoned;
 
+/// Most runs claimed or recorded in one statement.
+const BATCH: usize = 512;
+/// Statements of each kind under way at once. One: while it runs, the next batch gathers
+/// everything that arrives, so batches grow with load and each costs one round trip (and,
+/// for records, one disk flush). More made batches smaller and commits more numerous
+/// (measured: 1,913 events/s with four, 2,996 with one).
+const BATCHES_IN_FLIGHT: usize = 1;
+
 /// What every session of a worker process shares.
 pub struct Core {
     pub pool: Pool,
@@ -119,6 +128,10 @@ pub struct Core {
     pub limits: Limits,
     pub claim_lease: Duration,
     pub max_deliveries: u32,
+    /// Claims of many events in one statement.
+    pub claims: Batcher<ClaimRequest, Claimed>,
+    /// Outcomes of many runs in one statement; `false` when the claim was lost.
+    pub records: Batcher<RunRecord, bool>,
 }
 
 impl Core {
@@ -129,7 +142,31 @@ impl Core {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Core> {
         let policy = RetryPolicy::from(&settings.retry);
+        let lease = settings.worker.claim_lease;
+        let claim_pool = db::claims_pool(&settings.database)?;
+        let claims = Batcher::spawn(
+            BATCH,
+            BATCHES_IN_FLIGHT,
+            move |requests: Vec<ClaimRequest>| {
+                let pool = claim_pool.clone();
+                async move {
+                    let client = pool.get().await.map_err(db::StoreError::from)?;
+                    run::claim(&client, &requests, lease).await
+                }
+            },
+        );
+        let record_pool = pool.clone();
+        let records = Batcher::spawn(BATCH, BATCHES_IN_FLIGHT, move |records: Vec<RunRecord>| {
+            let pool = record_pool.clone();
+            async move {
+                let client = pool.get().await.map_err(db::StoreError::from)?;
+                let lost = run::record(&client, &records).await?;
+                Ok::<_, db::StoreError>(records.iter().map(|r| !lost.contains(&r.run_id)).collect())
+            }
+        });
         Ok(Core {
+            claims,
+            records,
             resolver: Arc::new(Resolver::new(pool.clone(), keyring.clone())),
             integrations: Integrations::new(&settings.http, &settings.salesforce)?,
             refresher: Refresher::default(),
@@ -309,9 +346,8 @@ impl Worker {
             })
             .collect();
         let claims = self
-            .persist(abort, "claim runs", || async {
-                let client = core.pool.get().await.map_err(db::StoreError::from)?;
-                run::claim(&client, &requests, core.claim_lease).await
+            .persist(abort, "claim runs", || {
+                futures::future::try_join_all(requests.iter().cloned().map(|r| core.claims.call(r)))
             })
             .await?;
 
@@ -374,7 +410,7 @@ impl Worker {
             }
             Settle::Succeeded | Settle::Skip => {}
         }
-        self.record(&settled, abort).await?;
+        self.record(message, &settled, abort).await?;
         Ok(settled.next)
     }
 
@@ -664,7 +700,12 @@ impl Worker {
         .await
     }
 
-    async fn record(&self, run: &Settled<'_>, abort: &CancellationToken) -> Result<(), Abandoned> {
+    async fn record(
+        &self,
+        message: &Message<'_>,
+        run: &Settled<'_>,
+        abort: &CancellationToken,
+    ) -> Result<(), Abandoned> {
         let provider = run.target.provider.as_str();
         let (status, outcome, next_attempt_at) = match run.next {
             Settle::Skip => {
@@ -696,23 +737,25 @@ impl Worker {
         let Some(claim) = &run.claim else {
             return Ok(());
         };
-        let records = [RunRecord {
+        let record = RunRecord {
             run_id: claim.run_id,
             token: claim.token,
+            user_id: message.event.user_id.clone(),
+            event_id: message.event.id.clone(),
+            event_name: message.event.name.clone(),
+            workflow_id: run.target.workflow_id,
+            connection_id: run.target.connection.as_ref().ok().map(|c| c.id),
             status,
             attempts: run.calls,
             provider_id: run.output.as_ref().and_then(|o| o.provider_id.clone()),
             last_error: run.failure.clone(),
             next_attempt_at,
-        }];
+        };
         let core = &self.core;
-        let lost = self
-            .persist(abort, "record run", || async {
-                let client = core.pool.get().await.map_err(db::StoreError::from)?;
-                run::record(&client, &records).await
-            })
+        let written = self
+            .persist(abort, "record run", || core.records.call(record.clone()))
             .await?;
-        if !lost.is_empty() {
+        if !written {
             tracing::warn!(run_id = %claim.run_id, "run was taken over by another worker before its outcome was recorded");
         }
         self.core

@@ -13,6 +13,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8099")]
     listen: String,
+    /// Keep no records or request log (for benchmarks: memory stays flat).
+    #[arg(long)]
+    forget: bool,
 }
 
 #[tokio::main]
@@ -24,7 +27,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let running = match appevents::standin::spawn(&args.listen).await {
+    let running = match appevents::standin::spawn_with(&args.listen, args.forget).await {
         Ok(running) => running,
         Err(err) => {
             eprintln!("error: cannot listen on {}: {err}", args.listen);

@@ -536,3 +536,67 @@ async fn mapping_rules_hold_end_to_end_including_missing_paths() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_committed_subscription_change_reaches_the_cached_resolver() {
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let mut app = TestApp::new().await;
+    app.app_event(EVENT).await;
+    let hs = app
+        .workflow(
+            "hs",
+            EVENT,
+            Provider::Hubspot,
+            "create-contact",
+            json!({}),
+            hubspot_mapping(),
+        )
+        .await;
+    let conn = app
+        .connection("u", Provider::Hubspot, &crm.url(), "t")
+        .await;
+    app.start_worker().await;
+    let resolver = app.worker().core.resolver.clone();
+    let caching = eventually(Duration::from_secs(10), || async { resolver.is_caching() }).await;
+    assert!(caching, "the change listener is up");
+
+    // Unmatched: the worker caches "no subscription" for (u, Contact Created).
+    app.publish(
+        EVENT,
+        "u",
+        json!({"email": "before@example.com"}),
+        Some("before"),
+    )
+    .await;
+    let counted = eventually(Duration::from_secs(10), || async {
+        app.worker()
+            .core
+            .metrics
+            .unmatched
+            .get_or_create(&vec![("reason", "no_subscription".to_owned())])
+            .get()
+            == 1
+    })
+    .await;
+    assert!(counted);
+
+    let generation = resolver.generation();
+    app.subscribe("u", hs.id, conn).await;
+    let notified = eventually(Duration::from_secs(10), || async {
+        resolver.generation() > generation
+    })
+    .await;
+    assert!(notified, "the commit's notification cleared the cache");
+
+    let id = app
+        .publish(
+            EVENT,
+            "u",
+            json!({"email": "after@example.com"}),
+            Some("after"),
+        )
+        .await;
+    app.wait_for_runs(&id, 1, RunStatus::Succeeded).await;
+    assert!(app.runs("before").await.is_empty());
+    app.cleanup().await;
+}

@@ -1,0 +1,141 @@
+//! Coalescing concurrent database writes. Many events claim and record runs at the same
+//! time; gathering what is waiting into one statement makes one round trip and one commit
+//! (one WAL flush) serve all of them, instead of one each.
+//!
+//! A batch starts as soon as an execution slot is free, with whatever is waiting: when the
+//! database is idle a request goes alone at once, under load batches grow by themselves.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Why a batched request failed; the whole batch shares it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct BatchError(Arc<str>);
+
+struct Item<Req, Resp> {
+    request: Req,
+    reply: oneshot::Sender<Result<Resp, BatchError>>,
+}
+
+pub struct Batcher<Req, Resp> {
+    sender: mpsc::Sender<Item<Req, Resp>>,
+}
+
+impl<Req, Resp> Batcher<Req, Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+{
+    /// Runs `execute` on batches of up to `max_batch` requests, at most `parallel` batches at
+    /// once. `execute` answers in the order of its input.
+    pub fn spawn<F, Fut, E>(max_batch: usize, parallel: usize, execute: F) -> Batcher<Req, Resp>
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Resp>, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let (sender, mut receiver) = mpsc::channel::<Item<Req, Resp>>(max_batch * parallel.max(1));
+        let execute = Arc::new(execute);
+        let slots = Arc::new(Semaphore::new(parallel.max(1)));
+        tokio::spawn(async move {
+            while let Some(first) = receiver.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                // What arrived while waiting for a slot joins this batch.
+                let mut batch = vec![first];
+                while batch.len() < max_batch {
+                    match receiver.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let execute = execute.clone();
+                tokio::spawn(async move {
+                    let (requests, replies): (Vec<Req>, Vec<_>) = batch
+                        .into_iter()
+                        .map(|item| (item.request, item.reply))
+                        .unzip();
+                    let expected = replies.len();
+                    match execute(requests).await {
+                        Ok(responses) if responses.len() == expected => {
+                            for (reply, response) in replies.into_iter().zip(responses) {
+                                let _ = reply.send(Ok(response));
+                            }
+                        }
+                        Ok(responses) => {
+                            let error = BatchError(
+                                format!("batch answered {} of {expected}", responses.len()).into(),
+                            );
+                            for reply in replies {
+                                let _ = reply.send(Err(error.clone()));
+                            }
+                        }
+                        Err(err) => {
+                            let error = BatchError(err.to_string().into());
+                            for reply in replies {
+                                let _ = reply.send(Err(error.clone()));
+                            }
+                        }
+                    }
+                    drop(slot);
+                });
+            }
+        });
+        Batcher { sender }
+    }
+
+    pub async fn call(&self, request: Req) -> Result<Resp, BatchError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Item { request, reply })
+            .await
+            .map_err(|_| BatchError("the batcher has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| BatchError("the batch was dropped".into()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn concurrent_calls_share_batches_and_get_their_own_answers() {
+        let batches = Arc::new(AtomicUsize::new(0));
+        let counted = batches.clone();
+        let batcher = Arc::new(Batcher::spawn(64, 1, move |requests: Vec<u32>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                Ok::<_, String>(requests.into_iter().map(|r| r * 10).collect())
+            }
+        }));
+        let calls = (0..200u32).map(|n| {
+            let batcher = batcher.clone();
+            async move { batcher.call(n).await }
+        });
+        let answers = futures::future::join_all(calls).await;
+        for (n, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.expect("answer"), n as u32 * 10);
+        }
+        assert!(
+            batches.load(Ordering::SeqCst) < 200,
+            "requests were coalesced"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_fails_each_of_its_calls() {
+        let batcher = Batcher::spawn(8, 2, |_requests: Vec<u32>| async {
+            Err::<Vec<u32>, _>("database unavailable")
+        });
+        let err = batcher.call(1).await.expect_err("fails");
+        assert_eq!(err.to_string(), "database unavailable");
+    }
+}
