@@ -6,7 +6,7 @@
 //! - `appevents.work`: durable quorum queue bound with `#`, what workers consume;
 //! - `appevents.work.retry.<delay>`: one durable quorum queue per delay of the retry
 //!   schedule, whose message TTL dead-letters messages back into the work queue;
-//! - `appevents.dead`: durable quorum queue of what could not be processed.
+//! - `appevents.dead`: durable classic queue of what could not be processed.
 
 use std::time::Duration;
 
@@ -19,11 +19,6 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 
 use crate::config::AmqpSettings;
 use crate::retry::RetryPolicy;
-
-/// Dead letters are listed by taking them and handing them back, which counts as a delivery
-/// in a quorum queue; this limit keeps them there for any realistic number of listings
-/// (RabbitMQ 4 would otherwise apply its default limit of 20).
-const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -133,12 +128,11 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        let mut dead = quorum();
-        dead.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT),
-        );
-        declare_queue(channel, &self.dead_letter_queue, dead).await?;
+        // A classic queue: operators browse, replay and purge it by taking messages and
+        // handing the rest back, and only a classic queue puts handed-back messages back in
+        // their place (a quorum queue reorders them, and counts each browse as a delivery).
+        // Its traffic is small; its messages are persistent.
+        declare_queue(channel, &self.dead_letter_queue, FieldTable::default()).await?;
         for (delay, name) in &self.retry_queues {
             let mut args = quorum();
             // Every message in this queue waits the same time, so expiry order is queue

@@ -111,6 +111,8 @@ struct DlqFilter {
     #[arg(long)]
     event: Option<String>,
     #[arg(long)]
+    event_id: Option<String>,
+    #[arg(long)]
     user: Option<String>,
     #[arg(long)]
     workflow: Option<Uuid>,
@@ -128,6 +130,7 @@ struct DlqFilter {
 impl DlqFilter {
     fn to_filter(&self) -> dead_letter::Filter {
         dead_letter::Filter {
+            event_id: self.event_id.clone(),
             event_name: self.event.clone(),
             user_id: self.user.clone(),
             workflow_id: self.workflow,
@@ -189,6 +192,13 @@ enum ConnectionCommand {
         user: Option<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Replace a connection's URL and credentials (the user reconnected the account); it
+    /// becomes active again. Its subscriptions stay bound to it.
+    Update {
+        id: Uuid,
+        #[command(flatten)]
+        connection: ConnectionArgs,
     },
     /// Delete a connection and the subscriptions bound to it.
     Delete { id: Uuid },
@@ -361,6 +371,8 @@ enum RunsCommand {
     List(RunsListArgs),
     /// One run in full.
     Show { id: Uuid },
+    /// Re-run one dead run: replays its dead letter (that workflow only, a fresh attempt budget).
+    Retry { id: Uuid },
 }
 
 #[derive(Debug, Args)]
@@ -548,6 +560,9 @@ async fn manage(command: Command, settings: Settings) -> anyhow::Result<()> {
     }
     if let Command::Dlq(command) = command {
         return dlq(&settings, command).await;
+    }
+    if let Command::Runs(RunsCommand::Retry { id }) = command {
+        return retry_run(&settings, id).await;
     }
     let pool = db::pool(&settings.database)?;
     match command {
@@ -795,25 +810,19 @@ async fn connections(
     match command {
         ConnectionCommand::Create(args) => {
             let keyring = vault::Keyring::from_settings(&settings.secrets)?;
-            let mut connection_settings = serde_json::Map::new();
-            if let Some(version) = &args.api_version {
-                connection_settings.insert("api_version".into(), json!(version));
-            }
-            let new = NewConnection {
-                user_id: args.user,
-                provider: args.provider,
-                base_url: args.base_url,
-                settings: Value::Object(connection_settings),
-                access_token: args.access_token.map(SecretString::from),
-                refresh_token: args.refresh_token.map(SecretString::from),
-                token_url: args.token_url,
-                client_id: args.client_id,
-                client_secret: args.client_secret.map(SecretString::from),
-            };
-            let id = connection::create(pool, &keyring, &new).await?;
-            if args.json {
+            let json = args.json;
+            let id = connection::create(pool, &keyring, &args.into_new()).await?;
+            if json {
                 return print_json(&json!({"id": id}));
             }
+            println!("{id}");
+        }
+        ConnectionCommand::Update {
+            id,
+            connection: args,
+        } => {
+            let keyring = vault::Keyring::from_settings(&settings.secrets)?;
+            connection::replace(pool, &keyring, id, &args.into_new()).await?;
             println!("{id}");
         }
         ConnectionCommand::List { user, json } => {
@@ -864,6 +873,26 @@ async fn connections(
         }
     }
     Ok(())
+}
+
+impl ConnectionArgs {
+    fn into_new(self) -> NewConnection {
+        let mut connection_settings = serde_json::Map::new();
+        if let Some(version) = &self.api_version {
+            connection_settings.insert("api_version".into(), json!(version));
+        }
+        NewConnection {
+            user_id: self.user,
+            provider: self.provider,
+            base_url: self.base_url,
+            settings: Value::Object(connection_settings),
+            access_token: self.access_token.map(SecretString::from),
+            refresh_token: self.refresh_token.map(SecretString::from),
+            token_url: self.token_url,
+            client_id: self.client_id,
+            client_secret: self.client_secret.map(SecretString::from),
+        }
+    }
 }
 
 fn status_name(status: connection::ConnectionStatus) -> &'static str {
@@ -1083,7 +1112,58 @@ async fn runs(pool: &deadpool_postgres::Pool, command: RunsCommand) -> anyhow::R
             );
         }
         RunsCommand::Show { id } => print_json(&run::get(pool, id).await?)?,
+        RunsCommand::Retry { .. } => bail!("runs retry needs the broker"),
     }
+    Ok(())
+}
+
+/// Replays the dead letter of one dead run.
+async fn retry_run(settings: &Settings, id: Uuid) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    let found = run::get(&pool, id).await?;
+    if found.status != RunStatus::Dead {
+        bail!(
+            "run {id} is {}, not dead: nothing to retry",
+            found.status.as_str()
+        );
+    }
+    let filter = dead_letter::Filter {
+        event_id: Some(found.event_id.clone()),
+        user_id: Some(found.user_id.clone()),
+        workflow_id: Some(found.workflow_id),
+        ..dead_letter::Filter::default()
+    };
+    let connection = broker::connect(
+        settings.amqp_url(),
+        "appevents runs retry",
+        broker::Recovery::None,
+    )
+    .await
+    .context("cannot reach the broker")?;
+    let topology = broker::Topology::new(
+        &settings.amqp,
+        &crate::retry::RetryPolicy::from(&settings.retry),
+    );
+    let report = dead_letter::walk(
+        &connection,
+        &topology,
+        &filter,
+        dead_letter::Action::Replay,
+        |_| {},
+    )
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    let report = report?;
+    if report.moved == 0 {
+        bail!(
+            "run {id} has no dead letter to replay (purged?); publish event {} again to run it",
+            found.event_id
+        );
+    }
+    println!(
+        "replayed run {id} (event {}, workflow {})",
+        found.event_id, found.workflow
+    );
     Ok(())
 }
 

@@ -105,6 +105,7 @@ pub fn now_rfc3339() -> String {
 /// Which dead letters an operation applies to; every filter given must match.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
+    pub event_id: Option<String>,
     pub event_name: Option<String>,
     pub user_id: Option<String>,
     pub workflow_id: Option<Uuid>,
@@ -205,7 +206,8 @@ impl Letter {
                 age <= time::Duration::try_from(limit).unwrap_or(time::Duration::MAX)
             })
         });
-        same(&filter.event_name, &self.event_name)
+        same(&filter.event_id, &self.event_id)
+            && same(&filter.event_name, &self.event_name)
             && same(&filter.user_id, &self.user_id)
             && same(&workflow, &self.workflow_id)
             && reason_ok

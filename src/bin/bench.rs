@@ -428,9 +428,7 @@ impl Bench {
             ack?;
         }
         let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
-        channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
+        delete_queue(&self.amqp, channel, &queue).await?;
         Ok((publish_rate, n as f64 / elapsed.as_secs_f64()))
     }
 
@@ -522,9 +520,7 @@ impl Bench {
             confirm.await?;
         }
         let histogram = tokio::time::timeout(Duration::from_secs(60), receiver).await???;
-        channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
+        delete_queue(&self.amqp, channel, &queue).await?;
         Ok(histogram)
     }
 
@@ -764,6 +760,22 @@ struct Worker {
     child: Child,
     pid: u32,
     ops: String,
+}
+
+/// Closes the consuming channel first: RabbitMQ 3.10 closes the whole connection when a
+/// quorum queue is deleted under an active consumer that is then cancelled.
+async fn delete_queue(
+    amqp: &lapin::Connection,
+    consuming: lapin::Channel,
+    queue: &str,
+) -> anyhow::Result<()> {
+    consuming.close(200, "phase done".into()).await?;
+    let channel = amqp.create_channel().await?;
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    channel.close(200, "deleted".into()).await?;
+    Ok(())
 }
 
 fn topology(settings: &Settings) -> Topology {

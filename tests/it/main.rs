@@ -6,5 +6,6 @@ mod support;
 mod cli;
 mod end_to_end;
 mod faults;
+mod operations;
 mod retries;
 mod shutdown;

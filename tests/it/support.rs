@@ -686,3 +686,81 @@ pub async fn answer(
     };
     mock.expect(calls).mount(crm).await;
 }
+
+impl TestApp {
+    /// Puts a dead letter in the queue as the worker writes one: the event's body and the
+    /// headers naming the event, user and workflow.
+    pub async fn seed_dead_letter(
+        &self,
+        publisher: &appevents::broker::Publisher,
+        event_id: &str,
+        user: &str,
+        workflow: Uuid,
+        payload: Value,
+    ) {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "id": event_id, "name": CONTACT_CREATED, "user_id": user, "payload": payload
+        }))
+        .expect("body");
+        let event = appevents::envelope::parse(
+            &body,
+            &appevents::envelope::MessageMeta::default(),
+            appevents::envelope::Limits {
+                max_bytes: 1 << 20,
+                max_depth: 32,
+            },
+        )
+        .expect("valid event");
+        let failure = appevents::classify::Failure::new(
+            appevents::classify::FailureKind::Transient,
+            "scripted outage",
+        );
+        let letter = appevents::dead_letter::DeadLetter {
+            reason: appevents::dead_letter::Reason {
+                code: appevents::dead_letter::EXHAUSTED,
+                text: format!("retries exhausted: {}", failure.summary()),
+            },
+            event: Some(&event),
+            workflow_id: Some(workflow),
+            attempts: Some(9),
+            failure: Some(&failure),
+        };
+        let properties = appevents::dead_letter::properties(
+            &appevents::broker::event_properties(event_id),
+            &letter,
+        );
+        publisher
+            .publish("", &self.settings.amqp.dead_letter_queue, &body, properties)
+            .await
+            .expect("seed dead letter");
+    }
+
+    /// The event ids of the dead letters, in queue order, without removing them.
+    pub async fn dead_letter_ids(&self) -> Vec<String> {
+        let channel = self.amqp.create_channel().await.expect("channel");
+        let mut ids = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                self.settings.amqp.dead_letter_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic.get")
+        {
+            let headers = message
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
+            let letter = DeadLetterMessage {
+                body: message.delivery.data.clone(),
+                headers,
+            };
+            ids.push(letter.header("x-appevents-event-id").unwrap_or_default());
+        }
+        // Closing the channel hands every message back, in place.
+        channel.close(200, "peeked".into()).await.expect("close");
+        ids
+    }
+}
