@@ -64,6 +64,9 @@ struct Args {
     /// Also drain a backlog of this many events and report the worker's peak RSS.
     #[arg(long, default_value_t = 0)]
     backlog: usize,
+    /// Runs of each throughput phase; the median is reported with the range.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Body size of each event, bytes.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
@@ -195,34 +198,38 @@ impl Bench {
         self.user("bench-1", &[salesforce]).await?;
         self.user("bench-2", &[salesforce, hubspot]).await?;
 
-        let (publish_rate, ceiling) = self.ceiling().await?;
-        println!(
-            "{:<58} {:>10}",
-            "broker: publish with confirms",
-            rate(publish_rate)
-        );
-        println!(
-            "{:<58} {:>10}  {:>5}",
-            "ceiling: bare lapin consumer, ack each",
-            rate(ceiling),
-            "1.00"
-        );
-        let mut drains = Vec::new();
-        for workflows in 0..=2 {
-            let drain = self.drain(&format!("bench-{workflows}"), n).await?;
+        // Each throughput phase runs `repeat` times, alternating, and the median is reported
+        // with the range: on a shared machine single runs vary by a third.
+        let mut publish_rates = Vec::new();
+        let mut ceilings = Vec::new();
+        let mut drains: Vec<Vec<Drain>> = vec![Vec::new(), Vec::new(), Vec::new()];
+        for round in 0..self.args.repeat {
+            let (publish_rate, ceiling) = self.ceiling().await?;
+            publish_rates.push(publish_rate);
+            ceilings.push(ceiling);
+            for (workflows, runs) in drains.iter_mut().enumerate() {
+                runs.push(self.drain(&format!("bench-{workflows}"), n).await?);
+            }
+            eprintln!("round {} of {} done", round + 1, self.args.repeat);
+        }
+        let ceiling = median(&ceilings);
+        println!("{:<58} {:>10}  {:>12}", "", "median", "ratio");
+        println!("{:<58} {:>10}  {:>12}  {}", "broker: publish with confirms", rate(median(&publish_rates)), "", spread(&publish_rates));
+        println!("{:<58} {:>10}  {:>12}  {}", "ceiling: bare lapin consumer, ack each", rate(ceiling), "1.00", spread(&ceilings));
+        let mut medians = Vec::new();
+        for (workflows, runs) in drains.iter_mut().enumerate() {
+            runs.sort_by(|a, b| a.events_per_sec.total_cmp(&b.events_per_sec));
+            let rates: Vec<f64> = runs.iter().map(|d| d.events_per_sec).collect();
             let label = match workflows {
                 0 => "worker, 0 workflows (resolved, unmatched, acked)".to_owned(),
                 1 => "worker, 1 workflow (HTTP 201 + run recorded)".to_owned(),
                 _ => format!("worker, {workflows} workflows per event"),
             };
-            println!(
-                "{:<58} {:>10}  {:>5.2}",
-                label,
-                rate(drain.events_per_sec),
-                drain.events_per_sec / ceiling
-            );
-            drains.push(drain);
+            let middle = median(&rates);
+            println!("{label:<58} {:>10}  {:>12.2}  {}", rate(middle), middle / ceiling, spread(&rates));
+            medians.push(runs.swap_remove(runs.len() / 2));
         }
+        let drains = medians;
         println!();
         let broker_latency = self.broker_latency().await?;
         let latency = self.latency().await?;
@@ -843,6 +850,22 @@ fn machine() -> String {
         .map(|n| n.get())
         .unwrap_or(0);
     format!("{cores} cores, {cpu}")
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// "(runs: 18,001 .. 20,222/s)" when repeated.
+fn spread(values: &[f64]) -> String {
+    if values.len() < 2 {
+        return String::new();
+    }
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(0.0, f64::max);
+    format!("(range {:.0} .. {:.0}/s over {} runs)", min, max, values.len())
 }
 
 fn rate(per_sec: f64) -> String {
