@@ -42,6 +42,8 @@ enum Command {
     Migrate,
     /// Consume events and run their workflows until SIGTERM or Ctrl-C.
     Worker,
+    /// Serve HTTP ingest (POST /v1/events) and the management API until SIGTERM or Ctrl-C.
+    Serve,
     /// Run the whole story against a local stand-in CRM and print what happened.
     Demo(DemoArgs),
     /// Define app events: a name and an example payload.
@@ -484,6 +486,10 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Worker => {
             telemetry::init(&settings.log);
             worker::run(settings, shutdown_signal(), None).await
+        }
+        Command::Serve => {
+            telemetry::init(&settings.log);
+            crate::server::run(settings, shutdown_signal(), None).await
         }
         Command::Demo(args) => {
             telemetry::init(&quiet_logs(&settings));

@@ -22,6 +22,7 @@
 //! - [`worker`]: the consume loop and the unit of work that ties the above together.
 //! - [`broker`]: RabbitMQ connections, topology, confirmed publishing, our headers.
 //! - [`publish`]: publishing events (CLI and HTTP ingest) on the worker's own parser.
+//! - [`server`]: `appevents serve`, HTTP ingest with API keys; [`api`] the management API.
 //!
 //! The catalog an integration engineer manages: [`app_event`], [`workflow`],
 //! [`connection`] (secrets sealed by [`vault`]), [`subscription`].
@@ -31,6 +32,7 @@
 //! commands), [`demo`] and [`standin`] (a stand-in CRM for the demo, the chaos run and the
 //! benchmark).
 
+pub mod api;
 pub mod app_event;
 pub mod batch;
 pub mod broker;
@@ -50,6 +52,7 @@ pub mod publish;
 pub mod resolve;
 pub mod retry;
 pub mod run;
+pub mod server;
 pub mod standin;
 pub mod subscription;
 pub mod telemetry;

@@ -64,6 +64,11 @@ impl EventPublisher {
         self.connection.status().connected()
     }
 
+    /// The connection's state, for readiness.
+    pub fn status(&self) -> lapin::ConnectionStatus {
+        self.connection.status().clone()
+    }
+
     /// Builds the message body, checks it as a worker would, publishes and waits for the
     /// broker's confirm. Returns the event id.
     pub async fn publish(&self, event: &NewEvent) -> Result<String, PublishFailure> {

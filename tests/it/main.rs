@@ -3,9 +3,12 @@
 
 mod support;
 
+mod api;
 mod cli;
 mod end_to_end;
+mod examples;
 mod faults;
+mod ingest;
 mod operations;
 mod retries;
 mod shutdown;

@@ -68,6 +68,11 @@ pub fn test_settings(tag: &str) -> Settings {
     settings.retry.rate_limited_min_delay = Duration::from_millis(400);
     settings.http.timeout = Duration::from_secs(3);
     settings.http.allow = vec!["127.0.0.1".into()];
+    settings.server.listen = "127.0.0.1:0".into();
+    settings.server.api_keys = vec![
+        SecretString::from("test-key-1"),
+        SecretString::from("test-key-2"),
+    ];
     settings.secrets.active_key = "test".into();
     settings.secrets.keys = BTreeMap::from([("test".to_owned(), SecretString::from(TEST_KEY))]);
     settings
@@ -762,5 +767,52 @@ impl TestApp {
         // Closing the channel hands every message back, in place.
         channel.close(200, "peeked".into()).await.expect("close");
         ids
+    }
+}
+
+/// A running `appevents serve`, in this process.
+pub struct ServerHandle {
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServerHandle {
+    pub async fn start(settings: &Settings) -> ServerHandle {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        let task = tokio::spawn(appevents::server::run(
+            settings.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+            Some(started_tx),
+        ));
+        let addr = started_rx.await.expect("server started");
+        ServerHandle {
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// A request with the first test key.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        http_client()
+            .post(format!("{}{path}", self.url))
+            .bearer_auth("test-key-1")
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        http_client()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth("test-key-1")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
 }
