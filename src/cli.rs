@@ -546,13 +546,13 @@ async fn manage(command: Command, settings: Settings) -> anyhow::Result<()> {
     }
     if let Command::Migrate = command {
         let url = settings.database_url();
-        if db::ensure_database(url).await? {
+        if db::ensure_database(&settings.database).await? {
             println!(
                 "created database {}",
                 db::pg_config(url)?.get_dbname().unwrap_or("?")
             );
         }
-        let applied = db::migrate(url).await?;
+        let applied = db::migrate(&settings.database).await?;
         if applied.is_empty() {
             println!("schema is up to date");
         }

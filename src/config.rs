@@ -28,6 +28,7 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct DatabaseSettings {
     pub url: SecretString,
+    pub tls_ca_file: String,
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,

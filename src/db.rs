@@ -2,9 +2,15 @@
 
 use std::str::FromStr;
 
+use std::sync::Arc;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseSettings;
 use secrecy::ExposeSecret;
@@ -28,10 +34,54 @@ pub enum DbError {
     Query(#[from] tokio_postgres::Error),
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
+    #[error("database TLS: {0}")]
+    Tls(String),
 }
 
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
     tokio_postgres::Config::from_str(url).map_err(|e| DbError::Url(e.to_string()))
+}
+
+/// How to reach Postgres: in plain text, or over TLS when the URL says `sslmode=require`.
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    Tls(MakeRustlsConnect),
+}
+
+/// The transport for `settings`: TLS only when asked for, so a local database needs nothing.
+pub fn transport(settings: &DatabaseSettings) -> Result<Transport, DbError> {
+    let config = pg_config(settings.url.expose_secret())?;
+    if config.get_ssl_mode() != SslMode::Require {
+        return Ok(Transport::Plain);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    // The system's roots; an unreadable one is skipped rather than refusing them all.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if !settings.tls_ca_file.is_empty() {
+        let certs = CertificateDer::pem_file_iter(&settings.tls_ca_file).map_err(|e| {
+            DbError::Tls(format!(
+                "database.tls_ca_file {}: {e}",
+                settings.tls_ca_file
+            ))
+        })?;
+        for cert in certs {
+            let cert = cert.map_err(|e| DbError::Tls(format!("database.tls_ca_file: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| DbError::Tls(format!("database.tls_ca_file: {e}")))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| DbError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Transport::Tls(MakeRustlsConnect::new(tls)))
 }
 
 /// Builds the pool. Connections are made lazily, so this succeeds while the database is down;
@@ -63,15 +113,15 @@ fn build_pool(
     settings: &DatabaseSettings,
     size: usize,
 ) -> Result<Pool, DbError> {
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        // Fast recycling skips a round trip per checkout; a broken connection is detected on
-        // use and the pool replaces it.
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    // Fast recycling skips a round trip per checkout; a broken connection is detected on use
+    // and the pool replaces it.
+    let recycling = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match transport(settings)? {
+        Transport::Plain => Manager::from_config(config, NoTls, recycling),
+        Transport::Tls(tls) => Manager::from_config(config, tls, recycling),
+    };
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
@@ -84,32 +134,57 @@ fn build_pool(
         .map_err(|e| DbError::Url(e.to_string()))
 }
 
-/// One dedicated connection, outside the pool (migrations, LISTEN).
-pub async fn connect(url: &str) -> Result<Client, DbError> {
-    let config = pg_config(url)?;
-    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::warn!(error = %err, "database connection closed");
+/// One dedicated connection, outside the pool (migrations, database creation).
+pub async fn connect(settings: &DatabaseSettings) -> Result<Client, DbError> {
+    connect_to(
+        &pg_config(settings.url.expose_secret())?,
+        &transport(settings)?,
+    )
+    .await
+}
+
+async fn connect_to(
+    config: &tokio_postgres::Config,
+    transport: &Transport,
+) -> Result<Client, DbError> {
+    let client = match transport {
+        Transport::Plain => {
+            let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+            tokio::spawn(drive(connection));
+            client
         }
-    });
+        Transport::Tls(tls) => {
+            let (client, connection) = config
+                .connect(tls.clone())
+                .await
+                .map_err(DbError::Connect)?;
+            tokio::spawn(drive(connection));
+            client
+        }
+    };
     Ok(client)
 }
 
-/// Creates the database named in `url` when it does not exist yet, so a fresh machine needs
-/// no manual step. Safe when several processes race to do it.
-pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
-    let config = pg_config(url)?;
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(err) = connection.await {
+        tracing::warn!(error = %err, "database connection closed");
+    }
+}
+
+/// Creates the database named in the URL when it does not exist yet, so a fresh machine
+/// needs no manual step. Safe when several processes race to do it.
+pub async fn ensure_database(settings: &DatabaseSettings) -> Result<bool, DbError> {
+    let config = pg_config(settings.url.expose_secret())?;
     let name = config.get_dbname().unwrap_or("postgres").to_owned();
-    match connect(url).await {
+    let transport = transport(settings)?;
+    match connect_to(&config, &transport).await {
         Ok(_) => return Ok(false),
         Err(DbError::Connect(err)) if err.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
         Err(err) => return Err(err),
     }
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let (client, connection) = admin.connect(NoTls).await.map_err(DbError::Connect)?;
-    tokio::spawn(connection);
+    let client = connect_to(&admin, &transport).await?;
     let sql = format!("create database \"{}\"", name.replace('"', "\"\""));
     match client.batch_execute(&sql).await {
         Ok(()) => Ok(true),
@@ -120,8 +195,8 @@ pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
 
 /// Applies the embedded migrations. A session advisory lock serialises workers that start
 /// together: the first migrates, the others wait and then find nothing to do.
-pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
-    let mut client = connect(url).await?;
+pub async fn migrate(settings: &DatabaseSettings) -> Result<Vec<String>, DbError> {
+    let mut client = connect(settings).await?;
     client
         .execute("select pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;

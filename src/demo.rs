@@ -28,9 +28,12 @@ pub async fn run(
     standin_url: Option<String>,
     start_worker: bool,
 ) -> anyhow::Result<()> {
-    let url = settings.database_url().to_owned();
-    db::ensure_database(&url).await.context("database")?;
-    db::migrate(&url).await.context("migrations")?;
+    db::ensure_database(&settings.database)
+        .await
+        .context("database")?;
+    db::migrate(&settings.database)
+        .await
+        .context("migrations")?;
     let pool = db::pool(&settings.database)?;
     let keyring = Keyring::from_settings(&settings.secrets)?;
 

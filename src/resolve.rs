@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures::StreamExt;
+use secrecy::ExposeSecret;
 use time::OffsetDateTime;
-use tokio_postgres::AsyncMessage;
+use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::config::DatabaseSettings;
 use crate::connection::{self, Connection};
 use crate::db::{self, StoreError};
 use crate::integrations::Provider;
@@ -206,10 +208,10 @@ impl Resolver {
 
     /// Keeps a LISTEN connection up until `shutdown`, clearing the cache on every
     /// notification and whenever the connection is lost or re-established.
-    pub async fn listen(self: Arc<Self>, database_url: String, shutdown: CancellationToken) {
+    pub async fn listen(self: Arc<Self>, database: DatabaseSettings, shutdown: CancellationToken) {
         let mut delay = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
-            match self.listen_once(&database_url, &shutdown).await {
+            match self.listen_once(&database, &shutdown).await {
                 Ok(()) => return,
                 Err(err) => {
                     tracing::warn!(error = %err, "configuration listener lost; resolving without cache");
@@ -227,14 +229,36 @@ impl Resolver {
 
     async fn listen_once(
         &self,
-        url: &str,
+        database: &DatabaseSettings,
         shutdown: &CancellationToken,
     ) -> Result<(), db::DbError> {
-        let config = db::pg_config(url)?;
-        let (client, mut connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(db::DbError::Connect)?;
+        let config = db::pg_config(database.url.expose_secret())?;
+        match db::transport(database)? {
+            db::Transport::Plain => {
+                let (client, connection) =
+                    config.connect(NoTls).await.map_err(db::DbError::Connect)?;
+                self.follow(client, connection, shutdown).await
+            }
+            db::Transport::Tls(tls) => {
+                let (client, connection) =
+                    config.connect(tls).await.map_err(db::DbError::Connect)?;
+                self.follow(client, connection, shutdown).await
+            }
+        }
+    }
+
+    /// LISTENs on `client` and clears the cache on each notification, until shutdown or
+    /// until the connection fails.
+    async fn follow<S, T>(
+        &self,
+        client: tokio_postgres::Client,
+        mut connection: tokio_postgres::Connection<S, T>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), db::DbError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         let listen = client.batch_execute("listen appevents_config");
         tokio::pin!(listen);

@@ -174,7 +174,7 @@ pub async fn run(
         );
     }
     let keyring = Arc::new(Keyring::from_settings(&settings.secrets)?);
-    db::migrate(settings.database_url()).await?;
+    db::migrate(&settings.database).await?;
     let pool = db::pool(&settings.database)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(pool.clone()));

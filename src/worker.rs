@@ -43,7 +43,7 @@ use uuid::Uuid;
 use crate::batch::Batcher;
 use crate::broker::{self, Publisher, Recovery, Topology, header};
 use crate::classify::{Failure, FailureKind};
-use crate::config::Settings;
+use crate::config::{DatabaseSettings, Settings};
 use crate::connection::{self, Connection, ConnectionStatus, Refresher};
 use crate::db;
 use crate::dead_letter::{self, DeadLetter, Reason};
@@ -919,7 +919,7 @@ pub async fn run(
     }
     let keyring = Arc::new(Keyring::from_settings(&settings.secrets)?);
     let pool = db::pool(&settings.database)?;
-    wait_for_migrations(settings.database_url(), &stop).await?;
+    wait_for_migrations(&settings.database, &stop).await?;
     let metrics = Arc::new(Metrics::new());
     let core = Arc::new(Core::new(&settings, pool, keyring, metrics.clone())?);
 
@@ -937,7 +937,7 @@ pub async fn run(
     let listener_task = tokio::spawn(
         core.resolver
             .clone()
-            .listen(settings.database_url().to_owned(), listen_stop),
+            .listen(settings.database.clone(), listen_stop),
     );
     if let Some(started) = started {
         let _ = started.send(Running {
@@ -972,10 +972,13 @@ pub async fn run(
 
 /// Applies migrations, waiting for the database if it is not up yet (no crash loop when
 /// workers start before Postgres).
-async fn wait_for_migrations(url: &str, stop: &CancellationToken) -> anyhow::Result<()> {
+async fn wait_for_migrations(
+    settings: &DatabaseSettings,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(200);
     loop {
-        match db::migrate(url).await {
+        match db::migrate(settings).await {
             Ok(applied) => {
                 for name in applied {
                     tracing::info!(migration = %name, "migration applied");

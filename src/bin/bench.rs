@@ -130,8 +130,8 @@ impl Bench {
         settings.amqp.dead_letter_queue = format!("bench.{tag}.dead");
         settings.secrets.active_key = "bench".into();
         settings.secrets.keys = [("bench".to_owned(), SecretString::from(BENCH_KEY))].into();
-        db::ensure_database(settings.database_url()).await?;
-        db::migrate(settings.database_url()).await?;
+        db::ensure_database(&settings.database).await?;
+        db::migrate(&settings.database).await?;
         let pool = db::pool(&settings.database)?;
         let keyring = Keyring::from_settings(&settings.secrets)?;
         let amqp = broker::connect(&args.amqp_url, "appevents bench", Recovery::None).await?;

@@ -7,10 +7,12 @@
 pub mod http_request;
 pub mod hubspot;
 pub mod oauth;
+pub mod outbound;
 pub mod salesforce;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use reqwest::Method;
@@ -294,30 +296,45 @@ pub struct StepOutput {
 pub struct Integrations {
     crm: reqwest::Client,
     generic: reqwest::Client,
+    outbound: Arc<outbound::Outbound>,
     max_response_bytes: usize,
     pub salesforce: SalesforceSettings,
+}
+
+/// Why the HTTP clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Client(#[from] reqwest::Error),
+    #[error("{0}")]
+    Allow(String),
 }
 
 impl Integrations {
     pub fn new(
         http: &HttpSettings,
         salesforce: &SalesforceSettings,
-    ) -> Result<Integrations, reqwest::Error> {
+    ) -> Result<Integrations, SetupError> {
         // rustls needs one process-wide crypto provider; a second install is a no-op error.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = |policy| {
+        let outbound = Arc::new(outbound::Outbound::new(&http.allow).map_err(SetupError::Allow)?);
+        let builder = || {
             reqwest::Client::builder()
                 .timeout(http.timeout)
                 .connect_timeout(http.connect_timeout)
                 .pool_max_idle_per_host(http.pool_max_idle_per_host)
                 .user_agent(http.user_agent.clone())
-                .redirect(policy)
-                .build()
         };
         Ok(Integrations {
             // CRM APIs never redirect a write; a redirect would be a misconfigured base URL.
-            crm: client(reqwest::redirect::Policy::none())?,
-            generic: client(http_request::same_host_redirects())?,
+            crm: builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+            generic: builder()
+                .redirect(http_request::same_host_redirects())
+                .dns_resolver(outbound.clone().resolver())
+                .build()?,
+            outbound,
             max_response_bytes: http.max_response_bytes,
             salesforce: salesforce.clone(),
         })
@@ -425,7 +442,10 @@ impl Integrations {
         provider: Provider,
     ) -> Result<RawResponse, Failure> {
         let client = match provider {
-            Provider::Http => &self.generic,
+            Provider::Http => {
+                self.outbound.check(&request.url).await?;
+                &self.generic
+            }
             Provider::Salesforce | Provider::Hubspot => &self.crm,
         };
         let mut builder = client.request(request.method.clone(), &request.url);

@@ -11,4 +11,5 @@ mod faults;
 mod ingest;
 mod operations;
 mod retries;
+mod security;
 mod shutdown;

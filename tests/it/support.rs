@@ -122,10 +122,10 @@ impl TestApp {
         let tag = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let mut settings = test_settings(&tag);
         adjust(&mut settings);
-        db::ensure_database(settings.database_url())
+        db::ensure_database(&settings.database)
             .await
             .expect("create test database");
-        db::migrate(settings.database_url()).await.expect("migrate");
+        db::migrate(&settings.database).await.expect("migrate");
         let pool = db::pool(&settings.database).expect("pool");
         let keyring = Arc::new(Keyring::from_settings(&settings.secrets).expect("keyring"));
         let amqp = broker::connect(settings.amqp_url(), "appevents tests", Recovery::None)
