@@ -214,8 +214,20 @@ impl Bench {
         }
         let ceiling = median(&ceilings);
         println!("{:<58} {:>10}  {:>12}", "", "median", "ratio");
-        println!("{:<58} {:>10}  {:>12}  {}", "broker: publish with confirms", rate(median(&publish_rates)), "", spread(&publish_rates));
-        println!("{:<58} {:>10}  {:>12}  {}", "ceiling: bare lapin consumer, ack each", rate(ceiling), "1.00", spread(&ceilings));
+        println!(
+            "{:<58} {:>10}  {:>12}  {}",
+            "broker: publish with confirms",
+            rate(median(&publish_rates)),
+            "",
+            spread(&publish_rates)
+        );
+        println!(
+            "{:<58} {:>10}  {:>12}  {}",
+            "ceiling: bare lapin consumer, ack each",
+            rate(ceiling),
+            "1.00",
+            spread(&ceilings)
+        );
         let mut medians = Vec::new();
         for (workflows, runs) in drains.iter_mut().enumerate() {
             runs.sort_by(|a, b| a.events_per_sec.total_cmp(&b.events_per_sec));
@@ -226,7 +238,12 @@ impl Bench {
                 _ => format!("worker, {workflows} workflows per event"),
             };
             let middle = median(&rates);
-            println!("{label:<58} {:>10}  {:>12.2}  {}", rate(middle), middle / ceiling, spread(&rates));
+            println!(
+                "{label:<58} {:>10}  {:>12.2}  {}",
+                rate(middle),
+                middle / ceiling,
+                spread(&rates)
+            );
             medians.push(runs.swap_remove(runs.len() / 2));
         }
         let drains = medians;
@@ -865,7 +882,12 @@ fn spread(values: &[f64]) -> String {
     }
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     let max = values.iter().copied().fold(0.0, f64::max);
-    format!("(range {:.0} .. {:.0}/s over {} runs)", min, max, values.len())
+    format!(
+        "(range {:.0} .. {:.0}/s over {} runs)",
+        min,
+        max,
+        values.len()
+    )
 }
 
 fn rate(per_sec: f64) -> String {
