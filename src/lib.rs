@@ -46,6 +46,7 @@ pub mod integrations;
 pub mod mapping;
 pub mod metrics;
 pub mod ops;
+pub mod payload_check;
 pub mod publish;
 pub mod resolve;
 pub mod retry;
