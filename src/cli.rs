@@ -11,9 +11,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::app_event::AppEventChanges;
 use crate::config::{LogFormat, LogSettings, Settings, Sources};
 use crate::connection::NewConnection;
 use crate::integrations::Provider;
+use crate::payload_check::Mode;
 use crate::publish::{EventPublisher, NewEvent};
 use crate::run::{RunFilter, RunStatus};
 use crate::workflow::{NewWorkflow, WorkflowChanges};
@@ -160,21 +162,33 @@ enum AppEventCommand {
         /// Example payload: JSON, or @FILE.
         #[arg(long, value_name = "JSON|@FILE")]
         schema: String,
+        /// Check live events' payloads against the example: off, warn (log and count) or
+        /// reject (dead-letter).
+        #[arg(long, value_name = "off|warn|reject", default_value = "off")]
+        payload_check: Mode,
         #[arg(long)]
         json: bool,
     },
+    /// App events with their aliases and payload check.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Rename (workflows stay attached) or replace the example payload.
+    /// Rename (workflows stay attached, the old name stays an alias), replace the example
+    /// payload, set the payload check, remove aliases.
     Update {
         /// Current name or id.
         event: String,
+        /// New name; events published under the current one keep matching (an alias).
         #[arg(long)]
         name: Option<String>,
         #[arg(long, value_name = "JSON|@FILE")]
         schema: Option<String>,
+        #[arg(long, value_name = "off|warn|reject")]
+        payload_check: Option<Mode>,
+        /// Stop matching events published under this old name; repeatable.
+        #[arg(long = "remove-alias", value_name = "ALIAS")]
+        remove_aliases: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -759,9 +773,14 @@ async fn app_events(
     command: AppEventCommand,
 ) -> anyhow::Result<()> {
     match command {
-        AppEventCommand::Create { name, schema, json } => {
+        AppEventCommand::Create {
+            name,
+            schema,
+            payload_check,
+            json,
+        } => {
             let schema = json_arg(&schema, "--schema")?;
-            let created = app_event::create(pool, &name, &schema).await?;
+            let created = app_event::create(pool, &name, &schema, payload_check).await?;
             if json {
                 return print_json(&created);
             }
@@ -774,21 +793,45 @@ async fn app_events(
             }
             let rows = events
                 .iter()
-                .map(|e| vec![e.id.to_string(), e.name.clone(), e.schema.to_string()])
+                .map(|e| {
+                    vec![
+                        e.id.to_string(),
+                        e.name.clone(),
+                        e.aliases.join(", "),
+                        e.payload_check.to_string(),
+                        e.schema.to_string(),
+                    ]
+                })
                 .collect::<Vec<_>>();
-            print_table(&["ID", "NAME", "EXAMPLE PAYLOAD"], &rows);
+            print_table(
+                &["ID", "NAME", "ALIASES", "PAYLOAD CHECK", "EXAMPLE PAYLOAD"],
+                &rows,
+            );
         }
         AppEventCommand::Update {
             event,
             name,
             schema,
+            payload_check,
+            remove_aliases,
             json,
         } => {
-            let schema = schema.map(|s| json_arg(&s, "--schema")).transpose()?;
-            if name.is_none() && schema.is_none() {
-                bail!("nothing to update: give --name and/or --schema");
+            let changes = AppEventChanges {
+                schema: schema.map(|s| json_arg(&s, "--schema")).transpose()?,
+                name,
+                payload_check,
+                remove_aliases,
+            };
+            if changes.name.is_none()
+                && changes.schema.is_none()
+                && changes.payload_check.is_none()
+                && changes.remove_aliases.is_empty()
+            {
+                bail!(
+                    "nothing to update: give --name, --schema, --payload-check or --remove-alias"
+                );
             }
-            let updated = app_event::update(pool, &event, name.as_deref(), schema.as_ref()).await?;
+            let updated = app_event::update(pool, &event, &changes).await?;
             if json {
                 return print_json(&updated);
             }

@@ -7,8 +7,8 @@
 //!
 //! - [`envelope`]: the publishing contract; a message body becomes an [`envelope::Event`] or
 //!   the precise reason it is not one.
-//! - [`resolve`]: which workflows the event's user has switched on for its name (one indexed
-//!   query, cached and invalidated by `LISTEN/NOTIFY`).
+//! - [`resolve`]: which workflows the event's user has switched on for its name or one of
+//!   its aliases (one indexed query, cached and invalidated by `LISTEN/NOTIFY`).
 //! - [`run`]: claiming a run before the provider call and recording its outcome after, in
 //!   Postgres; what makes redelivery run a workflow once. [`batch`] coalesces the claims
 //!   and records of concurrent events into one statement each.
@@ -23,8 +23,8 @@
 //! - [`broker`]: RabbitMQ connections, topology, confirmed publishing, our headers.
 //! - [`publish`]: publishing events (CLI and HTTP ingest) on the worker's own parser.
 //!
-//! The catalog an integration engineer manages: [`app_event`], [`workflow`],
-//! [`connection`] (secrets sealed by [`vault`]), [`subscription`].
+//! The catalog an integration engineer manages: [`app_event`] (with aliases kept on rename),
+//! [`workflow`], [`connection`] (secrets sealed by [`vault`]), [`subscription`].
 //!
 //! Around them: [`config`] (layered settings), [`db`] (pool, migrations), [`telemetry`]
 //! (logs), [`metrics`] and [`ops`] (Prometheus, health, readiness), [`cli`] (the binary's

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod app_events;
 mod cli;
 mod end_to_end;
 mod faults;

@@ -1,0 +1,440 @@
+//! App events as a product: aliases kept on rename, payload checks, the workflow dry run.
+//! Through the real binary where an operator would use it, against the in-process worker.
+
+use std::time::Duration;
+
+use appevents::integrations::Provider;
+use appevents::run::RunStatus;
+use appevents::standin;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::cli::{ok, run};
+use crate::support::{CONTACT_CREATED, TestApp, eventually};
+
+const RENAMED: &str = "Contact Added";
+const EXAMPLE: &str = r#"{"email":"ada@example.com","age":36}"#;
+const SECRET: &str = "hs-secret-token-123";
+
+/// `Contact Created` (example: email and age) with a HubSpot create-contact workflow that
+/// user "u" has on against the stand-in, created through the binary. Returns the workflow
+/// and connection ids.
+async fn contact_workflow(app: &TestApp, crm: &str, payload_check: &str) -> (Uuid, Uuid) {
+    ok(
+        app,
+        &[
+            "app-event",
+            "create",
+            "--name",
+            CONTACT_CREATED,
+            "--schema",
+            EXAMPLE,
+            "--payload-check",
+            payload_check,
+        ],
+    )
+    .await;
+    let workflow = app
+        .workflow(
+            "Contact to HubSpot",
+            CONTACT_CREATED,
+            Provider::Hubspot,
+            "create-contact",
+            json!({}),
+            json!({"email": "{{payload.email}}", "age": "{{payload.age}}"}),
+        )
+        .await;
+    let connection = app.connection("u", Provider::Hubspot, crm, SECRET).await;
+    app.subscribe("u", workflow.id, connection).await;
+    (workflow.id, connection)
+}
+
+/// Starts the worker and waits until it caches answers, so the tests below exercise the
+/// cache's invalidation.
+async fn start_caching_worker(app: &mut TestApp) {
+    app.start_worker().await;
+    let resolver = app.worker().core.resolver.clone();
+    let caching = eventually(Duration::from_secs(10), || async { resolver.is_caching() }).await;
+    assert!(caching, "the change listener is up");
+}
+
+/// Runs a catalog command through the binary and waits until the worker has been notified
+/// of the change (its cache cleared), so the next event sees it.
+async fn change_catalog(app: &TestApp, args: &[&str]) -> String {
+    let resolver = app.worker().core.resolver.clone();
+    let before = resolver.generation();
+    let out = ok(app, args).await;
+    let notified = eventually(Duration::from_secs(10), || async {
+        resolver.generation() > before
+    })
+    .await;
+    assert!(notified, "the change to {args:?} was notified");
+    out
+}
+
+fn counter(app: &TestApp, family: &str, key: &'static str, value: &str) -> u64 {
+    let metrics = &app.worker().core.metrics;
+    let labels = vec![(key, value.to_owned())];
+    match family {
+        "unmatched" => metrics.unmatched.get_or_create(&labels).get(),
+        "dead_letters" => metrics.dead_letters.get_or_create(&labels).get(),
+        "events" => metrics.events.get_or_create(&labels).get(),
+        other => panic!("no metric family {other}"),
+    }
+}
+
+async fn wait_for_counter(app: &TestApp, family: &str, key: &'static str, value: &str, n: u64) {
+    let reached = eventually(Duration::from_secs(10), || async {
+        counter(app, family, key, value) >= n
+    })
+    .await;
+    assert!(
+        reached,
+        "{family}{{{key}={value}}} reached {n}: it is {}",
+        counter(app, family, key, value)
+    );
+}
+
+#[tokio::test]
+async fn an_example_payload_must_be_a_json_object() {
+    // Arrange
+    let app = TestApp::new().await;
+    ok(
+        &app,
+        &[
+            "app-event",
+            "create",
+            "--name",
+            CONTACT_CREATED,
+            "--schema",
+            EXAMPLE,
+        ],
+    )
+    .await;
+
+    // Act
+    let created = run(
+        &app,
+        &["app-event", "create", "--name", "X", "--schema", "[1]"],
+    )
+    .await;
+    let updated = run(
+        &app,
+        &["app-event", "update", CONTACT_CREATED, "--schema", "[1]"],
+    )
+    .await;
+
+    // Assert
+    for (code, out, err) in [created, updated] {
+        assert_eq!(code, 1, "{err}");
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(
+            err,
+            "error: the schema (example payload) must be a JSON object"
+        );
+    }
+    let listed: Vec<Value> =
+        serde_json::from_str(&ok(&app, &["app-event", "list", "--json"]).await).expect("json");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0]["schema"],
+        json!({"email": "ada@example.com", "age": 36})
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_renamed_app_event_keeps_its_workflows_and_its_old_name_as_an_alias() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let mut app = TestApp::new().await;
+    let (workflow, _) = contact_workflow(&app, &crm.url(), "off").await;
+    start_caching_worker(&mut app).await;
+    // Resolved (and cached) under the old name before the rename.
+    let before = app
+        .publish(
+            CONTACT_CREATED,
+            "u",
+            json!({"email": "before@example.com", "age": 1}),
+            None,
+        )
+        .await;
+    app.wait_for_runs(&before, 1, RunStatus::Succeeded).await;
+
+    // Act
+    change_catalog(
+        &app,
+        &["app-event", "update", CONTACT_CREATED, "--name", RENAMED],
+    )
+    .await;
+    let old_name = app
+        .publish(
+            CONTACT_CREATED,
+            "u",
+            json!({"email": "old@example.com", "age": 2}),
+            None,
+        )
+        .await;
+    let new_name = app
+        .publish(
+            RENAMED,
+            "u",
+            json!({"email": "new@example.com", "age": 3}),
+            None,
+        )
+        .await;
+
+    // Assert
+    let runs = app.wait_for_runs(&old_name, 1, RunStatus::Succeeded).await;
+    assert_eq!(runs[0].workflow_id, workflow);
+    app.wait_for_runs(&new_name, 1, RunStatus::Succeeded).await;
+    let workflows: Vec<Value> =
+        serde_json::from_str(&ok(&app, &["workflow", "list", "--json"]).await).expect("json");
+    assert_eq!(
+        workflows[0]["event"], RENAMED,
+        "the workflow stays attached"
+    );
+    let listed: Vec<Value> =
+        serde_json::from_str(&ok(&app, &["app-event", "list", "--json"]).await).expect("json");
+    assert_eq!(listed[0]["name"], RENAMED);
+    assert_eq!(listed[0]["aliases"], json!([CONTACT_CREATED]));
+    let table = ok(&app, &["app-event", "list"]).await;
+    assert!(
+        table.lines().next().unwrap_or("").contains("ALIASES"),
+        "{table}"
+    );
+    assert!(table.contains(CONTACT_CREATED), "{table}");
+    let emails: Vec<String> = crm
+        .standin
+        .records()
+        .iter()
+        .filter_map(|r| {
+            r.fields
+                .get("email")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        emails,
+        ["before@example.com", "old@example.com", "new@example.com"]
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn removing_an_alias_leaves_events_under_it_unmatched() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let mut app = TestApp::new().await;
+    contact_workflow(&app, &crm.url(), "off").await;
+    start_caching_worker(&mut app).await;
+    change_catalog(
+        &app,
+        &["app-event", "update", CONTACT_CREATED, "--name", RENAMED],
+    )
+    .await;
+    // The alias resolves, and its answer is cached.
+    let aliased = app
+        .publish(
+            CONTACT_CREATED,
+            "u",
+            json!({"email": "a@example.com", "age": 1}),
+            None,
+        )
+        .await;
+    app.wait_for_runs(&aliased, 1, RunStatus::Succeeded).await;
+
+    // Act
+    change_catalog(
+        &app,
+        &[
+            "app-event",
+            "update",
+            RENAMED,
+            "--remove-alias",
+            CONTACT_CREATED,
+        ],
+    )
+    .await;
+    let after = app
+        .publish(
+            CONTACT_CREATED,
+            "u",
+            json!({"email": "b@example.com", "age": 2}),
+            None,
+        )
+        .await;
+
+    // Assert
+    wait_for_counter(&app, "unmatched", "reason", "unknown_event", 1).await;
+    assert!(app.runs(&after).await.is_empty());
+    assert_eq!(crm.standin.records().len(), 1);
+    let listed: Vec<Value> =
+        serde_json::from_str(&ok(&app, &["app-event", "list", "--json"]).await).expect("json");
+    assert_eq!(listed[0]["aliases"], json!([]));
+    let renamed = app
+        .publish(
+            RENAMED,
+            "u",
+            json!({"email": "c@example.com", "age": 3}),
+            None,
+        )
+        .await;
+    app.wait_for_runs(&renamed, 1, RunStatus::Succeeded).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_name_or_alias_belongs_to_one_app_event() {
+    // Arrange
+    let app = TestApp::new().await;
+    ok(
+        &app,
+        &[
+            "app-event",
+            "create",
+            "--name",
+            CONTACT_CREATED,
+            "--schema",
+            EXAMPLE,
+        ],
+    )
+    .await;
+    ok(
+        &app,
+        &["app-event", "update", CONTACT_CREATED, "--name", RENAMED],
+    )
+    .await;
+    ok(
+        &app,
+        &[
+            "app-event",
+            "create",
+            "--name",
+            "Deal Won",
+            "--schema",
+            "{}",
+        ],
+    )
+    .await;
+
+    // Act
+    let create = run(
+        &app,
+        &[
+            "app-event",
+            "create",
+            "--name",
+            CONTACT_CREATED,
+            "--schema",
+            "{}",
+        ],
+    )
+    .await;
+    let rename = run(
+        &app,
+        &["app-event", "update", "Deal Won", "--name", CONTACT_CREATED],
+    )
+    .await;
+    let current = run(
+        &app,
+        &["app-event", "create", "--name", RENAMED, "--schema", "{}"],
+    )
+    .await;
+
+    // Assert
+    for (code, _, err) in [&create, &rename] {
+        assert_eq!(*code, 1, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(r#""Contact Created" is an alias of app event "Contact Added""#),
+            "{err}"
+        );
+        assert!(
+            err.contains(r#"--remove-alias "Contact Created""#),
+            "says how to free it: {err}"
+        );
+    }
+    assert_eq!(current.0, 1);
+    assert!(current.2.contains("already exists"), "{}", current.2);
+    let (code, _, err) = run(
+        &app,
+        &[
+            "workflow",
+            "create",
+            "--name",
+            "w",
+            "--event",
+            CONTACT_CREATED,
+            "--provider",
+            "hubspot",
+            "--action",
+            "create-contact",
+            "--mapping",
+            "{}",
+        ],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(r#"it is an alias of "Contact Added""#),
+        "managing takes the current name, and says whose alias it is: {err}"
+    );
+    // An app event may take back its own alias; renaming with --remove-alias keeps none.
+    ok(
+        &app,
+        &["app-event", "update", "Deal Won", "--name", "Deal Closed"],
+    )
+    .await;
+    ok(
+        &app,
+        &["app-event", "update", "Deal Closed", "--name", "Deal Won"],
+    )
+    .await;
+    ok(
+        &app,
+        &[
+            "app-event",
+            "update",
+            "Deal Won",
+            "--name",
+            "Deal Lost",
+            "--remove-alias",
+            "Deal Won",
+        ],
+    )
+    .await;
+    let listed: Vec<Value> =
+        serde_json::from_str(&ok(&app, &["app-event", "list", "--json"]).await).expect("json");
+    let deal = listed
+        .iter()
+        .find(|e| e["name"] == "Deal Lost")
+        .expect("Deal Lost listed");
+    assert_eq!(deal["aliases"], json!(["Deal Closed"]));
+    // Once the alias is removed, the name is free.
+    ok(
+        &app,
+        &[
+            "app-event",
+            "update",
+            RENAMED,
+            "--remove-alias",
+            CONTACT_CREATED,
+        ],
+    )
+    .await;
+    ok(
+        &app,
+        &[
+            "app-event",
+            "create",
+            "--name",
+            CONTACT_CREATED,
+            "--schema",
+            "{}",
+        ],
+    )
+    .await;
+    app.cleanup().await;
+}
