@@ -9,6 +9,8 @@
 //!   the precise reason it is not one.
 //! - [`resolve`]: which workflows the event's user has switched on for its name or one of
 //!   its aliases (one indexed query, cached and invalidated by `LISTEN/NOTIFY`).
+//! - [`payload_check`]: the payload compared with its app event's example payload (off,
+//!   warn, reject), after resolving and before claiming.
 //! - [`run`]: claiming a run before the provider call and recording its outcome after, in
 //!   Postgres; what makes redelivery run a workflow once. [`batch`] coalesces the claims
 //!   and records of concurrent events into one statement each.

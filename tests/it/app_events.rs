@@ -76,6 +76,7 @@ fn counter(app: &TestApp, family: &str, key: &'static str, value: &str) -> u64 {
     let metrics = &app.worker().core.metrics;
     let labels = vec![(key, value.to_owned())];
     match family {
+        "payload_mismatches" => metrics.payload_mismatches.get_or_create(&labels).get(),
         "unmatched" => metrics.unmatched.get_or_create(&labels).get(),
         "dead_letters" => metrics.dead_letters.get_or_create(&labels).get(),
         "events" => metrics.events.get_or_create(&labels).get(),
@@ -436,5 +437,193 @@ async fn a_name_or_alias_belongs_to_one_app_event() {
         ],
     )
     .await;
+    app.cleanup().await;
+}
+
+/// The app event with the given payload check, the worker running, a mismatching event
+/// (`age` as text) published. Returns the app and the event's id.
+async fn publish_mismatching(crm: &str, payload_check: &str) -> (TestApp, String) {
+    let mut app = TestApp::new().await;
+    contact_workflow(&app, crm, payload_check).await;
+    app.start_worker().await;
+    let id = app
+        .publish(
+            CONTACT_CREATED,
+            "u",
+            json!({"email": "typed@example.com", "age": "36"}),
+            None,
+        )
+        .await;
+    (app, id)
+}
+
+/// A payload like the example runs whatever the mode.
+async fn assert_a_matching_event_runs(app: &TestApp) {
+    let id = app
+        .publish(
+            CONTACT_CREATED,
+            "u",
+            json!({"email": "matching@example.com", "age": 40, "plan": "pro"}),
+            None,
+        )
+        .await;
+    app.wait_for_runs(&id, 1, RunStatus::Succeeded).await;
+}
+
+#[tokio::test]
+async fn with_the_check_off_a_mismatching_event_runs_and_is_not_counted() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+
+    // Act
+    let (app, id) = publish_mismatching(&crm.url(), "off").await;
+
+    // Assert
+    app.wait_for_runs(&id, 1, RunStatus::Succeeded).await;
+    assert_eq!(
+        counter(&app, "payload_mismatches", "event", CONTACT_CREATED),
+        0
+    );
+    assert_a_matching_event_runs(&app).await;
+    assert!(app.take_dead_letters().await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_the_check_on_warn_a_mismatching_event_runs_and_is_counted() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+
+    // Act
+    let (app, id) = publish_mismatching(&crm.url(), "warn").await;
+
+    // Assert
+    app.wait_for_runs(&id, 1, RunStatus::Succeeded).await;
+    assert_eq!(
+        counter(&app, "payload_mismatches", "event", CONTACT_CREATED),
+        1
+    );
+    assert_a_matching_event_runs(&app).await;
+    assert_eq!(
+        counter(&app, "payload_mismatches", "event", CONTACT_CREATED),
+        1,
+        "a matching event is not counted"
+    );
+    let metrics = crate::support::http_client()
+        .get(app.ops_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"appevents_payload_mismatches_total{event="Contact Created"} 1"#),
+        "{metrics}"
+    );
+    assert!(app.take_dead_letters().await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_the_check_on_reject_a_mismatching_event_is_dead_lettered_and_runs_nothing() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let mut app = TestApp::new().await;
+    contact_workflow(&app, &crm.url(), "reject").await;
+    app.start_worker().await;
+
+    // Act
+    let id = app
+        .publish(CONTACT_CREATED, "u", json!({"age": "36"}), None)
+        .await;
+    // Unmatched events are not checked: user "v" has no workflow on.
+    app.publish(CONTACT_CREATED, "v", json!({"age": "36"}), None)
+        .await;
+
+    // Assert
+    let letters = app.dead_letters_until(1, Duration::from_secs(10)).await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(
+        letter.header("x-appevents-reason").as_deref(),
+        Some(
+            "payload does not match the example of Contact Created: missing field email; field age is a string, expected a number"
+        )
+    );
+    assert_eq!(
+        letter.header("x-appevents-reason-code").as_deref(),
+        Some("payload_mismatch")
+    );
+    assert_eq!(letter.header("x-appevents-event-id"), Some(id.clone()));
+    assert_eq!(
+        letter.header("x-appevents-workflow-id"),
+        None,
+        "the whole event"
+    );
+    wait_for_counter(&app, "unmatched", "reason", "no_subscription", 1).await;
+    assert!(app.runs(&id).await.is_empty(), "no run claimed");
+    assert!(crm.standin.requests().is_empty(), "no call made");
+    // Counted as the event is settled, just after its letter is confirmed.
+    wait_for_counter(&app, "dead_letters", "reason", "payload_mismatch", 1).await;
+    wait_for_counter(&app, "events", "outcome", "payload_mismatch", 1).await;
+    assert_eq!(
+        counter(&app, "payload_mismatches", "event", CONTACT_CREATED),
+        1
+    );
+    assert_a_matching_event_runs(&app).await;
+    assert!(
+        app.take_dead_letters().await.is_empty(),
+        "nothing else dead-lettered"
+    );
+    let listed = ok(&app, &["app-event", "list"]).await;
+    assert!(listed.contains("reject"), "{listed}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_rejected_event_replayed_once_the_check_allows_it_runs() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let mut app = TestApp::new().await;
+    contact_workflow(&app, &crm.url(), "reject").await;
+    start_caching_worker(&mut app).await;
+    let id = app
+        .publish(
+            CONTACT_CREATED,
+            "u",
+            json!({"email": "late@example.com", "age": "36"}),
+            None,
+        )
+        .await;
+    wait_for_counter(&app, "dead_letters", "reason", "payload_mismatch", 1).await;
+    change_catalog(
+        &app,
+        &[
+            "app-event",
+            "update",
+            CONTACT_CREATED,
+            "--payload-check",
+            "warn",
+        ],
+    )
+    .await;
+
+    // Act
+    let replayed = ok(
+        &app,
+        &["dlq", "replay", "--reason", "payload does not match"],
+    )
+    .await;
+
+    // Assert
+    assert!(replayed.contains("replayed 1 dead letter(s)"), "{replayed}");
+    app.wait_for_runs(&id, 1, RunStatus::Succeeded).await;
+    assert_eq!(
+        counter(&app, "payload_mismatches", "event", CONTACT_CREATED),
+        2,
+        "rejected once, then let through and counted under warn"
+    );
+    assert!(app.take_dead_letters().await.is_empty());
     app.cleanup().await;
 }
