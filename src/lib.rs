@@ -26,7 +26,8 @@
 //! - [`publish`]: publishing events (CLI and HTTP ingest) on the worker's own parser.
 //!
 //! The catalog an integration engineer manages: [`app_event`] (with aliases kept on rename),
-//! [`workflow`], [`connection`] (secrets sealed by [`vault`]), [`subscription`].
+//! [`workflow`], [`connection`] (secrets sealed by [`vault`]), [`subscription`];
+//! [`workflow_test`] renders (and on request sends) what a workflow would send for an event.
 //!
 //! Around them: [`config`] (layered settings), [`db`] (pool, migrations), [`telemetry`]
 //! (logs), [`metrics`] and [`ops`] (Prometheus, health, readiness), [`cli`] (the binary's
@@ -59,3 +60,4 @@ pub mod telemetry;
 pub mod vault;
 pub mod worker;
 pub mod workflow;
+pub mod workflow_test;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use appevents::integrations::Provider;
 use appevents::run::RunStatus;
-use appevents::standin;
+use appevents::standin::{self, Faults, ScriptedAnswer};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -625,5 +625,212 @@ async fn a_rejected_event_replayed_once_the_check_allows_it_runs() {
         "rejected once, then let through and counted under warn"
     );
     assert!(app.take_dead_letters().await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_dry_run_prints_the_mapped_request_with_the_secret_masked_and_sends_nothing() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let app = TestApp::new().await;
+    let (workflow, _) = contact_workflow(&app, &crm.url(), "off").await;
+    let workflow = workflow.to_string();
+
+    // Act
+    let text = ok(&app, &["workflow", "test", &workflow, "--user", "u"]).await;
+    let as_json = ok(
+        &app,
+        &["workflow", "test", &workflow, "--user", "u", "--json"],
+    )
+    .await;
+    let placeholder = ok(&app, &["workflow", "test", &workflow]).await;
+    let unsubscribed = ok(&app, &["workflow", "test", &workflow, "--user", "nobody"]).await;
+
+    // Assert
+    let url = format!("{}/crm/v3/objects/contacts", crm.url());
+    assert!(text.contains(&format!("POST {url}")), "{text}");
+    assert!(text.contains("authorization: Bearer hs-s****"), "{text}");
+    assert!(text.contains(r#""email": "ada@example.com""#), "{text}");
+    assert!(text.contains("u's subscription"), "{text}");
+    assert!(text.contains("nothing was sent"), "{text}");
+    let report: Value = serde_json::from_str(&as_json).expect("json");
+    assert_eq!(report["request"]["method"], "POST");
+    assert_eq!(report["request"]["url"], url);
+    assert_eq!(
+        report["request"]["headers"],
+        json!([{"name": "authorization", "value": "Bearer hs-s****"}])
+    );
+    assert_eq!(
+        report["request"]["body"],
+        json!({"properties": {"email": "ada@example.com", "age": 36}})
+    );
+    assert_eq!(report["connection"]["source"], "subscription");
+    assert_eq!(report["sent"], false);
+    assert!(
+        placeholder.contains("POST https://{connection base URL}/crm/v3/objects/contacts"),
+        "{placeholder}"
+    );
+    assert!(placeholder.contains("a placeholder"), "{placeholder}");
+    assert!(!placeholder.contains("authorization"), "{placeholder}");
+    assert!(
+        unsubscribed.contains("a placeholder (user nobody has not switched this workflow on)"),
+        "{unsubscribed}"
+    );
+    for output in [&text, &as_json, &placeholder, &unsubscribed] {
+        assert!(!output.contains(SECRET), "the secret never shows: {output}");
+    }
+    assert!(crm.standin.requests().is_empty(), "the CRM saw no call");
+    assert!(app.all_runs().await.is_empty(), "no run recorded");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_dry_run_shows_a_given_payload_and_how_it_differs_from_the_example() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let app = TestApp::new().await;
+    let (workflow, connection) = contact_workflow(&app, &crm.url(), "reject").await;
+
+    // Act
+    let out = ok(
+        &app,
+        &[
+            "workflow",
+            "test",
+            &workflow.to_string(),
+            "--connection",
+            &connection.to_string(),
+            "--payload",
+            r#"{"age":"36"}"#,
+        ],
+    )
+    .await;
+
+    // Assert
+    assert!(out.contains("(given, of user u)"), "{out}");
+    assert!(
+        out.contains("payload does not match the example of Contact Created: missing field email; field age is a string, expected a number (the check is reject: the worker dead-letters it and runs nothing)"),
+        "{out}"
+    );
+    assert!(out.contains(r#""age": "36""#), "{out}");
+    assert!(crm.standin.requests().is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_dry_run_with_send_makes_the_call_and_prints_the_response() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let app = TestApp::new().await;
+    let (workflow, _) = contact_workflow(&app, &crm.url(), "off").await;
+    let workflow = workflow.to_string();
+
+    // Act
+    let without_connection = run(&app, &["workflow", "test", &workflow, "--send"]).await;
+    let sent = ok(
+        &app,
+        &["workflow", "test", &workflow, "--user", "u", "--send"],
+    )
+    .await;
+
+    // Assert
+    assert_eq!(without_connection.0, 1);
+    assert!(
+        without_connection
+            .2
+            .contains("--send needs a real connection"),
+        "{}",
+        without_connection.2
+    );
+    let requests = crm.standin.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].method, "POST");
+    assert_eq!(requests[0].path, "/crm/v3/objects/contacts");
+    let records = crm.standin.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].fields["email"], "ada@example.com");
+    assert!(
+        sent.contains(&format!("sent: status 201, provider id {}", records[0].id)),
+        "{sent}"
+    );
+    assert!(!sent.contains(SECRET), "{sent}");
+    assert!(app.all_runs().await.is_empty(), "a test is not a run");
+
+    // A failure is classified as in a run, and the command fails.
+    crm.standin.set_faults(Faults {
+        script: vec![ScriptedAnswer {
+            status: 400,
+            ..ScriptedAnswer::default()
+        }],
+        ..Faults::default()
+    });
+    let (code, out, err) = run(
+        &app,
+        &["workflow", "test", &workflow, "--user", "u", "--send"],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(out.contains("sent: failed: permanent 400"), "{out}");
+    assert!(
+        err.starts_with("error: the step failed: permanent 400"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_dry_run_of_a_missing_workflow_or_a_wrong_connection_fails_in_one_line() {
+    // Arrange
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let app = TestApp::new().await;
+    let (workflow, _) = contact_workflow(&app, &crm.url(), "off").await;
+    let missing = Uuid::now_v7().to_string();
+
+    // Act
+    let no_workflow = run(&app, &["workflow", "test", &missing]).await;
+    let no_connection = run(
+        &app,
+        &[
+            "workflow",
+            "test",
+            &workflow.to_string(),
+            "--connection",
+            &missing,
+        ],
+    )
+    .await;
+    let salesforce = app
+        .connection("u", Provider::Salesforce, &crm.url(), "sf-token")
+        .await;
+    let other_provider = run(
+        &app,
+        &[
+            "workflow",
+            "test",
+            &workflow.to_string(),
+            "--connection",
+            &salesforce.to_string(),
+        ],
+    )
+    .await;
+
+    // Assert
+    for ((code, out, err), expected) in [
+        (no_workflow, format!("error: no workflow {missing}")),
+        (no_connection, format!("error: no connection {missing}")),
+    ] {
+        assert_eq!(code, 1, "{err}");
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(err, expected);
+    }
+    assert_eq!(other_provider.0, 1);
+    assert!(
+        other_provider.2.contains(&format!(
+            "connection {salesforce} is a salesforce connection"
+        )),
+        "{}",
+        other_provider.2
+    );
     app.cleanup().await;
 }
