@@ -13,9 +13,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::app_event::AppEventChanges;
 use crate::connection::{self, NewConnection};
 use crate::db::StoreError;
 use crate::integrations::Provider;
+use crate::payload_check::Mode;
 use crate::run::{self, RunFilter, RunStatus};
 use crate::server::{ApiError, AppState};
 use crate::workflow::{self, NewWorkflow, WorkflowChanges};
@@ -109,6 +111,8 @@ type Answer = Result<Response, ApiError>;
 struct AppEventBody {
     name: String,
     schema: Value,
+    #[serde(default)]
+    payload_check: Mode,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +120,9 @@ struct AppEventBody {
 struct AppEventPatch {
     name: Option<String>,
     schema: Option<Value>,
+    payload_check: Option<Mode>,
+    #[serde(default)]
+    remove_aliases: Vec<String>,
 }
 
 async fn list_app_events(State(state): State<AppState>) -> Answer {
@@ -128,7 +135,7 @@ async fn create_app_event(
 ) -> Answer {
     let body = json_body(body)?;
     Ok(created(
-        app_event::create(&state.pool, &body.name, &body.schema).await?,
+        app_event::create(&state.pool, &body.name, &body.schema, body.payload_check).await?,
     ))
 }
 
@@ -142,19 +149,22 @@ async fn update_app_event(
     body: Result<Json<AppEventPatch>, JsonRejection>,
 ) -> Answer {
     let body = json_body(body)?;
-    if body.name.is_none() && body.schema.is_none() {
+    let changes = AppEventChanges {
+        name: body.name,
+        schema: body.schema,
+        payload_check: body.payload_check,
+        remove_aliases: body.remove_aliases,
+    };
+    if changes.name.is_none()
+        && changes.schema.is_none()
+        && changes.payload_check.is_none()
+        && changes.remove_aliases.is_empty()
+    {
         return Err(ApiError::bad_request(
-            "nothing to update: give name and/or schema",
+            "nothing to update: give name, schema, payload_check and/or remove_aliases",
         ));
     }
-    let updated = app_event::update(
-        &state.pool,
-        &event,
-        body.name.as_deref(),
-        body.schema.as_ref(),
-    )
-    .await?;
-    Ok(Json(updated).into_response())
+    Ok(Json(app_event::update(&state.pool, &event, &changes).await?).into_response())
 }
 
 async fn delete_app_event(State(state): State<AppState>, Path(event): Path<String>) -> Answer {

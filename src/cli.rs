@@ -11,15 +11,17 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::app_event::AppEventChanges;
 use crate::config::{LogFormat, LogSettings, Settings, Sources};
 use crate::connection::NewConnection;
-use crate::integrations::Provider;
+use crate::integrations::{Integrations, Provider};
+use crate::payload_check::Mode;
 use crate::publish::{EventPublisher, NewEvent};
 use crate::run::{RunFilter, RunStatus};
 use crate::workflow::{NewWorkflow, WorkflowChanges};
 use crate::{
     app_event, broker, connection, db, dead_letter, demo, run, subscription, telemetry, vault,
-    worker, workflow,
+    worker, workflow, workflow_test,
 };
 
 #[derive(Debug, Parser)]
@@ -162,21 +164,33 @@ enum AppEventCommand {
         /// Example payload: JSON, or @FILE.
         #[arg(long, value_name = "JSON|@FILE")]
         schema: String,
+        /// Check live events' payloads against the example: off, warn (log and count) or
+        /// reject (dead-letter).
+        #[arg(long, value_name = "off|warn|reject", default_value = "off")]
+        payload_check: Mode,
         #[arg(long)]
         json: bool,
     },
+    /// App events with their aliases and payload check.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Rename (workflows stay attached) or replace the example payload.
+    /// Rename (workflows stay attached, the old name stays an alias), replace the example
+    /// payload, set the payload check, remove aliases.
     Update {
         /// Current name or id.
         event: String,
+        /// New name; events published under the current one keep matching (an alias).
         #[arg(long)]
         name: Option<String>,
         #[arg(long, value_name = "JSON|@FILE")]
         schema: Option<String>,
+        #[arg(long, value_name = "off|warn|reject")]
+        payload_check: Option<Mode>,
+        /// Stop matching events published under this old name; repeatable.
+        #[arg(long = "remove-alias", value_name = "ALIAS")]
+        remove_aliases: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -263,6 +277,31 @@ enum WorkflowCommand {
     },
     /// Delete a workflow with its subscriptions and run history.
     Delete { id: Uuid },
+    /// Dry run: print the request the worker would send for an event made from the app
+    /// event's example payload, secrets masked. Sends nothing unless --send.
+    Test(WorkflowTestArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorkflowTestArgs {
+    /// The workflow's id.
+    workflow: Uuid,
+    /// The event's user; their subscription's connection is used (a placeholder if they
+    /// have none).
+    #[arg(long, conflicts_with = "connection")]
+    user: Option<String>,
+    /// Use this connection (the event's user is its user).
+    #[arg(long, value_name = "CONNECTION_ID")]
+    connection: Option<Uuid>,
+    /// The payload instead of the app event's example: a JSON object, or @FILE.
+    #[arg(long, value_name = "JSON|@FILE")]
+    payload: Option<String>,
+    /// Really send it, once, through the worker's step (needs a real connection); prints
+    /// the response status and provider id, or the classified failure.
+    #[arg(long)]
+    send: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -570,6 +609,9 @@ async fn manage(command: Command, settings: Settings) -> anyhow::Result<()> {
     if let Command::Runs(RunsCommand::Retry { id }) = command {
         return retry_run(&settings, id).await;
     }
+    if let Command::Workflow(WorkflowCommand::Test(args)) = command {
+        return test_workflow(&settings, args).await;
+    }
     let pool = db::pool(&settings.database)?;
     match command {
         Command::AppEvent(command) => app_events(&pool, command).await,
@@ -765,9 +807,14 @@ async fn app_events(
     command: AppEventCommand,
 ) -> anyhow::Result<()> {
     match command {
-        AppEventCommand::Create { name, schema, json } => {
+        AppEventCommand::Create {
+            name,
+            schema,
+            payload_check,
+            json,
+        } => {
             let schema = json_arg(&schema, "--schema")?;
-            let created = app_event::create(pool, &name, &schema).await?;
+            let created = app_event::create(pool, &name, &schema, payload_check).await?;
             if json {
                 return print_json(&created);
             }
@@ -780,21 +827,45 @@ async fn app_events(
             }
             let rows = events
                 .iter()
-                .map(|e| vec![e.id.to_string(), e.name.clone(), e.schema.to_string()])
+                .map(|e| {
+                    vec![
+                        e.id.to_string(),
+                        e.name.clone(),
+                        e.aliases.join(", "),
+                        e.payload_check.to_string(),
+                        e.schema.to_string(),
+                    ]
+                })
                 .collect::<Vec<_>>();
-            print_table(&["ID", "NAME", "EXAMPLE PAYLOAD"], &rows);
+            print_table(
+                &["ID", "NAME", "ALIASES", "PAYLOAD CHECK", "EXAMPLE PAYLOAD"],
+                &rows,
+            );
         }
         AppEventCommand::Update {
             event,
             name,
             schema,
+            payload_check,
+            remove_aliases,
             json,
         } => {
-            let schema = schema.map(|s| json_arg(&s, "--schema")).transpose()?;
-            if name.is_none() && schema.is_none() {
-                bail!("nothing to update: give --name and/or --schema");
+            let changes = AppEventChanges {
+                schema: schema.map(|s| json_arg(&s, "--schema")).transpose()?,
+                name,
+                payload_check,
+                remove_aliases,
+            };
+            if changes.name.is_none()
+                && changes.schema.is_none()
+                && changes.payload_check.is_none()
+                && changes.remove_aliases.is_empty()
+            {
+                bail!(
+                    "nothing to update: give --name, --schema, --payload-check or --remove-alias"
+                );
             }
-            let updated = app_event::update(pool, &event, name.as_deref(), schema.as_ref()).await?;
+            let updated = app_event::update(pool, &event, &changes).await?;
             if json {
                 return print_json(&updated);
             }
@@ -1007,6 +1078,63 @@ async fn workflows(pool: &deadpool_postgres::Pool, command: WorkflowCommand) -> 
             workflow::delete(pool, id).await?;
             println!("deleted");
         }
+        WorkflowCommand::Test(_) => bail!("workflow test needs the settings"),
+    }
+    Ok(())
+}
+
+/// `workflow test`: the dry run, and with `--send` one real call.
+async fn test_workflow(settings: &Settings, args: WorkflowTestArgs) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    let keyring = vault::Keyring::from_settings(&settings.secrets)?;
+    let integrations = Integrations::new(&settings.http, &settings.salesforce)?;
+    let spec = workflow_test::Spec {
+        workflow: args.workflow,
+        user: args.user,
+        connection: args.connection,
+        payload: args
+            .payload
+            .map(|p| json_arg(&p, "--payload"))
+            .transpose()?,
+    };
+    let test = workflow_test::prepare(&pool, &keyring, &integrations, &spec).await?;
+    if args.send && !test.has_connection() {
+        bail!(
+            "--send needs a real connection: give --user with a subscription to this workflow, or --connection"
+        );
+    }
+    let sent = if args.send {
+        Some(test.send(&integrations).await)
+    } else {
+        None
+    };
+    if args.json {
+        let mut report = test.to_json();
+        report["sent"] = json!(sent.is_some());
+        match &sent {
+            Some(Ok(output)) => {
+                report["response"] =
+                    json!({"status": output.status, "provider_id": output.provider_id});
+            }
+            Some(Err(failure)) => report["failure"] = json!(failure),
+            None => {}
+        }
+        print_json(&report)?;
+    } else {
+        println!("{}", test.to_text());
+        println!();
+        match &sent {
+            None => println!("dry run: nothing was sent (--send sends it)"),
+            Some(Ok(output)) => println!(
+                "sent: status {}, provider id {}",
+                output.status,
+                output.provider_id.as_deref().unwrap_or("(none)")
+            ),
+            Some(Err(failure)) => println!("sent: failed: {}", failure.summary()),
+        }
+    }
+    if let Some(Err(failure)) = sent {
+        bail!("the step failed: {}", failure.summary());
     }
     Ok(())
 }

@@ -26,6 +26,8 @@ pub const INVALID: &str = "invalid";
 pub const POISON: &str = "poison";
 pub const PERMANENT: &str = "permanent";
 pub const EXHAUSTED: &str = "exhausted";
+/// The payload does not match its app event's example, under a payload check of `reject`.
+pub const PAYLOAD_MISMATCH: &str = "payload_mismatch";
 
 /// What a dead letter says about itself.
 #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@ use crate::broker::Recovery;
 use crate::config::Settings;
 use crate::connection::{self, NewConnection};
 use crate::integrations::Provider;
+use crate::payload_check::Mode;
 use crate::publish::{EventPublisher, NewEvent};
 use crate::run::{self, Run, RunFilter, RunStatus};
 use crate::standin::Record;
@@ -49,7 +50,7 @@ pub async fn run(
     let example = json!({"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace", "company": "Analytical Engines"});
     let event = match app_event::get(&pool, EVENT).await {
         Ok(existing) => existing,
-        Err(_) => app_event::create(&pool, EVENT, &example).await?,
+        Err(_) => app_event::create(&pool, EVENT, &example, Mode::Off).await?,
     };
     println!(
         "app event         {} (example payload {})",

@@ -7,8 +7,10 @@
 //!
 //! - [`envelope`]: the publishing contract; a message body becomes an [`envelope::Event`] or
 //!   the precise reason it is not one.
-//! - [`resolve`]: which workflows the event's user has switched on for its name (one indexed
-//!   query, cached and invalidated by `LISTEN/NOTIFY`).
+//! - [`resolve`]: which workflows the event's user has switched on for its name or one of
+//!   its aliases (one indexed query, cached and invalidated by `LISTEN/NOTIFY`).
+//! - [`payload_check`]: the payload compared with its app event's example payload (off,
+//!   warn, reject), after resolving and before claiming.
 //! - [`run`]: claiming a run before the provider call and recording its outcome after, in
 //!   Postgres; what makes redelivery run a workflow once. [`batch`] coalesces the claims
 //!   and records of concurrent events into one statement each.
@@ -24,8 +26,9 @@
 //! - [`publish`]: publishing events (CLI and HTTP ingest) on the worker's own parser.
 //! - [`server`]: `appevents serve`, HTTP ingest with API keys; [`api`] the management API.
 //!
-//! The catalog an integration engineer manages: [`app_event`], [`workflow`],
-//! [`connection`] (secrets sealed by [`vault`]), [`subscription`].
+//! The catalog an integration engineer manages: [`app_event`] (with aliases kept on rename),
+//! [`workflow`], [`connection`] (secrets sealed by [`vault`]), [`subscription`];
+//! [`workflow_test`] renders (and on request sends) what a workflow would send for an event.
 //!
 //! Around them: [`config`] (layered settings), [`db`] (pool, migrations), [`telemetry`]
 //! (logs), [`metrics`] and [`ops`] (Prometheus, health, readiness), [`cli`] (the binary's
@@ -48,6 +51,7 @@ pub mod integrations;
 pub mod mapping;
 pub mod metrics;
 pub mod ops;
+pub mod payload_check;
 pub mod publish;
 pub mod resolve;
 pub mod retry;
@@ -59,3 +63,4 @@ pub mod telemetry;
 pub mod vault;
 pub mod worker;
 pub mod workflow;
+pub mod workflow_test;

@@ -12,7 +12,8 @@ type Labels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
     registry: Registry,
-    /// Events consumed, by outcome: processed, unmatched, invalid, poison.
+    /// Events consumed, by outcome: processed, unmatched, invalid, poison, payload_mismatch
+    /// (rejected by the payload check).
     pub events: Family<Labels, Counter>,
     /// Unmatched events by reason: unknown_event, no_subscription.
     pub unmatched: Family<Labels, Counter>,
@@ -30,6 +31,9 @@ pub struct Metrics {
     pub token_refreshes: Family<Labels, Counter>,
     /// HTTP ingest: events accepted and refused by status.
     pub ingested: Family<Labels, Counter>,
+    /// Events whose payload does not match their app event's example, by app event (its
+    /// current name), under a payload check of warn or reject.
+    pub payload_mismatches: Family<Labels, Counter>,
 }
 
 fn step_histogram() -> Histogram {
@@ -104,6 +108,12 @@ impl Metrics {
             "Events received over HTTP, by status",
             ingested.clone(),
         );
+        let payload_mismatches = Family::default();
+        registry.register(
+            "payload_mismatches",
+            "Events whose payload does not match their app event's example, by app event",
+            payload_mismatches.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -116,6 +126,7 @@ impl Metrics {
             consumer_connected,
             token_refreshes,
             ingested,
+            payload_mismatches,
         }
     }
 

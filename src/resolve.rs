@@ -1,7 +1,10 @@
 //! Resolving an event to the workflows it runs: which subscriptions the event's user has for
-//! the event's name, with their compiled workflows and opened connections.
+//! the event's name, with their compiled workflows and opened connections, and the app
+//! event's payload check.
 //!
-//! One indexed query answers it. Answers are cached per (user, event name) while a
+//! One indexed query answers it: the name is looked up in `app_event_names`, so an event
+//! published under an app event's current name or under one of its aliases (a name from
+//! before a rename) resolves the same way. Answers are cached per (user, event name) while a
 //! `LISTEN appevents_config` connection is up; triggers notify on every change to app
 //! events, workflows, subscriptions and connections, and a notification clears the cache.
 //! Without the listener (it is reconnecting) nothing is cached, so an answer is never
@@ -24,6 +27,7 @@ use crate::config::DatabaseSettings;
 use crate::connection::{self, Connection};
 use crate::db::{self, StoreError};
 use crate::integrations::Provider;
+use crate::payload_check::{Mode, PayloadCheck};
 use crate::vault::Keyring;
 use crate::workflow::CompiledWorkflow;
 
@@ -43,20 +47,40 @@ pub struct Target {
     pub connection: Result<Arc<Connection>, String>,
 }
 
+/// The app event a name resolved to.
+#[derive(Debug, Clone)]
+pub struct MatchedEvent {
+    pub id: Uuid,
+    /// Its current name; the event may have been published under an alias.
+    pub name: String,
+    pub payload_check: PayloadCheck,
+}
+
 #[derive(Debug, Clone)]
 pub enum Resolution {
-    /// No app event has this name.
+    /// No app event has this name or alias.
     UnknownEvent,
     /// The app event exists; this user has none of its workflows on.
     NoSubscription,
-    Targets(Arc<[Target]>),
+    Targets {
+        app_event: Arc<MatchedEvent>,
+        targets: Arc<[Target]>,
+    },
 }
 
 impl Resolution {
     pub fn targets(&self) -> &[Target] {
         match self {
-            Resolution::Targets(targets) => targets,
+            Resolution::Targets { targets, .. } => targets,
             _ => &[],
+        }
+    }
+
+    /// The app event, when the user has some of its workflows on.
+    pub fn app_event(&self) -> Option<&MatchedEvent> {
+        match self {
+            Resolution::Targets { app_event, .. } => Some(app_event),
+            _ => None,
         }
     }
 }
@@ -71,18 +95,24 @@ pub struct Resolver {
     listening: AtomicBool,
 }
 
+/// The example payload is read only when the payload check is on: with the default (off),
+/// the query costs what it did before checks existed.
 const RESOLVE: &str = "select e.id, s.id, w.id, w.name, w.provider, w.action, w.options, w.mapping, \
      w.updated_at, c.id, c.user_id, c.provider, c.base_url, c.settings, c.access_token, \
-     c.refresh_token, c.token_url, c.client_id, c.client_secret, c.status, c.status_reason \
-     from app_events e \
+     c.refresh_token, c.token_url, c.client_id, c.client_secret, c.status, c.status_reason, \
+     e.name, e.payload_check, case when e.payload_check = 'off' then null else e.schema end \
+     from app_event_names n \
+     join app_events e on e.id = n.app_event_id \
      left join workflows w on w.app_event_id = e.id \
      left join subscriptions s on s.workflow_id = w.id and s.user_id = $1 \
      left join connections c on c.id = s.connection_id and c.user_id = $1 \
-     where e.name = $2 \
+     where n.name = $2 \
      order by w.created_at";
 
 /// Where the connection's columns start in `RESOLVE`.
 const CONNECTION_OFFSET: usize = 9;
+/// Where the app event's name, payload check mode and (when checked) example are.
+const APP_EVENT_OFFSET: usize = 21;
 
 impl Resolver {
     pub fn new(pool: Pool, keyring: Arc<Keyring>) -> Resolver {
@@ -149,7 +179,10 @@ impl Resolver {
         if targets.is_empty() {
             return Ok(Resolution::NoSubscription);
         }
-        Ok(Resolution::Targets(targets.into()))
+        Ok(Resolution::Targets {
+            app_event: Arc::new(matched_event(&rows[0])?),
+            targets: targets.into(),
+        })
     }
 
     fn target(
@@ -289,6 +322,18 @@ impl Resolver {
             }
         }
     }
+}
+
+/// The app event's columns, the same on every row.
+fn matched_event(row: &tokio_postgres::Row) -> Result<MatchedEvent, StoreError> {
+    let mode: String = row.try_get(APP_EVENT_OFFSET + 1)?;
+    let mode: Mode = mode.parse().map_err(StoreError::Invalid)?;
+    let example: Option<serde_json::Value> = row.try_get(APP_EVENT_OFFSET + 2)?;
+    Ok(MatchedEvent {
+        id: row.try_get(0)?,
+        name: row.try_get(APP_EVENT_OFFSET)?,
+        payload_check: PayloadCheck::new(mode, example.as_ref()),
+    })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

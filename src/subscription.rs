@@ -116,3 +116,19 @@ pub async fn delete(pool: &Pool, user: &str, workflow: Uuid) -> Result<(), Store
     }
     Ok(())
 }
+
+/// The connection `user`'s subscription to `workflow` is bound to, if the user has it on.
+pub async fn connection_of(
+    pool: &Pool,
+    user: &str,
+    workflow: Uuid,
+) -> Result<Option<Uuid>, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "select connection_id from subscriptions where user_id = $1 and workflow_id = $2",
+            &[&user, &workflow],
+        )
+        .await?;
+    Ok(row.map(|row| row.try_get(0)).transpose()?)
+}

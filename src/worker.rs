@@ -4,7 +4,10 @@
 //! [`Worker::try_execute`] is one unit of work, returning an [`Outcome`]; [`run`] wraps it in
 //! the consume loop. For one message, in order:
 //! 1. parse it against the publishing contract (invalid → dead-letter queue);
-//! 2. resolve the user's subscriptions for the event's name (none → acknowledged, counted);
+//! 2. resolve the user's subscriptions for the event's name or alias (none → acknowledged,
+//!    counted);
+//!    then check the payload against the app event's example when its payload check is on
+//!    (`reject` → the event is dead-lettered once, nothing runs);
 //! 3. claim each run in Postgres (already succeeded → skipped; held by another worker →
 //!    looked at again later);
 //! 4. run the claimed steps concurrently, with quick in-process retries;
@@ -51,7 +54,8 @@ use crate::envelope::{self, Event, Invalid, Limits, MessageMeta};
 use crate::integrations::{Integrations, StepOutput};
 use crate::metrics::{Metrics, label, labels2};
 use crate::ops::{self, Health, OpsState};
-use crate::resolve::{Resolution, Resolver, Target};
+use crate::payload_check::{self, Mode};
+use crate::resolve::{MatchedEvent, Resolution, Resolver, Target};
 use crate::retry::{GiveUp, Next, RetryPolicy};
 use crate::run::{self, ClaimRequest, Claimed, RunClaim, RunRecord, RunStatus};
 use crate::vault::Keyring;
@@ -68,6 +72,9 @@ pub enum Outcome {
     },
     /// Nothing to run for it.
     Unmatched(Unmatched),
+    /// Its payload does not match the app event's example, whose payload check is `reject`:
+    /// dead-lettered with this reason, nothing run.
+    PayloadMismatch(String),
     Processed(Tally),
 }
 
@@ -332,6 +339,20 @@ impl Worker {
                 .inc();
             return Ok(Outcome::Unmatched(unmatched));
         }
+        if let Some(app_event) = resolution.app_event() {
+            if app_event.name != event.name {
+                tracing::debug!(app_event = %app_event.name, "event published under an alias of its app event");
+            }
+            // A message for named workflows (a retry, a replayed run) was let through when
+            // the event first arrived; it is not judged, or counted, again.
+            if only.is_none()
+                && let Some(rejected) = self
+                    .check_payload(body, properties, &event, app_event, abort)
+                    .await?
+            {
+                return Ok(rejected);
+            }
+        }
 
         let replay = broker::header_bool(headers, header::REPLAY);
         let requests: Vec<ClaimRequest> = targets
@@ -382,6 +403,49 @@ impl Worker {
             return Err(Abandoned);
         }
         Ok(Outcome::Processed(tally))
+    }
+
+    /// Applies the app event's payload check. Returns the outcome when the event is rejected
+    /// (dead-lettered once for the whole event, no workflow named); `None` to go on.
+    async fn check_payload(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        event: &Event,
+        app_event: &MatchedEvent,
+        abort: &CancellationToken,
+    ) -> Result<Option<Outcome>, Abandoned> {
+        let differences = app_event.payload_check.differences(&event.payload);
+        if differences.is_empty() {
+            return Ok(None);
+        }
+        let reason = payload_check::reason(&app_event.name, &differences);
+        let core = &self.core;
+        core.metrics
+            .payload_mismatches
+            .get_or_create(&label("event", app_event.name.as_str()))
+            .inc();
+        if app_event.payload_check.mode != Mode::Reject {
+            tracing::warn!(%reason, "payload does not match its app event's example; processed anyway");
+            return Ok(None);
+        }
+        tracing::warn!(%reason, "payload does not match its app event's example; dead-lettered");
+        let letter = DeadLetter {
+            reason: Reason {
+                code: dead_letter::PAYLOAD_MISMATCH,
+                text: reason.clone(),
+            },
+            event: Some(event),
+            workflow_id: None,
+            attempts: None,
+            failure: None,
+        };
+        self.dead_letter(body, properties, &letter, abort).await?;
+        core.metrics
+            .dead_letters
+            .get_or_create(&label("reason", dead_letter::PAYLOAD_MISMATCH))
+            .inc();
+        Ok(Some(Outcome::PayloadMismatch(reason)))
     }
 
     /// Executes one run per its claim, republishes it if it must wait or is dead, records it.
@@ -851,6 +915,7 @@ impl Worker {
             Outcome::Invalid(_) => "invalid",
             Outcome::Poison { .. } => "poison",
             Outcome::Unmatched(_) => "unmatched",
+            Outcome::PayloadMismatch(_) => "payload_mismatch",
             Outcome::Processed(_) => "processed",
         };
         metrics

@@ -177,7 +177,13 @@ impl Bench {
         );
         println!("machine: {}", machine());
         println!();
-        app_event::create(&self.pool, EVENT, &json!({"email": "ada@example.com"})).await?;
+        app_event::create(
+            &self.pool,
+            EVENT,
+            &json!({"email": "ada@example.com"}),
+            appevents::payload_check::Mode::Off,
+        )
+        .await?;
         let salesforce = self
             .workflow(
                 "bench salesforce",

@@ -90,6 +90,25 @@ async fn the_management_api_end_to_end() {
     )
     .await;
     assert_eq!(status, 400);
+    let (status, body) = call(
+        &server,
+        M::PATCH,
+        "/v1/app-events/Contact%20Created",
+        Some(json!({"payload_check": "warn"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["payload_check"].clone()),
+        (200, json!("warn"))
+    );
+    let (status, _) = call(
+        &server,
+        M::PATCH,
+        "/v1/app-events/Contact%20Created",
+        Some(json!({"payload_check": "sometimes"})),
+    )
+    .await;
+    assert_eq!(status, 400);
 
     // Workflows.
     let mapping = json!({"email": "{{payload.email}}"});

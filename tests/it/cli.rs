@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use crate::support::{TestApp, appevents_command, eventually};
 
-/// Runs the binary; returns (status code, stdout, stderr).
-async fn run(app: &TestApp, args: &[&str]) -> (i32, String, String) {
+/// Runs the binary; returns (status code, stdout, stderr). Shared with other modules.
+pub async fn run(app: &TestApp, args: &[&str]) -> (i32, String, String) {
     let output = appevents_command(&app.settings, args)
         .output()
         .await
@@ -20,7 +20,7 @@ async fn run(app: &TestApp, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-async fn ok(app: &TestApp, args: &[&str]) -> String {
+pub async fn ok(app: &TestApp, args: &[&str]) -> String {
     let (code, out, err) = run(app, args).await;
     assert_eq!(code, 0, "appevents {args:?} failed: {err}");
     out

@@ -4,6 +4,7 @@
 mod support;
 
 mod api;
+mod app_events;
 mod cli;
 mod end_to_end;
 mod examples;

@@ -347,6 +347,7 @@ impl TestApp {
             &self.pool,
             name,
             &serde_json::json!({"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}),
+            appevents::payload_check::Mode::Off,
         )
         .await
         .expect("app event");
