@@ -315,7 +315,18 @@ pub fn header_str(headers: Option<&FieldTable>, key: &str) -> Option<String> {
 }
 
 pub fn header_int(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
-    match headers?.inner().get(key)? {
+    let value = headers?.inner().get(key)?;
+    match value {
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        other => integer(other),
+    }
+}
+
+/// The value when it is an AMQP integer of any width, and nothing else: no strings, no
+/// timestamps. Clients pick different widths for the same number, so all of them count.
+pub fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
         AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
         AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
         AMQPValue::ShortInt(v) => Some(i64::from(*v)),
@@ -323,33 +334,18 @@ pub fn header_int(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
         AMQPValue::LongInt(v) => Some(i64::from(*v)),
         AMQPValue::LongUInt(v) => Some(i64::from(*v)),
         AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
         _ => None,
     }
 }
 
-pub fn header_bool(headers: Option<&FieldTable>, key: &str) -> bool {
-    matches!(
-        headers.and_then(|h| h.inner().get(key)),
-        Some(AMQPValue::Boolean(true))
-    )
-}
-
-/// The string items of an array header; `None` when absent or not an array of strings.
-pub fn header_strings(headers: Option<&FieldTable>, key: &str) -> Option<Vec<String>> {
-    let AMQPValue::FieldArray(items) = headers?.inner().get(key)? else {
-        return None;
-    };
-    items
-        .as_slice()
-        .iter()
-        .map(|item| match item {
-            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-            _ => None,
-        })
-        .collect()
+/// The text of a string value (long or short); `None` for anything else or for bytes that
+/// are not UTF-8.
+pub fn text(value: &AMQPValue) -> Option<&str> {
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
 }
 
 pub fn set_str(table: &mut FieldTable, key: &str, value: &str) {
@@ -414,14 +410,40 @@ mod tests {
         set_bool(&mut table, "b", true);
         set_strings(&mut table, "a", &["x".to_owned(), "y".to_owned()]);
         let t = Some(&table);
+        let value = |key: &str| table.inner().get(key);
         assert_eq!(header_str(t, "s").as_deref(), Some("v"));
         assert_eq!(header_int(t, "i"), Some(3));
-        assert!(header_bool(t, "b"));
-        assert_eq!(
-            header_strings(t, "a"),
-            Some(vec!["x".to_owned(), "y".to_owned()])
-        );
+        assert_eq!(value("b"), Some(&AMQPValue::Boolean(true)));
+        let items: Vec<Option<&str>> = match value("a") {
+            Some(AMQPValue::FieldArray(items)) => items.as_slice().iter().map(text).collect(),
+            other => panic!("not an array: {other:?}"),
+        };
+        assert_eq!(items, [Some("x"), Some("y")]);
         assert_eq!(header_str(t, "missing"), None);
         assert_eq!(header_int(t, "s"), None);
+    }
+
+    #[test]
+    fn integers_of_every_width_count_and_nothing_else_does() {
+        for value in [
+            AMQPValue::ShortShortInt(7),
+            AMQPValue::ShortShortUInt(7),
+            AMQPValue::ShortInt(7),
+            AMQPValue::ShortUInt(7),
+            AMQPValue::LongInt(7),
+            AMQPValue::LongUInt(7),
+            AMQPValue::LongLongInt(7),
+        ] {
+            assert_eq!(integer(&value), Some(7), "{value:?}");
+        }
+        for value in [
+            AMQPValue::LongString("7".into()),
+            AMQPValue::Timestamp(7),
+            AMQPValue::Double(7.0),
+            AMQPValue::Boolean(true),
+            AMQPValue::Void,
+        ] {
+            assert_eq!(integer(&value), None, "{value:?}");
+        }
     }
 }

@@ -5,8 +5,8 @@
 //!
 //! The flow of one event, and where each part lives:
 //!
-//! - [`envelope`]: the publishing contract; a message body becomes an [`envelope::Event`] or
-//!   the precise reason it is not one.
+//! - [`envelope`]: the publishing contract; a message body becomes an [`envelope::Event`] and
+//!   its reserved headers an [`envelope::Routing`], or the precise reason they are not.
 //! - [`resolve`]: which workflows the event's user has switched on for its name or one of
 //!   its aliases (one indexed query, cached and invalidated by `LISTEN/NOTIFY`).
 //! - [`payload_check`]: the payload compared with its app event's example payload (off,

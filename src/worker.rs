@@ -3,7 +3,8 @@
 //!
 //! [`Worker::try_execute`] is one unit of work, returning an [`Outcome`]; [`run`] wraps it in
 //! the consume loop. For one message, in order:
-//! 1. parse it against the publishing contract (invalid → dead-letter queue);
+//! 1. parse it and its routing headers against the publishing contract (invalid →
+//!    dead-letter queue);
 //! 2. resolve the user's subscriptions for the event's name or alias (none → acknowledged,
 //!    counted);
 //!    then check the payload against the app event's example when its payload check is on
@@ -254,7 +255,6 @@ impl Worker {
         abort: &CancellationToken,
     ) -> Result<Outcome, Abandoned> {
         let core = &self.core;
-        let headers = properties.headers().as_ref();
         let meta = MessageMeta {
             content_type: properties.content_type().as_ref().map(|s| s.as_str()),
             message_id: properties.message_id().as_ref().map(|s| s.as_str()),
@@ -262,31 +262,26 @@ impl Worker {
         let event = match envelope::parse(body, &meta, core.limits) {
             Ok(event) => event,
             Err(invalid) => {
-                tracing::warn!(reason = %invalid, "invalid message dead-lettered");
-                let letter = DeadLetter {
-                    reason: Reason {
-                        code: dead_letter::INVALID,
-                        text: format!("invalid event: {invalid}"),
-                    },
-                    event: None,
-                    workflow_id: None,
-                    attempts: None,
-                    failure: None,
-                };
-                self.dead_letter(body, properties, &letter, abort).await?;
-                core.metrics
-                    .dead_letters
-                    .get_or_create(&label("reason", format!("invalid:{}", invalid.code())))
-                    .inc();
-                return Ok(Outcome::Invalid(invalid));
+                return self
+                    .dead_letter_invalid(body, properties, invalid, None, abort)
+                    .await;
             }
         };
+
         let span = tracing::Span::current();
         span.record("event_id", event.id.as_str());
         span.record("user_id", event.user_id.as_str());
         span.record("event_name", event.name.as_str());
-
-        let deliveries = broker::header_int(headers, header::DELIVERY_COUNT).unwrap_or(0);
+        let routing = match envelope::routing(properties.headers().as_ref()) {
+            Ok(routing) => routing,
+            // The body is a valid event: the dead letter names it, so operators can find it.
+            Err(invalid) => {
+                return self
+                    .dead_letter_invalid(body, properties, invalid, Some(&event), abort)
+                    .await;
+            }
+        };
+        let deliveries = routing.deliveries;
         if deliveries >= i64::from(core.max_deliveries) {
             tracing::error!(
                 deliveries,
@@ -317,17 +312,14 @@ impl Worker {
                 core.resolver.resolve(&event.user_id, &event.name)
             })
             .await?;
-        let only: Option<Vec<String>> = broker::header_strings(headers, header::WORKFLOWS);
+        let only = routing.workflows.as_deref();
         let targets: Vec<&Target> = resolution
             .targets()
             .iter()
-            .filter(|t| {
-                only.as_ref()
-                    .is_none_or(|ids| ids.contains(&t.workflow_id.to_string()))
-            })
+            .filter(|t| only.is_none_or(|ids| ids.contains(&t.workflow_id)))
             .collect();
         if targets.is_empty() {
-            let unmatched = match (&resolution, &only) {
+            let unmatched = match (&resolution, only) {
                 (Resolution::UnknownEvent, _) => Unmatched::UnknownEvent,
                 (_, Some(_)) => Unmatched::WorkflowsGone,
                 _ => Unmatched::NoSubscription,
@@ -354,7 +346,6 @@ impl Worker {
             }
         }
 
-        let replay = broker::header_bool(headers, header::REPLAY);
         let requests: Vec<ClaimRequest> = targets
             .iter()
             .map(|t| ClaimRequest {
@@ -363,7 +354,7 @@ impl Worker {
                 event_name: event.name.clone(),
                 workflow_id: t.workflow_id,
                 connection_id: t.connection.as_ref().ok().map(|c| c.id),
-                revive_dead: replay,
+                revive_dead: routing.replay,
             })
             .collect();
         let claims = self
@@ -372,17 +363,11 @@ impl Worker {
             })
             .await?;
 
-        let retries_done = u32::try_from(
-            broker::header_int(headers, header::ATTEMPT)
-                .unwrap_or(0)
-                .max(0),
-        )
-        .unwrap_or(u32::MAX);
         let message = Message {
             body,
             properties,
             event: &event,
-            retries_done,
+            retries_done: routing.attempt,
         };
         // Each run is settled on its own (executed, republished if it must wait, recorded),
         // so a fast run is recorded without waiting for a slow sibling: a crash then leaves
@@ -446,6 +431,36 @@ impl Worker {
             .get_or_create(&label("reason", dead_letter::PAYLOAD_MISMATCH))
             .inc();
         Ok(Some(Outcome::PayloadMismatch(reason)))
+    }
+
+    /// Sends a message that is not a valid event to the dead-letter queue with the reason.
+    /// `event` is the parsed body when only the headers were at fault.
+    async fn dead_letter_invalid(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        invalid: Invalid,
+        event: Option<&Event>,
+        abort: &CancellationToken,
+    ) -> Result<Outcome, Abandoned> {
+        tracing::warn!(reason = %invalid, "invalid message dead-lettered");
+        let letter = DeadLetter {
+            reason: Reason {
+                code: dead_letter::INVALID,
+                text: format!("invalid event: {invalid}"),
+            },
+            event,
+            workflow_id: None,
+            attempts: None,
+            failure: None,
+        };
+        self.dead_letter(body, properties, &letter, abort).await?;
+        self.core
+            .metrics
+            .dead_letters
+            .get_or_create(&label("reason", format!("invalid:{}", invalid.code())))
+            .inc();
+        Ok(Outcome::Invalid(invalid))
     }
 
     /// Executes one run per its claim, republishes it if it must wait or is dead, records it.

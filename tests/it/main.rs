@@ -9,6 +9,7 @@ mod cli;
 mod end_to_end;
 mod examples;
 mod faults;
+mod hostile;
 mod ingest;
 mod operations;
 mod retries;
