@@ -1,4 +1,8 @@
-//! The management API: every route with good input, bad input, and without a key.
+//! The management API: every route with good input, bad input, and without a key; and
+//! docs/openapi.json kept true to docs/api.md and to the routes the server has.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use appevents::run::RunStatus;
 use appevents::standin;
@@ -311,15 +315,24 @@ async fn the_management_api_end_to_end() {
         (M::GET, "/v1/users/u/runs"),
         (M::POST, "/v1/events"),
     ] {
-        let response = http_client()
-            .request(method.clone(), format!("{}{path}", server.url))
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(response.status(), 401, "{method} {path}");
+        assert_eq!(
+            without_key(&server, method.clone(), path).await,
+            401,
+            "{method} {path}"
+        );
     }
     server.stop().await;
     app.cleanup().await;
+}
+
+/// The status of a request made without an API key.
+async fn without_key(server: &ServerHandle, method: Method, path: &str) -> u16 {
+    let response = http_client()
+        .request(method, format!("{}{path}", server.url))
+        .send()
+        .await
+        .expect("request");
+    response.status().as_u16()
 }
 
 async fn server_event(server: &ServerHandle, id: &str) -> (u16, Value) {
@@ -331,4 +344,183 @@ async fn server_event(server: &ServerHandle, id: &str) -> (u16, Value) {
         .expect("post");
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// An operation: its method and its path with every parameter written `{}`.
+type Operation = (String, String);
+
+/// The two ingest routes, documented in docs/publishing.md rather than in the tables of
+/// docs/api.md.
+const INGEST: [&str; 2] = ["/v1/events", "/v1/events/batch"];
+
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+fn read_doc(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn openapi() -> Value {
+    serde_json::from_str(&read_doc("openapi.json")).expect("docs/openapi.json is JSON")
+}
+
+/// `path` with every `{parameter}` replaced by `value`.
+fn fill_parameters(path: &str, value: &str) -> String {
+    let mut filled = String::new();
+    let mut rest = path;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..].find('}').expect("a parameter is closed") + start;
+        filled.push_str(&rest[..start]);
+        filled.push_str(value);
+        rest = &rest[end + 1..];
+    }
+    filled.push_str(rest);
+    filled
+}
+
+/// Follows a local `$ref` (`#/components/...`), or gives the object itself.
+fn resolve<'a>(doc: &'a Value, item: &'a Value) -> &'a Value {
+    match item["$ref"].as_str() {
+        Some(reference) => doc
+            .pointer(reference.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("docs/openapi.json: {reference} is not defined")),
+        None => item,
+    }
+}
+
+/// What docs/openapi.json describes: each operation with the names of its query
+/// parameters, its path as written, and the operation object.
+fn openapi_operations(doc: &Value) -> BTreeMap<Operation, (BTreeSet<String>, String, Value)> {
+    let paths = doc["paths"]
+        .as_object()
+        .expect("docs/openapi.json has paths");
+    let mut operations = BTreeMap::new();
+    for (path, item) in paths {
+        for method in METHODS {
+            let Some(operation) = item.get(method) else {
+                continue;
+            };
+            let parameters = [&item["parameters"], &operation["parameters"]];
+            let query: BTreeSet<String> = parameters
+                .iter()
+                .filter_map(|list| list.as_array())
+                .flatten()
+                .map(|parameter| resolve(doc, parameter))
+                .filter(|parameter| parameter["in"] == "query")
+                .filter_map(|parameter| parameter["name"].as_str().map(str::to_owned))
+                .collect();
+            let key = (method.to_uppercase(), fill_parameters(path, "{}"));
+            operations.insert(key, (query, path.clone(), operation.clone()));
+        }
+    }
+    operations
+}
+
+/// The routes of docs/api.md's tables (rows starting "| `METHOD /v1/..."), with the names
+/// of the query parameters their `[?name=VALUE&...]` shows, and the ingest routes.
+fn api_md_operations() -> BTreeMap<Operation, BTreeSet<String>> {
+    let mut operations: BTreeMap<Operation, BTreeSet<String>> = INGEST
+        .iter()
+        .map(|path| (("POST".to_owned(), (*path).to_owned()), BTreeSet::new()))
+        .collect();
+    for line in read_doc("api.md").lines() {
+        let Some(row) = line.trim_start().strip_prefix("| `") else {
+            continue;
+        };
+        let Some((method, target)) = row.split_once('`').and_then(|(r, _)| r.split_once(' '))
+        else {
+            continue;
+        };
+        if !target.starts_with("/v1/") {
+            continue;
+        }
+        let (path, query) = target.split_at(target.find(['[', '?']).unwrap_or(target.len()));
+        let query: BTreeSet<String> = query
+            .trim_matches(['[', '?', ']'])
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| pair.split('=').next().unwrap_or(pair).to_owned())
+            .collect();
+        let key = (method.to_owned(), fill_parameters(path, "{}"));
+        assert!(
+            operations.insert(key.clone(), query).is_none(),
+            "docs/api.md lists {key:?} twice"
+        );
+    }
+    operations
+}
+
+#[test]
+fn the_openapi_document_lists_the_routes_of_the_api_docs() {
+    let doc = openapi();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(
+        doc["info"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "docs/openapi.json describes this version"
+    );
+    let documented: BTreeMap<Operation, BTreeSet<String>> = openapi_operations(&doc)
+        .into_iter()
+        .map(|(key, (query, _, _))| (key, query))
+        .collect();
+    let listed = api_md_operations();
+    let missing: Vec<_> = listed
+        .keys()
+        .filter(|k| !documented.contains_key(*k))
+        .collect();
+    let extra: Vec<_> = documented
+        .keys()
+        .filter(|k| !listed.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "in docs/api.md but not docs/openapi.json: {missing:?}; \
+         in docs/openapi.json but not docs/api.md: {extra:?}"
+    );
+    assert_eq!(
+        documented, listed,
+        "the query parameters of docs/openapi.json and docs/api.md differ"
+    );
+}
+
+#[tokio::test]
+async fn every_documented_operation_is_routed_and_needs_a_key() {
+    let app = TestApp::new().await;
+    let server = ServerHandle::start(&app.settings).await;
+    // A route the server does not have: the router's 404, without a JSON body.
+    let (status, body) = call(&server, Method::GET, "/v1/not-a-route", None).await;
+    assert_eq!((status, body), (404, Value::Null), "an unknown route");
+
+    let doc = openapi();
+    let operations = openapi_operations(&doc);
+    assert!(operations.len() > 2, "docs/openapi.json lists the routes");
+    // Every path parameter a UUID that names nothing: ids parse, nothing is found.
+    let unknown = uuid::Uuid::nil().to_string();
+    for ((method, _), (_, path, operation)) in &operations {
+        let method = Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        let path = fill_parameters(path, &unknown);
+        let body = operation.get("requestBody").map(|_| json!({}));
+        let (status, answer) = call(&server, method.clone(), &path, body).await;
+        assert_ne!(status, 405, "{method} {path}: no such method on the route");
+        assert!(
+            status != 404 || answer["error"].is_string(),
+            "{method} {path}: 404 without a JSON error, so no route (got {answer})"
+        );
+        assert!(
+            operation["responses"].get(status.to_string()).is_some(),
+            "{method} {path}: answered {status}, which docs/openapi.json does not list: {answer}"
+        );
+        assert!(
+            operation["responses"].get("401").is_some(),
+            "{method} {path}: docs/openapi.json does not list 401"
+        );
+        let status = without_key(&server, method.clone(), &path).await;
+        assert_eq!(status, 401, "{method} {path} without a key");
+    }
+    server.stop().await;
+    app.cleanup().await;
 }
