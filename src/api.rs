@@ -3,13 +3,15 @@
 //! their runs. JSON in and out; errors are `{"error": "…"}`. Documented in docs/api.md.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use secrecy::SecretString;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -89,6 +91,35 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     })
 }
 
+/// Path parameters; a segment that cannot be read (not UTF-8, say) is a JSON 400 like every
+/// other error, not axum's plain-text one.
+struct ApiPath<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
+    }
+}
+
+/// The query string; one that does not fit (a repeated or mistyped parameter) is a JSON 400.
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
+    }
+}
+
 fn uuid(text: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text)
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no {what} {text:?}")))
@@ -139,13 +170,13 @@ async fn create_app_event(
     ))
 }
 
-async fn get_app_event(State(state): State<AppState>, Path(event): Path<String>) -> Answer {
+async fn get_app_event(State(state): State<AppState>, ApiPath(event): ApiPath<String>) -> Answer {
     Ok(Json(app_event::get(&state.pool, &event).await?).into_response())
 }
 
 async fn update_app_event(
     State(state): State<AppState>,
-    Path(event): Path<String>,
+    ApiPath(event): ApiPath<String>,
     body: Result<Json<AppEventPatch>, JsonRejection>,
 ) -> Answer {
     let body = json_body(body)?;
@@ -167,7 +198,10 @@ async fn update_app_event(
     Ok(Json(app_event::update(&state.pool, &event, &changes).await?).into_response())
 }
 
-async fn delete_app_event(State(state): State<AppState>, Path(event): Path<String>) -> Answer {
+async fn delete_app_event(
+    State(state): State<AppState>,
+    ApiPath(event): ApiPath<String>,
+) -> Answer {
     app_event::delete(&state.pool, &event).await?;
     Ok(no_content())
 }
@@ -203,7 +237,7 @@ struct WorkflowQuery {
 
 async fn list_workflows(
     State(state): State<AppState>,
-    Query(query): Query<WorkflowQuery>,
+    ApiQuery(query): ApiQuery<WorkflowQuery>,
 ) -> Answer {
     Ok(Json(workflow::list(&state.pool, query.event.as_deref()).await?).into_response())
 }
@@ -224,14 +258,14 @@ async fn create_workflow(
     Ok(created(workflow::create(&state.pool, &new).await?))
 }
 
-async fn get_workflow(State(state): State<AppState>, Path(id): Path<String>) -> Answer {
+async fn get_workflow(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Answer {
     let id = uuid(&id, "workflow")?;
     Ok(Json(workflow::get(&state.pool, id).await?).into_response())
 }
 
 async fn update_workflow(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: Result<Json<WorkflowPatch>, JsonRejection>,
 ) -> Answer {
     let id = uuid(&id, "workflow")?;
@@ -243,10 +277,15 @@ async fn update_workflow(
         options: body.options,
         mapping: body.mapping,
     };
+    if changes.is_empty() {
+        return Err(ApiError::bad_request(
+            "nothing to update: give name, event, action, options and/or mapping",
+        ));
+    }
     Ok(Json(workflow::update(&state.pool, id, &changes).await?).into_response())
 }
 
-async fn delete_workflow(State(state): State<AppState>, Path(id): Path<String>) -> Answer {
+async fn delete_workflow(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Answer {
     let id = uuid(&id, "workflow")?;
     workflow::delete(&state.pool, id).await?;
     Ok(no_content())
@@ -289,13 +328,13 @@ impl ConnectionBody {
     }
 }
 
-async fn list_connections(State(state): State<AppState>, Path(user): Path<String>) -> Answer {
+async fn list_connections(State(state): State<AppState>, ApiPath(user): ApiPath<String>) -> Answer {
     Ok(Json(connection::list(&state.pool, Some(&user)).await?).into_response())
 }
 
 async fn create_connection(
     State(state): State<AppState>,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
     body: Result<Json<ConnectionBody>, JsonRejection>,
 ) -> Answer {
     let new = json_body(body)?.into_new(user);
@@ -305,7 +344,7 @@ async fn create_connection(
 
 async fn replace_connection(
     State(state): State<AppState>,
-    Path((user, id)): Path<(String, String)>,
+    ApiPath((user, id)): ApiPath<(String, String)>,
     body: Result<Json<ConnectionBody>, JsonRejection>,
 ) -> Answer {
     let id = uuid(&id, "connection")?;
@@ -316,7 +355,7 @@ async fn replace_connection(
 
 async fn delete_connection(
     State(state): State<AppState>,
-    Path((user, id)): Path<(String, String)>,
+    ApiPath((user, id)): ApiPath<(String, String)>,
 ) -> Answer {
     let id = uuid(&id, "connection")?;
     connection::delete(&state.pool, id, Some(&user)).await?;
@@ -325,7 +364,7 @@ async fn delete_connection(
 
 // A user's workflows: which are on.
 
-async fn user_workflows(State(state): State<AppState>, Path(user): Path<String>) -> Answer {
+async fn user_workflows(State(state): State<AppState>, ApiPath(user): ApiPath<String>) -> Answer {
     let workflows = workflow::list(&state.pool, None).await?;
     let subscriptions = subscription::list(&state.pool, Some(&user), None).await?;
     let listed: Vec<Value> = workflows
@@ -354,7 +393,7 @@ struct EnableBody {
 
 async fn enable_workflow(
     State(state): State<AppState>,
-    Path((user, id)): Path<(String, String)>,
+    ApiPath((user, id)): ApiPath<(String, String)>,
     body: Result<Json<EnableBody>, JsonRejection>,
 ) -> Answer {
     let id = uuid(&id, "workflow")?;
@@ -365,7 +404,7 @@ async fn enable_workflow(
 
 async fn disable_workflow(
     State(state): State<AppState>,
-    Path((user, id)): Path<(String, String)>,
+    ApiPath((user, id)): ApiPath<(String, String)>,
 ) -> Answer {
     let id = uuid(&id, "workflow")?;
     subscription::delete(&state.pool, &user, id).await?;
@@ -384,10 +423,9 @@ struct RunsQuery {
 
 async fn user_runs(
     State(state): State<AppState>,
-    Path(user): Path<String>,
-    query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+    ApiPath(user): ApiPath<String>,
+    ApiQuery(query): ApiQuery<RunsQuery>,
 ) -> Answer {
-    let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     let status = query
         .status
         .as_deref()

@@ -1068,6 +1068,9 @@ async fn workflows(pool: &deadpool_postgres::Pool, command: WorkflowCommand) -> 
                 options: options.to_value()?,
                 mapping: mapping.map(|m| json_arg(&m, "--mapping")).transpose()?,
             };
+            if changes.is_empty() {
+                bail!("nothing to update: give --name, --event, --action, an option or --mapping");
+            }
             let updated = workflow::update(pool, id, &changes).await?;
             if json {
                 return print_json(&updated);

@@ -82,6 +82,17 @@ pub struct WorkflowChanges {
     pub mapping: Option<Value>,
 }
 
+impl WorkflowChanges {
+    /// Whether nothing would change: an update that is almost certainly a mistake.
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.event.is_none()
+            && self.action.is_none()
+            && self.options.is_none()
+            && self.mapping.is_none()
+    }
+}
+
 const SELECT: &str = "select w.id, w.name, w.app_event_id, e.name, w.provider, w.action, \
      w.options, w.mapping, w.created_at, w.updated_at \
      from workflows w join app_events e on e.id = w.app_event_id";

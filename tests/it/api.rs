@@ -157,6 +157,26 @@ async fn the_management_api_end_to_end() {
     )
     .await;
     assert_eq!((status, body["name"].clone()), (200, json!("to hubspot")));
+    let (status, body) = call(
+        &server,
+        M::PATCH,
+        &format!("/v1/workflows/{workflow_id}"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 400, "an empty update is refused");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nothing to update")),
+        "{body}"
+    );
+    // What axum's extractors refuse is a JSON error like every other one.
+    for path in ["/v1/workflows?event=a&event=b", "/v1/app-events/%FF"] {
+        let (status, body) = call(&server, M::GET, path, None).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(body["error"].is_string(), "{path}: {body}");
+    }
     let (status, _) = call(&server, M::GET, "/v1/workflows/not-a-uuid", None).await;
     assert_eq!(status, 404);
     let (status, _) = call(&server, M::DELETE, "/v1/app-events/Contact%20Created", None).await;
