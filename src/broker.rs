@@ -14,6 +14,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
@@ -40,6 +41,7 @@ pub enum Recovery {
 
 pub async fn connect(
     url: &str,
+    tls_ca_file: &str,
     name: &str,
     recovery: Recovery,
 ) -> Result<Connection, lapin::Error> {
@@ -58,7 +60,20 @@ pub async fn connect(
             }),
         Recovery::None => properties,
     };
-    Connection::connect(url, properties).await
+    // For amqps://, the broker's certificate is verified against the platform's trust store
+    // plus these extra roots; a plain amqp:// URL ignores them.
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: if tls_ca_file.is_empty() {
+            None
+        } else {
+            let pem = std::fs::read_to_string(tls_ca_file).map_err(|err| {
+                std::io::Error::new(err.kind(), format!("amqp.tls_ca_file {tls_ca_file}: {err}"))
+            })?;
+            Some(pem)
+        },
+    };
+    Connection::connect_with_config(url, properties, tls, lapin::runtime::default_runtime()?).await
 }
 
 #[derive(Debug, Clone)]

@@ -1272,6 +1272,7 @@ async fn retry_run(settings: &Settings, id: Uuid) -> anyhow::Result<()> {
     };
     let connection = broker::connect(
         settings.amqp_url(),
+        &settings.amqp.tls_ca_file,
         "appevents runs retry",
         broker::Recovery::None,
     )
@@ -1305,9 +1306,14 @@ async fn retry_run(settings: &Settings, id: Uuid) -> anyhow::Result<()> {
 }
 
 async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
-    let connection = broker::connect(settings.amqp_url(), "appevents dlq", broker::Recovery::None)
-        .await
-        .context("cannot reach the broker")?;
+    let connection = broker::connect(
+        settings.amqp_url(),
+        &settings.amqp.tls_ca_file,
+        "appevents dlq",
+        broker::Recovery::None,
+    )
+    .await
+    .context("cannot reach the broker")?;
     let topology = broker::Topology::new(
         &settings.amqp,
         &crate::retry::RetryPolicy::from(&settings.retry),

@@ -37,6 +37,9 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct AmqpSettings {
     pub url: SecretString,
+    /// Extra CA certificates (a PEM file) trusted for `amqps://`; empty for none.
+    #[serde(default)]
+    pub tls_ca_file: String,
     pub exchange: String,
     pub queue: String,
     pub dead_letter_queue: String,

@@ -42,7 +42,13 @@ impl EventPublisher {
         recovery: Recovery,
     ) -> Result<EventPublisher, lapin::Error> {
         let name = format!("appevents publisher {}", std::process::id());
-        let connection = broker::connect(settings.amqp_url(), &name, recovery).await?;
+        let connection = broker::connect(
+            settings.amqp_url(),
+            &settings.amqp.tls_ca_file,
+            &name,
+            recovery,
+        )
+        .await?;
         let channel = connection.create_channel().await?;
         Topology::new(&settings.amqp, &RetryPolicy::from(&settings.retry))
             .declare(&channel)

@@ -1086,7 +1086,13 @@ async fn consume(
     abort: &CancellationToken,
 ) -> anyhow::Result<()> {
     let name = format!("appevents worker {}", std::process::id());
-    let connection = broker::connect(settings.amqp_url(), &name, Recovery::Automatic).await?;
+    let connection = broker::connect(
+        settings.amqp_url(),
+        &settings.amqp.tls_ca_file,
+        &name,
+        Recovery::Automatic,
+    )
+    .await?;
     let channel = connection.create_channel().await?;
     core.topology.declare(&channel).await?;
     // The broker hands at most `prefetch` unacknowledged messages to this worker: the bound

@@ -134,7 +134,7 @@ impl Bench {
         db::migrate(&settings.database).await?;
         let pool = db::pool(&settings.database)?;
         let keyring = Keyring::from_settings(&settings.secrets)?;
-        let amqp = broker::connect(&args.amqp_url, "appevents bench", Recovery::None).await?;
+        let amqp = broker::connect(&args.amqp_url, "", "appevents bench", Recovery::None).await?;
         let channel = amqp.create_channel().await?;
         topology(&settings).declare(&channel).await?;
         let bin_dir = std::env::current_exe()?

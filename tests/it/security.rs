@@ -13,7 +13,7 @@ use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{CONTACT_CREATED, TestApp, appevents_command};
+use crate::support::{CONTACT_CREATED, TestApp, TlsProxy, appevents_command};
 
 /// An HTTP-request workflow to `url` for user "u".
 async fn http_workflow(app: &TestApp, url: &str) {
@@ -221,6 +221,77 @@ async fn postgres_over_tls_verifies_the_server_certificate() {
         format!("{err:?}").to_lowercase().contains("certificate"),
         "{err:?}"
     );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn amqp_over_tls_verifies_the_broker_certificate() {
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let mut app = TestApp::new().await;
+    app.hubspot_workflow(&crm.url()).await;
+    let tls = TlsProxy::start("127.0.0.1:5672").await;
+    let amqps = |host: &str| format!("amqps://guest:guest@{host}:{}/%2f", tls.addr.port());
+    let ca_file = tls.ca_file.to_string_lossy().into_owned();
+
+    // The worker and the publisher both speak TLS to the broker, trusting the extra CA.
+    app.settings.amqp.url = SecretString::from(amqps("localhost"));
+    app.settings.amqp.tls_ca_file = ca_file.clone();
+    app.start_worker().await;
+    let id = app
+        .publish(
+            CONTACT_CREATED,
+            "u",
+            json!({"email": "tls@example.com"}),
+            None,
+        )
+        .await;
+    let runs = app.wait_for_runs(&id, 1, RunStatus::Succeeded).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(crm.standin.records().len(), 1, "the event went through");
+    assert!(
+        tls.handshakes() >= 2,
+        "worker and publisher connected through TLS ({} handshakes)",
+        tls.handshakes()
+    );
+
+    // The certificate is verified: its name must match the host, and its issuer be trusted.
+    let refused = [
+        (
+            amqps("127.0.0.1"),
+            ca_file.as_str(),
+            "a certificate for another name",
+        ),
+        (
+            amqps("localhost"),
+            "",
+            "a certificate from an unknown issuer",
+        ),
+    ];
+    for (url, ca, what) in refused {
+        let err =
+            appevents::broker::connect(&url, ca, "tls test", appevents::broker::Recovery::None)
+                .await
+                .map(|_| ())
+                .expect_err(what);
+        assert!(
+            err.to_string().to_lowercase().contains("certificate"),
+            "{what}: {err}"
+        );
+    }
+    let missing = appevents::broker::connect(
+        &amqps("localhost"),
+        "/nonexistent/ca.pem",
+        "tls test",
+        appevents::broker::Recovery::None,
+    )
+    .await
+    .map(|_| ())
+    .expect_err("a CA file that cannot be read");
+    assert!(
+        missing.to_string().contains("amqp.tls_ca_file"),
+        "{missing}"
+    );
+    app.stop_worker().await;
     app.cleanup().await;
 }
 

@@ -128,9 +128,14 @@ impl TestApp {
         db::migrate(&settings.database).await.expect("migrate");
         let pool = db::pool(&settings.database).expect("pool");
         let keyring = Arc::new(Keyring::from_settings(&settings.secrets).expect("keyring"));
-        let amqp = broker::connect(settings.amqp_url(), "appevents tests", Recovery::None)
-            .await
-            .expect("broker");
+        let amqp = broker::connect(
+            settings.amqp_url(),
+            &settings.amqp.tls_ca_file,
+            "appevents tests",
+            Recovery::None,
+        )
+        .await
+        .expect("broker");
         let channel = amqp.create_channel().await.expect("channel");
         worker_topology(&settings)
             .declare(&channel)
@@ -815,5 +820,73 @@ impl ServerHandle {
             let _ = stop.send(());
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// A TLS-terminating stand-in in front of a plain TCP service (the local RabbitMQ), with a
+/// fresh certificate for `localhost` whose PEM is written to `ca_file` for clients to trust.
+pub struct TlsProxy {
+    pub addr: std::net::SocketAddr,
+    pub ca_file: std::path::PathBuf,
+    /// TLS handshakes completed: proof that a client really came through here.
+    pub handshakes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsProxy {
+    pub async fn start(target: &str) -> TlsProxy {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+        let ca_file =
+            std::env::temp_dir().join(format!("appevents-test-ca-{}.pem", Uuid::new_v4()));
+        std::fs::write(&ca_file, cert.pem()).expect("write the CA file");
+        let key =
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(signing_key.serialize_der())
+                .expect("key");
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind TLS proxy");
+        let addr = listener.local_addr().expect("addr");
+        let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = handshakes.clone();
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (acceptor, target, counted) =
+                    (acceptor.clone(), target.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(inbound).await else {
+                        return;
+                    };
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        TlsProxy {
+            addr,
+            ca_file,
+            handshakes,
+        }
+    }
+
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.ca_file);
     }
 }
