@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::cli::{ok, run};
-use crate::support::{CONTACT_CREATED, TestApp, eventually};
+use crate::support::{CONTACT_CREATED, TestApp, eventually, record_emails};
 
 const RENAMED: &str = "Contact Added";
 const EXAMPLE: &str = r#"{"email":"ada@example.com","age":36}"#;
@@ -205,17 +205,7 @@ async fn a_renamed_app_event_keeps_its_workflows_and_its_old_name_as_an_alias() 
         "{table}"
     );
     assert!(table.contains(CONTACT_CREATED), "{table}");
-    let emails: Vec<String> = crm
-        .standin
-        .records()
-        .iter()
-        .filter_map(|r| {
-            r.fields
-                .get("email")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .collect();
+    let emails = record_emails(&crm);
     assert_eq!(
         emails,
         ["before@example.com", "old@example.com", "new@example.com"]

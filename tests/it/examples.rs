@@ -8,7 +8,7 @@ use appevents::run::RunStatus;
 use appevents::standin;
 use tokio::process::Command;
 
-use crate::support::{CONTACT_CREATED, ServerHandle, TestApp};
+use crate::support::{CONTACT_CREATED, ServerHandle, TestApp, record_emails};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -64,11 +64,9 @@ async fn node_example() -> PathBuf {
     dir.join("publish.js")
 }
 
-async fn run_example(app: &TestApp, program: &Path, script: Option<&Path>, id: &str, email: &str) {
-    let mut command = Command::new(program);
-    if let Some(script) = script {
-        command.arg(script);
-    }
+/// Runs one example (`command`, to which the common arguments are added) and checks that it
+/// printed the event id.
+async fn run_example(app: &TestApp, mut command: Command, id: &str, email: &str) {
     let output = command
         .args(["--name", CONTACT_CREATED, "--user", "u", "--id", id])
         .args([
@@ -83,11 +81,28 @@ async fn run_example(app: &TestApp, program: &Path, script: Option<&Path>, id: &
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "{} failed: {}",
-        program.display(),
+        "{id} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(stdout.trim(), id, "the example prints the event id");
+}
+
+/// A command running `program` with `args` first.
+fn example(program: impl AsRef<std::ffi::OsStr>, args: &[&std::ffi::OsStr]) -> Command {
+    let mut command = Command::new(program);
+    command.args(args);
+    command
+}
+
+/// Waits for each event's run and checks the stand-in CRM holds a contact for each email.
+async fn assert_processed(app: &TestApp, crm: &standin::Running, events: &[(&str, &str)]) {
+    for (id, _) in events {
+        app.wait_for_runs(id, 1, RunStatus::Succeeded).await;
+    }
+    let emails = record_emails(crm);
+    for (_, email) in events {
+        assert!(emails.iter().any(|e| e == email), "{email} in {emails:?}");
+    }
 }
 
 #[tokio::test]
@@ -101,8 +116,7 @@ async fn the_python_and_node_examples_publish_events_the_worker_processes() {
     let script = Path::new(REPO).join("examples/python/publish.py");
     run_example(
         &app,
-        &python,
-        Some(&script),
+        example(&python, &[script.as_os_str()]),
         "evt-python",
         "pika@example.com",
     )
@@ -110,8 +124,7 @@ async fn the_python_and_node_examples_publish_events_the_worker_processes() {
     let node = node_example().await;
     run_example(
         &app,
-        Path::new("node"),
-        Some(&node),
+        example("node", &[node.as_os_str()]),
         "evt-node",
         "amqplib@example.com",
     )
@@ -134,33 +147,84 @@ async fn the_python_and_node_examples_publish_events_the_worker_processes() {
     );
     assert_eq!(String::from_utf8_lossy(&curl.stdout).trim(), "evt-curl");
 
-    app.wait_for_runs("evt-python", 1, RunStatus::Succeeded)
-        .await;
-    app.wait_for_runs("evt-node", 1, RunStatus::Succeeded).await;
-    app.wait_for_runs("evt-curl", 1, RunStatus::Succeeded).await;
     server.stop().await;
-    let emails: Vec<String> = crm
-        .standin
-        .records()
-        .iter()
-        .filter_map(|r| {
-            r.fields
-                .get("email")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })
-        .collect();
+    assert_processed(
+        &app,
+        &crm,
+        &[
+            ("evt-python", "pika@example.com"),
+            ("evt-node", "amqplib@example.com"),
+            ("evt-curl", "curl@example.com"),
+        ],
+    )
+    .await;
+    app.cleanup().await;
+}
+
+/// Go, Ruby and Java are not on every development machine: this test is run by `.ci/run`,
+/// which installs them and their AMQP clients from Debian's packages (golang-go with
+/// golang-github-rabbitmq-amqp091-go-dev, ruby-bunny, librabbitmq-client-java), with
+/// `cargo test -- --ignored examples::`. Go builds in GOPATH mode against the packaged
+/// client, so nothing is fetched from the Go module proxy.
+#[tokio::test]
+#[ignore = "needs Go, Ruby with bunny and Java with amqp-client; .ci/run installs them"]
+async fn the_go_ruby_and_java_examples_publish_events_the_worker_processes() {
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let mut app = TestApp::new().await;
+    app.hubspot_workflow(&crm.url()).await;
+    app.start_worker().await;
+
+    let go_binary = Path::new(env!("CARGO_TARGET_TMPDIR")).join("examples-go-publish");
+    let built = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&go_binary)
+        .arg(".")
+        .current_dir(Path::new(REPO).join("examples/go"))
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
+        )
+        .status()
+        .await;
     assert!(
-        emails.contains(&"pika@example.com".to_owned()),
-        "{emails:?}"
+        built.is_ok_and(|s| s.success()),
+        "go build of examples/go failed: install golang-go and golang-github-rabbitmq-amqp091-go-dev"
     );
-    assert!(
-        emails.contains(&"amqplib@example.com".to_owned()),
-        "{emails:?}"
-    );
-    assert!(
-        emails.contains(&"curl@example.com".to_owned()),
-        "{emails:?}"
-    );
+    run_example(&app, example(&go_binary, &[]), "evt-go", "go@example.com").await;
+
+    let ruby = Path::new(REPO).join("examples/ruby/publish.rb");
+    run_example(
+        &app,
+        example("ruby", &[ruby.as_os_str()]),
+        "evt-ruby",
+        "bunny@example.com",
+    )
+    .await;
+
+    let java = Path::new(REPO).join("examples/java/Publish.java");
+    let classpath = "/usr/share/java/amqp-client.jar:/usr/share/java/slf4j-api.jar";
+    run_example(
+        &app,
+        example(
+            "java",
+            &["-cp".as_ref(), classpath.as_ref(), java.as_os_str()],
+        ),
+        "evt-java",
+        "java@example.com",
+    )
+    .await;
+
+    assert_processed(
+        &app,
+        &crm,
+        &[
+            ("evt-go", "go@example.com"),
+            ("evt-ruby", "bunny@example.com"),
+            ("evt-java", "java@example.com"),
+        ],
+    )
+    .await;
     app.cleanup().await;
 }

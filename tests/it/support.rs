@@ -890,3 +890,17 @@ impl Drop for TlsProxy {
         let _ = std::fs::remove_file(&self.ca_file);
     }
 }
+
+/// The `email` field of every record the stand-in CRM holds, in creation order.
+pub fn record_emails(crm: &appevents::standin::Running) -> Vec<String> {
+    crm.standin
+        .records()
+        .iter()
+        .filter_map(|r| {
+            r.fields
+                .get("email")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect()
+}
