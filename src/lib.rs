@@ -35,6 +35,10 @@
 //! commands), [`demo`] and [`standin`] (a stand-in CRM for the demo, the chaos run and the
 //! benchmark).
 
+// Input, the network and the database can fail anywhere outside tests: errors are returned,
+// never unwrapped. Unit tests (cfg(test)) may expect.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod api;
 pub mod app_event;
 pub mod batch;

@@ -1,5 +1,9 @@
 //! The stand-in CRM as its own process: `appevents-standin --listen 127.0.0.1:8099`.
 
+// Input, the network and the database can fail anywhere outside tests: errors are returned,
+// never unwrapped. Unit tests (cfg(test)) may expect.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use clap::Parser;

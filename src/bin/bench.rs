@@ -20,6 +20,10 @@
 //! Printed: events/s and the ratio to the ceiling, latency percentiles, the worker's peak RSS
 //! and CPU time per event.
 
+// Input, the network and the database can fail anywhere outside tests: errors are returned,
+// never unwrapped. Unit tests (cfg(test)) may expect.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
