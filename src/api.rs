@@ -186,11 +186,7 @@ async fn update_app_event(
         payload_check: body.payload_check,
         remove_aliases: body.remove_aliases,
     };
-    if changes.name.is_none()
-        && changes.schema.is_none()
-        && changes.payload_check.is_none()
-        && changes.remove_aliases.is_empty()
-    {
+    if changes.is_empty() {
         return Err(ApiError::bad_request(
             "nothing to update: give name, schema, payload_check and/or remove_aliases",
         ));

@@ -43,6 +43,16 @@ pub struct AppEventChanges {
     pub remove_aliases: Vec<String>,
 }
 
+impl AppEventChanges {
+    /// Whether nothing would change: an update that is almost certainly a mistake.
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.schema.is_none()
+            && self.payload_check.is_none()
+            && self.remove_aliases.is_empty()
+    }
+}
+
 fn check_name(name: &str) -> Result<(), StoreError> {
     if name.trim().is_empty() {
         return Err(StoreError::Invalid(

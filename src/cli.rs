@@ -856,11 +856,7 @@ async fn app_events(
                 payload_check,
                 remove_aliases,
             };
-            if changes.name.is_none()
-                && changes.schema.is_none()
-                && changes.payload_check.is_none()
-                && changes.remove_aliases.is_empty()
-            {
+            if changes.is_empty() {
                 bail!(
                     "nothing to update: give --name, --schema, --payload-check or --remove-alias"
                 );
@@ -1254,6 +1250,27 @@ async fn runs(pool: &deadpool_postgres::Pool, command: RunsCommand) -> anyhow::R
     Ok(())
 }
 
+/// A one-shot connection to the broker (no recovery: a command fails rather than waits) and
+/// the topology the workers use.
+async fn broker_session(
+    settings: &Settings,
+    name: &str,
+) -> anyhow::Result<(lapin::Connection, broker::Topology)> {
+    let connection = broker::connect(
+        settings.amqp_url(),
+        &settings.amqp.tls_ca_file,
+        name,
+        broker::Recovery::None,
+    )
+    .await
+    .context("cannot reach the broker")?;
+    let topology = broker::Topology::new(
+        &settings.amqp,
+        &crate::retry::RetryPolicy::from(&settings.retry),
+    );
+    Ok((connection, topology))
+}
+
 /// Replays the dead letter of one dead run.
 async fn retry_run(settings: &Settings, id: Uuid) -> anyhow::Result<()> {
     let pool = db::pool(&settings.database)?;
@@ -1270,18 +1287,7 @@ async fn retry_run(settings: &Settings, id: Uuid) -> anyhow::Result<()> {
         workflow_id: Some(found.workflow_id),
         ..dead_letter::Filter::default()
     };
-    let connection = broker::connect(
-        settings.amqp_url(),
-        &settings.amqp.tls_ca_file,
-        "appevents runs retry",
-        broker::Recovery::None,
-    )
-    .await
-    .context("cannot reach the broker")?;
-    let topology = broker::Topology::new(
-        &settings.amqp,
-        &crate::retry::RetryPolicy::from(&settings.retry),
-    );
+    let (connection, topology) = broker_session(settings, "appevents runs retry").await?;
     let report = dead_letter::walk(
         &connection,
         &topology,
@@ -1306,18 +1312,7 @@ async fn retry_run(settings: &Settings, id: Uuid) -> anyhow::Result<()> {
 }
 
 async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
-    let connection = broker::connect(
-        settings.amqp_url(),
-        &settings.amqp.tls_ca_file,
-        "appevents dlq",
-        broker::Recovery::None,
-    )
-    .await
-    .context("cannot reach the broker")?;
-    let topology = broker::Topology::new(
-        &settings.amqp,
-        &crate::retry::RetryPolicy::from(&settings.retry),
-    );
+    let (connection, topology) = broker_session(settings, "appevents dlq").await?;
     let result = dlq_walk(&connection, &topology, command).await;
     let _ = connection.close(200, "done".into()).await;
     result

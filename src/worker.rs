@@ -287,23 +287,21 @@ impl Worker {
                 deliveries,
                 "message keeps failing to finish; dead-lettered as poison"
             );
-            let letter = DeadLetter {
-                reason: Reason {
-                    code: dead_letter::POISON,
-                    text: format!(
-                        "poison: delivered {deliveries} times without being finished (the worker crashed, timed out or lost its connection each time)"
-                    ),
-                },
-                event: Some(&event),
-                workflow_id: None,
-                attempts: None,
-                failure: None,
+            let reason = Reason {
+                code: dead_letter::POISON,
+                text: format!(
+                    "poison: delivered {deliveries} times without being finished (the worker crashed, timed out or lost its connection each time)"
+                ),
             };
-            self.dead_letter(body, properties, &letter, abort).await?;
-            core.metrics
-                .dead_letters
-                .get_or_create(&label("reason", dead_letter::POISON))
-                .inc();
+            self.dead_letter_event(
+                body,
+                properties,
+                Some(&event),
+                reason,
+                dead_letter::POISON,
+                abort,
+            )
+            .await?;
             return Ok(Outcome::Poison { deliveries });
         }
 
@@ -415,21 +413,19 @@ impl Worker {
             return Ok(None);
         }
         tracing::warn!(%reason, "payload does not match its app event's example; dead-lettered");
-        let letter = DeadLetter {
-            reason: Reason {
-                code: dead_letter::PAYLOAD_MISMATCH,
-                text: reason.clone(),
-            },
-            event: Some(event),
-            workflow_id: None,
-            attempts: None,
-            failure: None,
+        let letter = Reason {
+            code: dead_letter::PAYLOAD_MISMATCH,
+            text: reason.clone(),
         };
-        self.dead_letter(body, properties, &letter, abort).await?;
-        core.metrics
-            .dead_letters
-            .get_or_create(&label("reason", dead_letter::PAYLOAD_MISMATCH))
-            .inc();
+        self.dead_letter_event(
+            body,
+            properties,
+            Some(event),
+            letter,
+            dead_letter::PAYLOAD_MISMATCH,
+            abort,
+        )
+        .await?;
         Ok(Some(Outcome::PayloadMismatch(reason)))
     }
 
@@ -444,11 +440,29 @@ impl Worker {
         abort: &CancellationToken,
     ) -> Result<Outcome, Abandoned> {
         tracing::warn!(reason = %invalid, "invalid message dead-lettered");
+        let reason = Reason {
+            code: dead_letter::INVALID,
+            text: format!("invalid event: {invalid}"),
+        };
+        let metric = format!("invalid:{}", invalid.code());
+        self.dead_letter_event(body, properties, event, reason, &metric, abort)
+            .await?;
+        Ok(Outcome::Invalid(invalid))
+    }
+
+    /// Dead-letters a whole message, for no one workflow (invalid, poison, rejected by its
+    /// payload check), and counts it under `metric`.
+    async fn dead_letter_event(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        event: Option<&Event>,
+        reason: Reason,
+        metric: &str,
+        abort: &CancellationToken,
+    ) -> Result<(), Abandoned> {
         let letter = DeadLetter {
-            reason: Reason {
-                code: dead_letter::INVALID,
-                text: format!("invalid event: {invalid}"),
-            },
+            reason,
             event,
             workflow_id: None,
             attempts: None,
@@ -458,9 +472,9 @@ impl Worker {
         self.core
             .metrics
             .dead_letters
-            .get_or_create(&label("reason", format!("invalid:{}", invalid.code())))
+            .get_or_create(&label("reason", metric))
             .inc();
-        Ok(Outcome::Invalid(invalid))
+        Ok(())
     }
 
     /// Executes one run per its claim, republishes it if it must wait or is dead, records it.

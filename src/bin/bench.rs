@@ -407,15 +407,14 @@ impl Bench {
         Ok(count as f64 / started.elapsed().as_secs_f64())
     }
 
-    /// The broker's ceiling: a bare consumer on a quorum queue like the work queue.
-    async fn ceiling(&self) -> anyhow::Result<(f64, f64)> {
-        let queue = format!("bench.{}.ceiling", self.tag);
+    /// A channel on a fresh durable quorum queue named `queue`, like the work queue.
+    async fn quorum_queue(&self, queue: &str) -> anyhow::Result<lapin::Channel> {
         let channel = self.amqp.create_channel().await?;
         let mut args = FieldTable::default();
         broker::set_str(&mut args, "x-queue-type", "quorum");
         channel
             .queue_declare(
-                queue.as_str().into(),
+                queue.into(),
                 lapin::options::QueueDeclareOptions {
                     durable: true,
                     ..Default::default()
@@ -423,6 +422,33 @@ impl Bench {
                 args,
             )
             .await?;
+        Ok(channel)
+    }
+
+    /// A consumer that does nothing but receive, with the worker's prefetch.
+    async fn bare_consumer(
+        &self,
+        channel: &lapin::Channel,
+        queue: &str,
+        tag: &str,
+    ) -> anyhow::Result<lapin::Consumer> {
+        channel
+            .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        Ok(channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?)
+    }
+
+    /// The broker's ceiling: a bare consumer on a quorum queue like the work queue.
+    async fn ceiling(&self) -> anyhow::Result<(f64, f64)> {
+        let queue = format!("bench.{}.ceiling", self.tag);
+        let channel = self.quorum_queue(&queue).await?;
         let n = self.args.events;
         let bodies = (0..n).map(|i| {
             let id = format!("ceiling-{i}");
@@ -430,16 +456,8 @@ impl Bench {
             (id, body)
         });
         let publish_rate = self.publish("", &queue, bodies).await?;
-        channel
-            .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "bench-ceiling".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let mut consumer = self
+            .bare_consumer(&channel, &queue, "bench-ceiling")
             .await?;
         // Acknowledgements go out as fast as deliveries come in, without waiting for each
         // one in turn: what the broker can hand to one consumer, nothing else.
@@ -470,29 +488,9 @@ impl Bench {
     /// bare consumer receives and acknowledges. What the worker's latency stands beside.
     async fn broker_latency(&self) -> anyhow::Result<Histogram<u64>> {
         let queue = format!("bench.{}.latency", self.tag);
-        let channel = self.amqp.create_channel().await?;
-        let mut args = FieldTable::default();
-        broker::set_str(&mut args, "x-queue-type", "quorum");
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await?;
-        channel
-            .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "bench-latency".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let channel = self.quorum_queue(&queue).await?;
+        let mut consumer = self
+            .bare_consumer(&channel, &queue, "bench-latency")
             .await?;
         let warmup = (f64::from(self.args.rate) * 2.0) as usize;
         let total = (f64::from(self.args.rate) * self.args.duration.as_secs_f64()) as usize;
