@@ -1,4 +1,5 @@
-# appevents: the worker, the HTTP API (`appevents serve`) and the stand-in CRM in one image.
+# appevents: the worker, the HTTP API (`appevents serve`) and the stand-in CRM in one image
+# (the stand-in is its own crate of the workspace, and its own binary).
 #
 #   docker build -t appevents:local .
 #   docker run --rm appevents:local --help
@@ -9,7 +10,7 @@
 # ---------------------------------------------------------------------------------------------
 # Builder.
 #
-# The crate declares rust-version = "1.88" and edition 2024, so it needs Rust 1.88 or newer.
+# The workspace declares rust-version = "1.88" and edition 2024, so it needs Rust 1.88 or newer.
 # `rust:1-bookworm` is the newest stable 1.x on Debian 12 (always >= 1.88), deliberately not
 # `rust:1.88-bookworm`: a dependency in Cargo.lock may raise its own rust-version above the
 # crate's, and `--locked` would then fail on an exactly pinned old toolchain. Bookworm matches
@@ -19,31 +20,38 @@ FROM rust:1-bookworm AS builder
 
 WORKDIR /src
 
-# 1. Dependencies only, in their own layer: it is rebuilt only when Cargo.toml or Cargo.lock
-#    change. Stub sources give Cargo every target it expects (the library, the default
-#    `appevents` binary and the binaries under src/bin/); the stubs' own artefacts and
-#    fingerprints are removed afterwards, so the real sources below are always compiled.
+# 1. Dependencies only, in their own layer: it is rebuilt only when a manifest or Cargo.lock
+#    changes. Stub sources give Cargo every target of the workspace it expects (the
+#    product's library and binary, the stand-in CRM's library and binary, the benchmark);
+#    the stubs' own artefacts and fingerprints are removed afterwards, so the real sources
+#    below are always compiled.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin \
+COPY crates/standin/Cargo.toml crates/standin/
+COPY crates/bench/Cargo.toml crates/bench/
+RUN mkdir -p src crates/standin/src crates/bench/src \
     && echo 'fn main() {}' > src/main.rs \
     && : > src/lib.rs \
-    && echo 'fn main() {}' > src/bin/appevents-standin.rs \
-    && echo 'fn main() {}' > src/bin/bench.rs \
+    && echo 'fn main() {}' > crates/standin/src/main.rs \
+    && : > crates/standin/src/lib.rs \
+    && echo 'fn main() {}' > crates/bench/src/main.rs \
     && cargo build --release --locked --bin appevents --bin appevents-standin \
-    && rm -rf src \
+    && rm -rf src crates/standin/src crates/bench/src \
         target/release/.fingerprint/appevents-* \
         target/release/deps/appevents-* \
         target/release/deps/appevents_standin-* \
         target/release/deps/libappevents-* \
+        target/release/deps/libappevents_standin-* \
         target/release/appevents \
         target/release/appevents.d \
         target/release/appevents-standin \
         target/release/appevents-standin.d \
-        target/release/libappevents.*
+        target/release/libappevents.* \
+        target/release/libappevents_standin.*
 
-# 2. The crate itself. config/default.toml (include_str!) and migrations/ (refinery's
+# 2. The workspace itself. config/default.toml (include_str!) and migrations/ (refinery's
 #    embed_migrations!) are read at compile time, so both must be here for the build.
 COPY src ./src
+COPY crates ./crates
 COPY migrations ./migrations
 COPY config ./config
 RUN cargo build --release --locked --bin appevents --bin appevents-standin

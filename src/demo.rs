@@ -2,12 +2,22 @@
 //! a Salesforce and a HubSpot workflow, a user with a connection to each (pointing at the
 //! stand-in CRM), switches both workflows on, publishes one event, and shows the contact
 //! created in each CRM and the two runs recorded.
+//!
+//! Without `--standin`, the stand-in CRM runs as a child process: the `appevents-standin`
+//! binary beside this one (its own crate, so the product does not ship it). Started by
+//! `cargo run`, the demo has cargo build it first, so `cargo run -- demo` works from a fresh
+//! clone.
 
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use secrecy::SecretString;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use crate::broker::Recovery;
@@ -17,10 +27,9 @@ use crate::integrations::Provider;
 use crate::payload_check::Mode;
 use crate::publish::{EventPublisher, NewEvent};
 use crate::run::{self, Run, RunFilter, RunStatus};
-use crate::standin::Record;
 use crate::vault::Keyring;
 use crate::workflow::{self, NewWorkflow};
-use crate::{app_event, db, standin, subscription, worker};
+use crate::{app_event, db, subscription, worker};
 
 const EVENT: &str = "Contact Created";
 
@@ -38,11 +47,12 @@ pub async fn run(
     let pool = db::pool(&settings.database)?;
     let keyring = Keyring::from_settings(&settings.secrets)?;
 
+    // The child process, if any, is killed when this is dropped.
     let (standin_url, _local_standin) = match standin_url {
         Some(url) => (url.trim_end_matches('/').to_owned(), None),
         None => {
-            let running = standin::spawn("127.0.0.1:0").await?;
-            (running.url(), Some(running))
+            let (url, child) = start_standin().await?;
+            (url, Some(child))
         }
     };
     println!("stand-in CRM      {standin_url} (plays Salesforce and HubSpot)");
@@ -252,8 +262,16 @@ async fn wait_for_runs(
     }
 }
 
+/// A record as the stand-in CRM lists it (`GET /_standin/records`).
+#[derive(Deserialize)]
+struct Record {
+    provider: String,
+    object: String,
+    id: String,
+    fields: Map<String, Value>,
+}
+
 async fn fetch_records(standin_url: &str) -> anyhow::Result<Vec<Record>> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let records = reqwest::Client::new()
         .get(format!("{standin_url}/_standin/records"))
         .send()
@@ -273,4 +291,74 @@ fn singular(object: &str) -> &str {
         "contacts" => "contact",
         other => other,
     }
+}
+
+/// Starts `appevents-standin` on a free port; returns its URL (from the line it prints
+/// once listening) and the child process, killed when dropped.
+async fn start_standin() -> anyhow::Result<(String, Child)> {
+    let binary = standin_binary().await?;
+    let mut child = Command::new(&binary)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let stdout = child.stdout.take().context("the stand-in's output")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("the stand-in CRM did not start within 10s")??
+        .unwrap_or_default();
+    let Some(url) = line.strip_prefix("stand-in CRM listening on ") else {
+        bail!("the stand-in CRM did not start: {line:?}");
+    };
+    Ok((url.trim().to_owned(), child))
+}
+
+/// `appevents-standin` beside this executable. Under `cargo run` (which sets `CARGO` and
+/// `CARGO_MANIFEST_DIR`) it is built first with the same profile, since `cargo run` builds
+/// only the binary it runs.
+async fn standin_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("this executable's path")?;
+    let dir = exe.parent().context("this executable's directory")?;
+    let binary = dir.join(format!("appevents-standin{}", std::env::consts::EXE_SUFFIX));
+    if let (Ok(cargo), Ok(manifest_dir)) =
+        (std::env::var("CARGO"), std::env::var("CARGO_MANIFEST_DIR"))
+    {
+        build_standin(&cargo, Path::new(&manifest_dir), dir).await?;
+    }
+    if !binary.exists() {
+        bail!(
+            "no stand-in CRM: {} is missing; build it (cargo build -p appevents-standin) or give --standin URL",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+async fn build_standin(cargo: &str, manifest_dir: &Path, profile_dir: &Path) -> anyhow::Result<()> {
+    // target/debug holds the `dev` profile's output; any other directory is named after
+    // its profile (target/release).
+    let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            profile,
+            "--bin",
+            "appevents-standin",
+        ])
+        .arg("--manifest-path")
+        .arg(manifest_dir.join("Cargo.toml"))
+        .status()
+        .await
+        .context("cannot run cargo to build the stand-in CRM")?;
+    if !status.success() {
+        bail!("building the stand-in CRM failed ({status})");
+    }
+    Ok(())
 }

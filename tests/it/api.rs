@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use appevents::run::RunStatus;
-use appevents::standin;
+use appevents_standin as standin;
 use reqwest::Method;
 use serde_json::{Value, json};
 

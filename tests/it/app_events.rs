@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use appevents::integrations::Provider;
 use appevents::run::RunStatus;
-use appevents::standin::{self, Faults, ScriptedAnswer};
+use appevents_standin::{self as standin, Faults, ScriptedAnswer};
 use serde_json::{Value, json};
 use uuid::Uuid;
 

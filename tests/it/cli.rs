@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use appevents::standin;
+use appevents_standin as standin;
 use serde_json::Value;
 
 use crate::support::{TestApp, appevents_command, eventually};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use appevents::integrations::Provider;
 use appevents::run::RunStatus;
-use appevents::standin;
+use appevents_standin as standin;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
 
@@ -433,11 +433,11 @@ async fn a_users_event_only_uses_that_users_connections() {
     app.subscribe("user-a", shared.id, a_conn).await;
     app.subscribe("user-b", shared.id, b_conn).await;
     app.subscribe("user-b", only_b.id, b_sf).await;
-    crm_a.standin.set_tokens(appevents::standin::Tokens {
+    crm_a.standin.set_tokens(appevents_standin::Tokens {
         valid_access: Some(vec!["token-a".into()]),
         ..Default::default()
     });
-    crm_b.standin.set_tokens(appevents::standin::Tokens {
+    crm_b.standin.set_tokens(appevents_standin::Tokens {
         valid_access: Some(vec!["token-b".into(), "token-b-sf".into()]),
         ..Default::default()
     });

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use appevents::run::RunStatus;
-use appevents::standin;
+use appevents_standin as standin;
 use tokio::process::Command;
 
 use crate::support::{CONTACT_CREATED, ServerHandle, TestApp, record_emails};

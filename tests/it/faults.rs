@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use appevents::run::RunStatus;
-use appevents::standin::{self, Faults};
+use appevents_standin::{self as standin, Faults};
 use secrecy::SecretString;
 use serde_json::json;
 

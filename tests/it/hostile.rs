@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use appevents::metrics::label;
 use appevents::run::RunStatus;
-use appevents::standin;
+use appevents_standin as standin;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use serde_json::{Map, Value, json};

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use appevents::run::RunStatus;
-use appevents::standin;
+use appevents_standin as standin;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use appevents::broker::Publisher;
 use appevents::integrations::Provider;
 use appevents::run::RunStatus;
-use appevents::standin::{self, Faults};
+use appevents_standin::{self as standin, Faults};
 use serde_json::{Value, json};
 
 use crate::support::{

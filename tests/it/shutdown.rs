@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use appevents::integrations::Provider;
 use appevents::run::RunStatus;
-use appevents::standin::{self, Faults};
+use appevents_standin::{self as standin, Faults};
 use serde_json::json;
 
 use crate::support::{TestApp, appevents_command, eventually, signal};

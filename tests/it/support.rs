@@ -892,7 +892,7 @@ impl Drop for TlsProxy {
 }
 
 /// The `email` field of every record the stand-in CRM holds, in creation order.
-pub fn record_emails(crm: &appevents::standin::Running) -> Vec<String> {
+pub fn record_emails(crm: &appevents_standin::Running) -> Vec<String> {
     crm.standin
         .records()
         .iter()

@@ -1,8 +1,5 @@
 //! The stand-in CRM as its own process: `appevents-standin --listen 127.0.0.1:8099`.
-
-// Input, the network and the database can fail anywhere outside tests: errors are returned,
-// never unwrapped. Unit tests (cfg(test)) may expect.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+//! Prints `stand-in CRM listening on URL` once it listens (the demo reads that line).
 
 use std::process::ExitCode;
 
@@ -14,7 +11,7 @@ use clap::Parser;
     about = "A stand-in for Salesforce and HubSpot, for demos and tests"
 )]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on (port 0 for any free port).
     #[arg(long, default_value = "127.0.0.1:8099")]
     listen: String,
     /// Keep no records or request log (for benchmarks: memory stays flat).
@@ -31,7 +28,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let running = match appevents::standin::spawn_with(&args.listen, args.forget).await {
+    let running = match appevents_standin::spawn_with(&args.listen, args.forget).await {
         Ok(running) => running,
         Err(err) => {
             eprintln!("error: cannot listen on {}: {err}", args.listen);
@@ -40,7 +37,22 @@ async fn main() -> ExitCode {
     };
     println!("stand-in CRM listening on {}", running.url());
     tokio::select! {
-        _ = appevents::cli::shutdown_signal() => ExitCode::SUCCESS,
+        _ = stopped() => ExitCode::SUCCESS,
         _ = running.task => ExitCode::FAILURE,
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn stopped() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

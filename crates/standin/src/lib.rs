@@ -1,7 +1,7 @@
 //! A stand-in for Salesforce and HubSpot (and an OAuth token endpoint and an HTTP sink), for
-//! the demo, the chaos run and the benchmark. It speaks the subset of both APIs appevents
-//! uses, with their success and error shapes, keeps what it is sent in memory, and can be
-//! told to fail: a scripted sequence of answers, a fraction of random failures, latency,
+//! the demo, the tests, the chaos run and the benchmark; its own crate, so the product does
+//! not ship it. It speaks the subset of both APIs appevents uses, with their success and
+//! error shapes, keeps what it is sent in memory, and can be told to fail: a scripted sequence of answers, a fraction of random failures, latency,
 //! expired or revoked tokens. Tests of single behaviours use wiremock instead.
 //!
 //! Inspection and control, under `/_standin/`:
@@ -132,7 +132,11 @@ pub async fn spawn_with(addr: &str, forget: bool) -> std::io::Result<Running> {
     let standin = Standin::default();
     standin.lock().forget = forget;
     let app = standin.router();
-    let listener = crate::ops::no_delay(listener);
+    // Nagle's algorithm off: a response written in two pieces must not wait for the
+    // client's delayed acknowledgement (tens of milliseconds), which would skew benchmarks.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        let _ = stream.set_nodelay(true);
+    });
     let task = tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             tracing::error!(error = %err, "stand-in CRM stopped");
