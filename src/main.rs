@@ -1,5 +1,5 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    appevents::cli::main()
+    appevents::interfaces::cli::main()
 }

@@ -7,10 +7,10 @@ use serde_json::{Map, Value};
 use super::{
     Action, HeaderText, PreparedRequest, RawResponse, StepOutput, encode_segment, join_url,
 };
-use crate::classify::{Failure, FailureKind};
-use crate::connection::Connection;
-use crate::envelope::Event;
-use crate::mapping::TextTemplate;
+use crate::core::connection::Connection;
+use crate::core::event::Event;
+use crate::core::failure::{Failure, FailureKind};
+use crate::core::mapping::TextTemplate;
 
 pub fn parse_options(options: &Map<String, Value>) -> Result<Action, String> {
     let url = match options.get("url") {

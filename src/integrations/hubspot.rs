@@ -9,10 +9,11 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use super::classify;
 use super::{PreparedRequest, RawResponse, StepOutput, encode_segment, join_url};
-use crate::classify::{self, Failure, FailureKind};
-use crate::connection::Connection;
-use crate::integrations::Provider;
+use crate::core::connection::Connection;
+use crate::core::failure::{Failure, FailureKind};
+use crate::core::provider::Provider;
 
 const CONTACTS: &str = "crm/v3/objects/contacts";
 

@@ -2,68 +2,30 @@
 //!
 //! A step is built as a [`PreparedRequest`] (what a dry run prints), sent by [`Integrations`],
 //! and its response interpreted by the provider's module. Failures are classified by
-//! `classify.rs`; this layer makes one attempt and never retries.
+//! [`classify`]; this layer makes one attempt and never retries.
 
-pub mod http_request;
-pub mod hubspot;
-pub mod oauth;
-pub mod outbound;
-pub mod salesforce;
+pub(crate) mod classify;
+pub(crate) mod http_request;
+pub(crate) mod hubspot;
+pub(crate) mod oauth;
+pub(crate) mod outbound;
+pub(crate) mod salesforce;
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::classify::{self, Failure, FailureKind};
 use crate::config::{HttpSettings, SalesforceSettings};
-use crate::connection::Connection;
-use crate::envelope::Event;
-use crate::mapping::TextTemplate;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    Salesforce,
-    Hubspot,
-    Http,
-}
-
-impl Provider {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Salesforce => "salesforce",
-            Provider::Hubspot => "hubspot",
-            Provider::Http => "http",
-        }
-    }
-}
-
-impl fmt::Display for Provider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Provider {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "salesforce" => Ok(Provider::Salesforce),
-            "hubspot" => Ok(Provider::Hubspot),
-            "http" => Ok(Provider::Http),
-            other => Err(format!(
-                "unknown provider {other:?}: expected salesforce, hubspot or http"
-            )),
-        }
-    }
-}
+use crate::core::connection::Connection;
+use crate::core::event::Event;
+use crate::core::failure::{Failure, FailureKind};
+use crate::core::mapping::TextTemplate;
+use crate::core::provider::Provider;
 
 /// The step a workflow runs, parsed from its provider, action name and options.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,9 +3,10 @@
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use super::classify;
 use super::{Integrations, read_capped};
-use crate::classify::{self, Failure, FailureKind};
-use crate::connection::Connection;
+use crate::core::connection::Connection;
+use crate::core::failure::{Failure, FailureKind};
 
 /// A successful refresh. Providers that rotate refresh tokens send a new one.
 pub struct Grant {
@@ -18,11 +19,6 @@ struct TokenAnswer {
     access_token: String,
     #[serde(default)]
     refresh_token: Option<String>,
-}
-
-/// Whether the connection carries what a refresh needs.
-pub fn can_refresh(connection: &Connection) -> bool {
-    connection.refresh_token.is_some() && connection.token_url.is_some()
 }
 
 pub async fn refresh(

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use reqwest::Url;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-use crate::classify::{Failure, FailureKind};
+use crate::core::failure::{Failure, FailureKind};
 
 #[derive(Debug, Clone, Default)]
 pub struct Outbound {

@@ -3,15 +3,15 @@
 //! `POST {instance}/services/data/{version}/sobjects/{sObject}/` answers
 //! `201 {"id": "...", "success": true, "errors": []}`;
 //! `PATCH .../sobjects/{sObject}/{field}/{value}` answers 201 (created) or 200/204 (updated).
-//! Errors are a JSON array of `{message, errorCode, fields}` (see `classify.rs`).
+//! Errors are a JSON array of `{message, errorCode, fields}` (see `classify`).
 
 use reqwest::Method;
 use serde_json::Value;
 
 use super::{PreparedRequest, RawResponse, StepOutput, encode_segment, join_url};
-use crate::classify::{Failure, FailureKind};
 use crate::config::SalesforceSettings;
-use crate::connection::Connection;
+use crate::core::connection::Connection;
+use crate::core::failure::{Failure, FailureKind};
 
 pub fn create(
     settings: &SalesforceSettings,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use appevents::run::RunStatus;
+use appevents::pipeline::runs::RunStatus;
 use appevents_standin as standin;
 use reqwest::Method;
 use serde_json::{Value, json};

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use appevents::integrations::Provider;
-use appevents::run::RunStatus;
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::RunStatus;
 use appevents_standin::{self as standin, Faults, ScriptedAnswer};
 use serde_json::{Value, json};
 use uuid::Uuid;

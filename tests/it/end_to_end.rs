@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use appevents::integrations::Provider;
-use appevents::run::RunStatus;
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::RunStatus;
 use appevents_standin as standin;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
@@ -463,7 +463,8 @@ async fn a_users_event_only_uses_that_users_connections() {
     );
 
     // The database refuses a subscription that binds user A to user B's connection.
-    let refused = appevents::subscription::create(&app.pool, "user-a", only_b.id, b_sf).await;
+    let refused =
+        appevents::catalog::subscriptions::create(&app.pool, "user-a", only_b.id, b_sf).await;
     assert!(refused.is_err(), "cross-tenant binding refused");
     let client = app.pool.get().await.expect("client");
     let direct = client

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use appevents::run::RunStatus;
+use appevents::pipeline::runs::RunStatus;
 use appevents_standin as standin;
 use tokio::process::Command;
 

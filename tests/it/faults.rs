@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use appevents::run::RunStatus;
+use appevents::pipeline::runs::RunStatus;
 use appevents_standin::{self as standin, Faults};
 use secrecy::SecretString;
 use serde_json::json;
@@ -18,7 +18,7 @@ async fn a_database_outage_holds_events_unacknowledged_and_resumes() {
     let mut app = TestApp::new().await;
     app.hubspot_workflow(&crm.url()).await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
-    let direct = appevents::db::pg_config(app.settings.database_url()).expect("url");
+    let direct = appevents::store::db::pg_config(app.settings.database_url()).expect("url");
     app.settings.database.url = SecretString::from(format!(
         "postgres://postgres@127.0.0.1:{}/{}",
         proxy.addr.port(),
@@ -79,14 +79,14 @@ async fn a_broker_outage_pauses_consumption_and_recovers_without_duplicates() {
     let publish = |email: &'static str| {
         let settings = direct.clone();
         async move {
-            let publisher = appevents::publish::EventPublisher::connect(
+            let publisher = appevents::transport::publish::EventPublisher::connect(
                 &settings,
-                appevents::broker::Recovery::None,
+                appevents::transport::broker::Recovery::None,
             )
             .await
             .expect("publisher");
             let id = publisher
-                .publish(&appevents::publish::NewEvent {
+                .publish(&appevents::transport::publish::NewEvent {
                     id: None,
                     name: EVENT.into(),
                     user_id: "u".into(),

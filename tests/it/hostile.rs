@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use appevents::metrics::label;
-use appevents::run::RunStatus;
+use appevents::observe::metrics::label;
+use appevents::pipeline::runs::RunStatus;
 use appevents_standin as standin;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable};

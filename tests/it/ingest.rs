@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use appevents::run::RunStatus;
+use appevents::pipeline::runs::RunStatus;
 use appevents_standin as standin;
 use secrecy::SecretString;
 use serde_json::{Value, json};

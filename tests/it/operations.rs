@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use appevents::broker::Publisher;
-use appevents::integrations::Provider;
-use appevents::run::RunStatus;
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::RunStatus;
+use appevents::transport::publisher::Publisher;
 use appevents_standin::{self as standin, Faults};
 use serde_json::{Value, json};
 

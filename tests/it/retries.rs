@@ -2,9 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use appevents::connection::{self, ConnectionStatus, NewConnection};
-use appevents::integrations::Provider;
-use appevents::run::RunStatus;
+use appevents::catalog::connections::{self as connection, NewConnection};
+use appevents::core::connection::ConnectionStatus;
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::RunStatus;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use wiremock::matchers::{body_string_contains, header, method, path, path_regex};

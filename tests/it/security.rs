@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use appevents::connection::{self, NewConnection};
-use appevents::integrations::Provider;
-use appevents::run::RunStatus;
-use appevents::vault::Keyring;
+use appevents::catalog::connections::{self as connection, NewConnection};
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::RunStatus;
+use appevents::store::vault::Keyring;
 use appevents_standin as standin;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
@@ -183,7 +183,7 @@ async fn response_bodies_are_read_up_to_the_cap() {
 async fn postgres_over_tls_verifies_the_server_certificate() {
     const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
     let app = TestApp::new().await;
-    let db = appevents::db::pg_config(app.settings.database_url()).expect("url");
+    let db = appevents::store::db::pg_config(app.settings.database_url()).expect("url");
     let mut tls = app.settings.database.clone();
     tls.url = SecretString::from(format!(
         "postgres://postgres@localhost:5432/{}?sslmode=require",
@@ -194,7 +194,7 @@ async fn postgres_over_tls_verifies_the_server_certificate() {
         "this test needs the local Postgres' TLS certificate at {SNAKEOIL} (Debian's default)"
     );
     tls.tls_ca_file = SNAKEOIL.into();
-    let pool = appevents::db::pool(&tls).expect("pool");
+    let pool = appevents::store::db::pool(&tls).expect("pool");
     let client = pool.get().await.expect("TLS connection");
     let ssl: bool = client
         .query_one(
@@ -212,7 +212,7 @@ async fn postgres_over_tls_verifies_the_server_certificate() {
         "postgres://postgres@127.0.0.1:5432/{}?sslmode=require",
         db.get_dbname().unwrap_or_default()
     ));
-    let mismatched = appevents::db::pool(&tls).expect("pool");
+    let mismatched = appevents::store::db::pool(&tls).expect("pool");
     let err = mismatched
         .get()
         .await
@@ -268,21 +268,25 @@ async fn amqp_over_tls_verifies_the_broker_certificate() {
         ),
     ];
     for (url, ca, what) in refused {
-        let err =
-            appevents::broker::connect(&url, ca, "tls test", appevents::broker::Recovery::None)
-                .await
-                .map(|_| ())
-                .expect_err(what);
+        let err = appevents::transport::broker::connect(
+            &url,
+            ca,
+            "tls test",
+            appevents::transport::broker::Recovery::None,
+        )
+        .await
+        .map(|_| ())
+        .expect_err(what);
         assert!(
             err.to_string().to_lowercase().contains("certificate"),
             "{what}: {err}"
         );
     }
-    let missing = appevents::broker::connect(
+    let missing = appevents::transport::broker::connect(
         &amqps("localhost"),
         "/nonexistent/ca.pem",
         "tls test",
-        appevents::broker::Recovery::None,
+        appevents::transport::broker::Recovery::None,
     )
     .await
     .map(|_| ())

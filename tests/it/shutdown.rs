@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use appevents::integrations::Provider;
-use appevents::run::RunStatus;
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::RunStatus;
 use appevents_standin::{self as standin, Faults};
 use serde_json::json;
 
@@ -47,7 +47,7 @@ async fn sigterm_with_events_in_flight_loses_none_and_runs_none_twice() {
     let publisher = app.publisher().await;
     for n in 0..30 {
         publisher
-            .publish(&appevents::publish::NewEvent {
+            .publish(&appevents::transport::publish::NewEvent {
                 id: Some(format!("order-{n}")),
                 name: EVENT.into(),
                 user_id: "u".into(),

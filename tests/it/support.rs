@@ -10,16 +10,21 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use appevents::broker::{self, Recovery};
+use appevents::catalog::connections::NewConnection;
+use appevents::catalog::workflows::{NewWorkflow, Workflow};
+use appevents::catalog::{
+    app_events as app_event, connections as connection, subscriptions as subscription,
+    workflows as workflow,
+};
 use appevents::config::Settings;
-use appevents::connection::NewConnection;
-use appevents::integrations::Provider;
-use appevents::publish::{EventPublisher, NewEvent};
-use appevents::run::{Run, RunFilter, RunStatus};
-use appevents::vault::Keyring;
-use appevents::worker::{self, Core};
-use appevents::workflow::{NewWorkflow, Workflow};
-use appevents::{app_event, connection, db, subscription, workflow};
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::{Run, RunFilter, RunStatus};
+use appevents::pipeline::worker::{self, Core};
+use appevents::store::db;
+use appevents::store::vault::Keyring;
+use appevents::transport::broker::{self, Recovery};
+use appevents::transport::publish::{EventPublisher, NewEvent};
+use appevents::transport::topology::Topology;
 use deadpool_postgres::Pool;
 use lapin::BasicProperties;
 use lapin::options::{
@@ -303,7 +308,7 @@ impl TestApp {
     }
 
     pub async fn runs(&self, event_id: &str) -> Vec<Run> {
-        appevents::run::list(
+        appevents::pipeline::runs::list(
             &self.pool,
             &RunFilter {
                 event_id: Some(event_id.to_owned()),
@@ -316,7 +321,7 @@ impl TestApp {
     }
 
     pub async fn all_runs(&self) -> Vec<Run> {
-        appevents::run::list(
+        appevents::pipeline::runs::list(
             &self.pool,
             &RunFilter {
                 limit: 100_000,
@@ -352,7 +357,7 @@ impl TestApp {
             &self.pool,
             name,
             &serde_json::json!({"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}),
-            appevents::payload_check::Mode::Off,
+            appevents::core::payload_check::Mode::Off,
         )
         .await
         .expect("app event");
@@ -440,11 +445,8 @@ impl TestApp {
     }
 }
 
-pub fn worker_topology(settings: &Settings) -> broker::Topology {
-    broker::Topology::new(
-        &settings.amqp,
-        &appevents::retry::RetryPolicy::from(&settings.retry),
-    )
+pub fn worker_topology(settings: &Settings) -> Topology {
+    Topology::new(&settings.amqp, &settings.retry.schedule)
 }
 
 pub async fn drop_database(settings: &Settings) {
@@ -703,7 +705,7 @@ impl TestApp {
     /// headers naming the event, user and workflow.
     pub async fn seed_dead_letter(
         &self,
-        publisher: &appevents::broker::Publisher,
+        publisher: &appevents::transport::publisher::Publisher,
         event_id: &str,
         user: &str,
         workflow: Uuid,
@@ -713,22 +715,22 @@ impl TestApp {
             "id": event_id, "name": CONTACT_CREATED, "user_id": user, "payload": payload
         }))
         .expect("body");
-        let event = appevents::envelope::parse(
+        let event = appevents::core::event::parse(
             &body,
-            &appevents::envelope::MessageMeta::default(),
-            appevents::envelope::Limits {
+            &appevents::core::event::MessageMeta::default(),
+            appevents::core::event::Limits {
                 max_bytes: 1 << 20,
                 max_depth: 32,
             },
         )
         .expect("valid event");
-        let failure = appevents::classify::Failure::new(
-            appevents::classify::FailureKind::Transient,
+        let failure = appevents::core::failure::Failure::new(
+            appevents::core::failure::FailureKind::Transient,
             "scripted outage",
         );
-        let letter = appevents::dead_letter::DeadLetter {
-            reason: appevents::dead_letter::Reason {
-                code: appevents::dead_letter::EXHAUSTED,
+        let letter = appevents::transport::dead_letter::DeadLetter {
+            reason: appevents::transport::dead_letter::Reason {
+                code: appevents::transport::dead_letter::EXHAUSTED,
                 text: format!("retries exhausted: {}", failure.summary()),
             },
             event: Some(&event),
@@ -736,8 +738,8 @@ impl TestApp {
             attempts: Some(9),
             failure: Some(&failure),
         };
-        let properties = appevents::dead_letter::properties(
-            &appevents::broker::event_properties(event_id),
+        let properties = appevents::transport::dead_letter::properties(
+            &appevents::transport::publisher::event_properties(event_id),
             &letter,
         );
         publisher
@@ -787,7 +789,7 @@ impl ServerHandle {
     pub async fn start(settings: &Settings) -> ServerHandle {
         let (stop, stopped) = oneshot::channel::<()>();
         let (started_tx, started_rx) = oneshot::channel();
-        let task = tokio::spawn(appevents::server::run(
+        let task = tokio::spawn(appevents::interfaces::http::run(
             settings.clone(),
             async move {
                 let _ = stopped.await;

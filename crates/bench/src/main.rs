@@ -26,14 +26,18 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use appevents::broker::{self, Recovery, Topology};
+use appevents::catalog::connections::{self, NewConnection};
+use appevents::catalog::workflows::{self, NewWorkflow};
+use appevents::catalog::{app_events, subscriptions};
 use appevents::config::Settings;
-use appevents::connection::NewConnection;
-use appevents::integrations::Provider;
-use appevents::retry::RetryPolicy;
-use appevents::vault::Keyring;
-use appevents::workflow::NewWorkflow;
-use appevents::{app_event, connection, db, subscription, workflow};
+use appevents::core::payload_check::Mode;
+use appevents::core::provider::Provider;
+use appevents::store::db;
+use appevents::store::vault::Keyring;
+use appevents::transport::broker::{self, Recovery};
+use appevents::transport::headers;
+use appevents::transport::publisher::event_properties;
+use appevents::transport::topology::Topology;
 use clap::Parser;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -177,11 +181,11 @@ impl Bench {
         );
         println!("machine: {}", machine());
         println!();
-        app_event::create(
+        app_events::create(
             &self.pool,
             EVENT,
             &json!({"email": "ada@example.com"}),
-            appevents::payload_check::Mode::Off,
+            Mode::Off,
         )
         .await?;
         let salesforce = self
@@ -305,7 +309,7 @@ impl Bench {
         action: &str,
         mapping: serde_json::Value,
     ) -> anyhow::Result<uuid::Uuid> {
-        let created = workflow::create(
+        let created = workflows::create(
             &self.pool,
             &NewWorkflow {
                 name: name.into(),
@@ -327,7 +331,7 @@ impl Bench {
             } else {
                 Provider::Hubspot
             };
-            let connection = connection::create(
+            let connection = connections::create(
                 &self.pool,
                 &self.keyring,
                 &NewConnection {
@@ -343,7 +347,7 @@ impl Bench {
                 },
             )
             .await?;
-            subscription::create(&self.pool, user, *workflow_id, connection).await?;
+            subscriptions::create(&self.pool, user, *workflow_id, connection).await?;
         }
         Ok(())
     }
@@ -382,7 +386,7 @@ impl Bench {
                     routing_key.into(),
                     BasicPublishOptions::default(),
                     &body,
-                    broker::event_properties(&id),
+                    event_properties(&id),
                 )
                 .await?;
             pending.push_back(confirm);
@@ -407,7 +411,7 @@ impl Bench {
     async fn quorum_queue(&self, queue: &str) -> anyhow::Result<lapin::Channel> {
         let channel = self.amqp.create_channel().await?;
         let mut args = FieldTable::default();
-        broker::set_str(&mut args, "x-queue-type", "quorum");
+        headers::set_str(&mut args, "x-queue-type", "quorum");
         channel
             .queue_declare(
                 queue.into(),
@@ -534,7 +538,7 @@ impl Bench {
                     queue.as_str().into(),
                     BasicPublishOptions::default(),
                     &body,
-                    broker::event_properties(&i.to_string()),
+                    event_properties(&i.to_string()),
                 )
                 .await?;
             pending.push_back(confirm);
@@ -632,7 +636,7 @@ impl Bench {
                     EVENT.into(),
                     BasicPublishOptions::default(),
                     &body,
-                    broker::event_properties(&id),
+                    event_properties(&id),
                 )
                 .await?;
             pending.push_back(confirm);
@@ -807,7 +811,7 @@ async fn delete_queue(
 }
 
 fn topology(settings: &Settings) -> Topology {
-    Topology::new(&settings.amqp, &RetryPolicy::from(&settings.retry))
+    Topology::new(&settings.amqp, &settings.retry.schedule)
 }
 
 async fn stop(child: &mut Child) {

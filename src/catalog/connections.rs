@@ -1,0 +1,297 @@
+//! Connections in Postgres: one user's credentials for one provider account. Secrets are
+//! sealed by the vault before they reach Postgres and opened only in memory (into a
+//! [`Connection`]).
+
+use deadpool_postgres::Pool;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::core::connection::{Connection, ConnectionStatus};
+use crate::core::provider::Provider;
+use crate::store::db::StoreError;
+use crate::store::vault::{Keyring, VaultError};
+
+/// What listings show: everything but the secrets, and which secrets are set.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionSummary {
+    pub id: Uuid,
+    pub user_id: String,
+    pub provider: Provider,
+    pub base_url: String,
+    pub settings: Value,
+    pub has_access_token: bool,
+    pub has_refresh_token: bool,
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub status: ConnectionStatus,
+    pub status_reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub token_refreshed_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// The fields of a new connection, or the credentials that replace a connection's.
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    pub user_id: String,
+    pub provider: Provider,
+    pub base_url: String,
+    pub settings: Value,
+    pub access_token: Option<SecretString>,
+    pub refresh_token: Option<SecretString>,
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretString>,
+}
+
+/// The columns `from_row` reads, for queries that join connections (`resolve.rs`).
+pub const COLUMNS: &str = "c.id, c.user_id, c.provider, c.base_url, c.settings, c.access_token, \
+     c.refresh_token, c.token_url, c.client_id, c.client_secret, c.status, c.status_reason";
+
+fn context(id: Uuid, column: &str) -> String {
+    format!("connection/{id}/{column}")
+}
+
+pub(crate) fn seal(
+    keyring: &Keyring,
+    id: Uuid,
+    column: &str,
+    secret: Option<&SecretString>,
+) -> Result<Option<Vec<u8>>, VaultError> {
+    secret
+        .map(|s| keyring.seal(s.expose_secret(), &context(id, column)))
+        .transpose()
+}
+
+fn open(
+    keyring: &Keyring,
+    id: Uuid,
+    column: &str,
+    sealed: Option<Vec<u8>>,
+) -> Result<Option<SecretString>, VaultError> {
+    sealed
+        .map(|blob| keyring.open(&blob, &context(id, column)))
+        .transpose()
+}
+
+/// Reads a connection from a row selected with [`COLUMNS`] starting at `offset`.
+pub fn from_row(row: &Row, offset: usize, keyring: &Keyring) -> Result<Connection, StoreError> {
+    let id: Uuid = row.try_get(offset)?;
+    let provider: String = row.try_get(offset + 2)?;
+    let status: String = row.try_get(offset + 10)?;
+    Ok(Connection {
+        id,
+        user_id: row.try_get(offset + 1)?,
+        provider: provider.parse().map_err(StoreError::Invalid)?,
+        base_url: row.try_get(offset + 3)?,
+        settings: row.try_get(offset + 4)?,
+        access_token: open(keyring, id, "access_token", row.try_get(offset + 5)?)?,
+        refresh_token: open(keyring, id, "refresh_token", row.try_get(offset + 6)?)?,
+        token_url: row.try_get(offset + 7)?,
+        client_id: row.try_get(offset + 8)?,
+        client_secret: open(keyring, id, "client_secret", row.try_get(offset + 9)?)?,
+        status: ConnectionStatus::parse(&status),
+        status_reason: row.try_get(offset + 11)?,
+    })
+}
+
+fn check(new: &NewConnection) -> Result<(), StoreError> {
+    if new.user_id.trim().is_empty() {
+        return Err(StoreError::Invalid("user must not be empty".into()));
+    }
+    let url = reqwest::Url::parse(&new.base_url)
+        .map_err(|e| StoreError::Invalid(format!("base URL {:?}: {e}", new.base_url)))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(StoreError::Invalid("base URL must be http or https".into()));
+    }
+    if let Some(token_url) = &new.token_url {
+        reqwest::Url::parse(token_url)
+            .map_err(|e| StoreError::Invalid(format!("token URL {token_url:?}: {e}")))?;
+    }
+    if new.refresh_token.is_some() != new.token_url.is_some() {
+        return Err(StoreError::Invalid(
+            "a refresh token and a token URL go together".into(),
+        ));
+    }
+    if !new.settings.is_object() {
+        return Err(StoreError::Invalid("settings must be a JSON object".into()));
+    }
+    Ok(())
+}
+
+pub async fn create(
+    pool: &Pool,
+    keyring: &Keyring,
+    new: &NewConnection,
+) -> Result<Uuid, StoreError> {
+    check(new)?;
+    let id = Uuid::now_v7();
+    let client = pool.get().await?;
+    client
+        .execute(
+            "insert into connections (id, user_id, provider, base_url, settings, access_token, \
+             refresh_token, token_url, client_id, client_secret) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &id,
+                &new.user_id,
+                &new.provider.as_str(),
+                &new.base_url,
+                &new.settings,
+                &seal(keyring, id, "access_token", new.access_token.as_ref())?,
+                &seal(keyring, id, "refresh_token", new.refresh_token.as_ref())?,
+                &new.token_url,
+                &new.client_id,
+                &seal(keyring, id, "client_secret", new.client_secret.as_ref())?,
+            ],
+        )
+        .await?;
+    Ok(id)
+}
+
+/// Replaces a connection's URL and credentials (the user reconnected the account) and
+/// makes it active again.
+pub async fn replace(
+    pool: &Pool,
+    keyring: &Keyring,
+    id: Uuid,
+    new: &NewConnection,
+) -> Result<(), StoreError> {
+    check(new)?;
+    let client = pool.get().await?;
+    let updated = client
+        .execute(
+            "update connections set base_url = $3, settings = $4, access_token = $5, \
+             refresh_token = $6, token_url = $7, client_id = $8, client_secret = $9, \
+             status = 'active', status_reason = null, updated_at = now() \
+             where id = $1 and user_id = $2 and provider = $10",
+            &[
+                &id,
+                &new.user_id,
+                &new.base_url,
+                &new.settings,
+                &seal(keyring, id, "access_token", new.access_token.as_ref())?,
+                &seal(keyring, id, "refresh_token", new.refresh_token.as_ref())?,
+                &new.token_url,
+                &new.client_id,
+                &seal(keyring, id, "client_secret", new.client_secret.as_ref())?,
+                &new.provider.as_str(),
+            ],
+        )
+        .await?;
+    if updated == 0 {
+        return Err(StoreError::NotFound(format!(
+            "no {} connection {id} for user {}",
+            new.provider, new.user_id
+        )));
+    }
+    Ok(())
+}
+
+pub async fn get(pool: &Pool, keyring: &Keyring, id: Uuid) -> Result<Connection, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!("select {COLUMNS} from connections c where c.id = $1"),
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("no connection {id}")))?;
+    from_row(&row, 0, keyring)
+}
+
+pub async fn list(pool: &Pool, user: Option<&str>) -> Result<Vec<ConnectionSummary>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "select id, user_id, provider, base_url, settings, access_token is not null, \
+             refresh_token is not null, token_url, client_id, status, status_reason, \
+             token_refreshed_at, created_at \
+             from connections where ($1::text is null or user_id = $1) order by created_at",
+            &[&user],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let provider: String = row.try_get(2)?;
+            let status: String = row.try_get(9)?;
+            Ok(ConnectionSummary {
+                id: row.try_get(0)?,
+                user_id: row.try_get(1)?,
+                provider: provider.parse().map_err(StoreError::Invalid)?,
+                base_url: row.try_get(3)?,
+                settings: row.try_get(4)?,
+                has_access_token: row.try_get(5)?,
+                has_refresh_token: row.try_get(6)?,
+                token_url: row.try_get(7)?,
+                client_id: row.try_get(8)?,
+                status: ConnectionStatus::parse(&status),
+                status_reason: row.try_get(10)?,
+                token_refreshed_at: row.try_get(11)?,
+                created_at: row.try_get(12)?,
+            })
+        })
+        .collect()
+}
+
+/// Deletes a connection; its subscriptions go with it. With `user`, only that user's.
+pub async fn delete(pool: &Pool, id: Uuid, user: Option<&str>) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    let deleted = client
+        .execute(
+            "delete from connections where id = $1 and ($2::text is null or user_id = $2)",
+            &[&id, &user],
+        )
+        .await?;
+    if deleted == 0 {
+        return Err(StoreError::NotFound(format!("no connection {id}")));
+    }
+    Ok(())
+}
+
+/// Re-encrypts every secret under the active key. Returns how many connections changed.
+pub async fn rotate_key(pool: &Pool, keyring: &Keyring) -> Result<u64, StoreError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "select id, access_token, refresh_token, client_secret from connections for update",
+            &[],
+        )
+        .await?;
+    let mut changed = 0;
+    for row in rows {
+        let id: Uuid = row.try_get(0)?;
+        let mut resealed: Vec<Option<Vec<u8>>> = Vec::with_capacity(3);
+        let mut stale = false;
+        for (index, column) in [
+            (1, "access_token"),
+            (2, "refresh_token"),
+            (3, "client_secret"),
+        ] {
+            let sealed: Option<Vec<u8>> = row.try_get(index)?;
+            if let Some(blob) = &sealed {
+                stale |= Keyring::key_id_of(blob)? != keyring.active_key_id();
+            }
+            let secret = open(keyring, id, column, sealed)?;
+            resealed.push(seal(keyring, id, column, secret.as_ref())?);
+        }
+        if !stale {
+            continue;
+        }
+        tx.execute(
+            "update connections set access_token = $2, refresh_token = $3, client_secret = $4, \
+             updated_at = now() where id = $1",
+            &[&id, &resealed[0], &resealed[1], &resealed[2]],
+        )
+        .await?;
+        changed += 1;
+    }
+    tx.commit().await?;
+    Ok(changed)
+}

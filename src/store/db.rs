@@ -1,0 +1,252 @@
+//! Postgres: the connection pool, database creation and the embedded migrations.
+
+use std::str::FromStr;
+
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::DatabaseSettings;
+use secrecy::ExposeSecret;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Any key works as long as every appevents process uses the same one.
+const MIGRATION_LOCK: i64 = 0x6170_7065_7665_6e74; // "appevent"
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database url: {0}")]
+    Url(String),
+    #[error("database unavailable: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] refinery::Error),
+    #[error("database TLS: {0}")]
+    Tls(String),
+}
+
+pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    tokio_postgres::Config::from_str(url).map_err(|e| DbError::Url(e.to_string()))
+}
+
+/// How to reach Postgres: in plain text, or over TLS when the URL says `sslmode=require`.
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    Tls(MakeRustlsConnect),
+}
+
+/// The transport for `settings`: TLS only when asked for, so a local database needs nothing.
+pub fn transport(settings: &DatabaseSettings) -> Result<Transport, DbError> {
+    let config = pg_config(settings.url.expose_secret())?;
+    if config.get_ssl_mode() != SslMode::Require {
+        return Ok(Transport::Plain);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    // The system's roots; an unreadable one is skipped rather than refusing them all.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if !settings.tls_ca_file.is_empty() {
+        let certs = CertificateDer::pem_file_iter(&settings.tls_ca_file).map_err(|e| {
+            DbError::Tls(format!(
+                "database.tls_ca_file {}: {e}",
+                settings.tls_ca_file
+            ))
+        })?;
+        for cert in certs {
+            let cert = cert.map_err(|e| DbError::Tls(format!("database.tls_ca_file: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| DbError::Tls(format!("database.tls_ca_file: {e}")))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| DbError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Transport::Tls(MakeRustlsConnect::new(tls)))
+}
+
+/// Builds the pool. Connections are made lazily, so this succeeds while the database is down;
+/// each use then fails and the caller backs off.
+pub fn pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+    build_pool(
+        pg_config(settings.url.expose_secret())?,
+        settings,
+        settings.pool_size,
+    )
+}
+
+/// A small pool whose sessions commit without waiting for the write-ahead log to reach the
+/// disk, for run claims: a claim must be visible to every worker at once, which it is, but
+/// need not survive a Postgres crash, because the outcome is recorded durably (an upsert)
+/// before any message is acknowledged. It halves the disk flushes on the hot path.
+pub fn claims_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+    let mut config = pg_config(settings.url.expose_secret())?;
+    let options = match config.get_options() {
+        Some(existing) => format!("{existing} -c synchronous_commit=off"),
+        None => "-c synchronous_commit=off".to_owned(),
+    };
+    config.options(&options);
+    build_pool(config, settings, 4)
+}
+
+fn build_pool(
+    config: tokio_postgres::Config,
+    settings: &DatabaseSettings,
+    size: usize,
+) -> Result<Pool, DbError> {
+    // Fast recycling skips a round trip per checkout; a broken connection is detected on use
+    // and the pool replaces it.
+    let recycling = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match transport(settings)? {
+        Transport::Plain => Manager::from_config(config, NoTls, recycling),
+        Transport::Tls(tls) => Manager::from_config(config, tls, recycling),
+    };
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(settings.wait_timeout),
+            create: Some(settings.wait_timeout),
+            recycle: Some(settings.wait_timeout),
+        })
+        .build()
+        .map_err(|e| DbError::Url(e.to_string()))
+}
+
+/// One dedicated connection, outside the pool (migrations, database creation).
+pub async fn connect(settings: &DatabaseSettings) -> Result<Client, DbError> {
+    connect_to(
+        &pg_config(settings.url.expose_secret())?,
+        &transport(settings)?,
+    )
+    .await
+}
+
+async fn connect_to(
+    config: &tokio_postgres::Config,
+    transport: &Transport,
+) -> Result<Client, DbError> {
+    let client = match transport {
+        Transport::Plain => {
+            let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+            tokio::spawn(drive(connection));
+            client
+        }
+        Transport::Tls(tls) => {
+            let (client, connection) = config
+                .connect(tls.clone())
+                .await
+                .map_err(DbError::Connect)?;
+            tokio::spawn(drive(connection));
+            client
+        }
+    };
+    Ok(client)
+}
+
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(err) = connection.await {
+        tracing::warn!(error = %err, "database connection closed");
+    }
+}
+
+/// Creates the database named in the URL when it does not exist yet, so a fresh machine
+/// needs no manual step. Safe when several processes race to do it.
+pub async fn ensure_database(settings: &DatabaseSettings) -> Result<bool, DbError> {
+    let config = pg_config(settings.url.expose_secret())?;
+    let name = config.get_dbname().unwrap_or("postgres").to_owned();
+    let transport = transport(settings)?;
+    match connect_to(&config, &transport).await {
+        Ok(_) => return Ok(false),
+        Err(DbError::Connect(err)) if err.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+        Err(err) => return Err(err),
+    }
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let client = connect_to(&admin, &transport).await?;
+    let sql = format!("create database \"{}\"", name.replace('"', "\"\""));
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(true),
+        Err(err) if err.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(false),
+        Err(err) => Err(DbError::Query(err)),
+    }
+}
+
+/// Applies the embedded migrations. A session advisory lock serialises workers that start
+/// together: the first migrates, the others wait and then find nothing to do.
+pub async fn migrate(settings: &DatabaseSettings) -> Result<Vec<String>, DbError> {
+    let mut client = connect(settings).await?;
+    client
+        .execute("select pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let report = embedded::migrations::runner().run_async(&mut client).await;
+    client
+        .execute("select pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let applied = report?
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect();
+    Ok(applied)
+}
+
+/// Errors of the catalog operations (app events, connections, workflows, subscriptions),
+/// shaped for the CLI's messages and the API's statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Vault(#[from] crate::store::vault::VaultError),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        let Some(db) = err.as_db_error() else {
+            return StoreError::Db(DbError::Query(err));
+        };
+        let detail = db.detail().unwrap_or(db.message()).to_owned();
+        match *db.code() {
+            SqlState::UNIQUE_VIOLATION => StoreError::Conflict(format!("already exists: {detail}")),
+            SqlState::FOREIGN_KEY_VIOLATION => StoreError::Conflict(detail),
+            SqlState::CHECK_VIOLATION | SqlState::NOT_NULL_VIOLATION => {
+                StoreError::Invalid(db.message().to_owned())
+            }
+            _ => StoreError::Db(DbError::Query(err)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        StoreError::Db(DbError::Pool(err))
+    }
+}

@@ -1,0 +1,223 @@
+//! Publishing events, as the command line and the HTTP ingest do: validated against the
+//! contract before they leave, published persistent and mandatory, confirmed by the broker.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::Connection;
+use serde_json::{Map, Value, json};
+use tokio::sync::Mutex;
+
+use crate::config::Settings;
+use crate::core::event::{self, Invalid, Limits, MessageMeta};
+use crate::transport::broker::{self, Recovery};
+use crate::transport::publisher::{self, PublishError, Publisher};
+use crate::transport::topology::Topology;
+
+/// An event to publish; without an id, one is assigned (a UUIDv7, time-ordered).
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: Option<String>,
+    pub name: String,
+    pub user_id: String,
+    pub payload: Value,
+    pub occurred_at: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishFailure {
+    #[error("invalid event: {0}")]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    Broker(#[from] PublishError),
+}
+
+pub struct EventPublisher {
+    connection: Connection,
+    publisher: Publisher,
+    exchange: String,
+    limits: Limits,
+}
+
+impl EventPublisher {
+    /// Connects and declares the topology, so events published before any worker ever ran
+    /// are queued, not dropped by a missing exchange.
+    pub async fn connect(
+        settings: &Settings,
+        recovery: Recovery,
+    ) -> Result<EventPublisher, lapin::Error> {
+        let name = format!("appevents publisher {}", std::process::id());
+        let connection = broker::connect(
+            settings.amqp_url(),
+            &settings.amqp.tls_ca_file,
+            &name,
+            recovery,
+        )
+        .await?;
+        let channel = connection.create_channel().await?;
+        Topology::new(&settings.amqp, &settings.retry.schedule)
+            .declare(&channel)
+            .await?;
+        let _ = channel.close(200, "declared".into()).await;
+        let publisher = Publisher::open(&connection).await?;
+        Ok(EventPublisher {
+            connection,
+            publisher,
+            exchange: settings.amqp.exchange.clone(),
+            limits: Limits {
+                max_bytes: settings.worker.max_message_bytes,
+                max_depth: settings.worker.max_json_depth,
+            },
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// The connection's state, for readiness.
+    pub fn status(&self) -> lapin::ConnectionStatus {
+        self.connection.status().clone()
+    }
+
+    /// Builds the message body, checks it as a worker would, publishes and waits for the
+    /// broker's confirm. Returns the event id.
+    pub async fn publish(&self, event: &NewEvent) -> Result<String, PublishFailure> {
+        let (id, body) = encode(event, self.limits)?;
+        self.publisher
+            .publish(
+                &self.exchange,
+                &event.name,
+                &body,
+                publisher::event_properties(&id),
+            )
+            .await?;
+        Ok(id)
+    }
+
+    /// Publishes a body exactly as given, unchecked: a testing tool for what careless
+    /// producers send.
+    pub async fn publish_unchecked(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let properties = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        self.publisher
+            .publish(&self.exchange, routing_key, body, properties)
+            .await
+    }
+
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// The body of an event as the contract describes it, validated with the worker's own parser.
+pub fn encode(event: &NewEvent, limits: Limits) -> Result<(String, Vec<u8>), Invalid> {
+    let id = event
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let mut body = Map::new();
+    body.insert("id".into(), json!(id));
+    body.insert("name".into(), json!(event.name));
+    body.insert("user_id".into(), json!(event.user_id));
+    body.insert("payload".into(), event.payload.clone());
+    if let Some(at) = &event.occurred_at {
+        body.insert("occurred_at".into(), json!(at));
+    }
+    let bytes =
+        serde_json::to_vec(&Value::Object(body)).map_err(|e| Invalid::NotJson(e.to_string()))?;
+    let meta = MessageMeta {
+        content_type: Some("application/json"),
+        message_id: Some(&id),
+    };
+    event::parse(&bytes, &meta, limits)?;
+    Ok((id, bytes))
+}
+
+/// Why [`SharedPublisher::publish`] did not publish an event.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("invalid event: {0}")]
+    Invalid(Invalid),
+    /// The broker is unreachable or did not take the event; the text says which.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// One publisher shared by everyone who publishes through it (HTTP ingest): connected on
+/// first use, connected again after a failure, and not retried more than once a second
+/// while the broker is down (callers are refused at once).
+pub struct SharedPublisher {
+    settings: Settings,
+    current: Mutex<Option<Arc<EventPublisher>>>,
+    last_failure: Mutex<Option<Instant>>,
+}
+
+impl SharedPublisher {
+    pub fn new(settings: Settings) -> SharedPublisher {
+        SharedPublisher {
+            settings,
+            current: Mutex::new(None),
+            last_failure: Mutex::new(None),
+        }
+    }
+
+    /// The connected publisher, connecting if there is none.
+    pub async fn publisher(&self) -> Result<Arc<EventPublisher>, SendError> {
+        let mut current = self.current.lock().await;
+        if let Some(publisher) = current.as_ref().filter(|p| p.is_connected()) {
+            return Ok(publisher.clone());
+        }
+        let mut last_failure = self.last_failure.lock().await;
+        if last_failure.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return Err(unavailable("the broker is unavailable"));
+        }
+        let connect = EventPublisher::connect(&self.settings, Recovery::None);
+        match tokio::time::timeout(Duration::from_secs(5), connect).await {
+            Ok(Ok(publisher)) => {
+                *last_failure = None;
+                let publisher = Arc::new(publisher);
+                *current = Some(publisher.clone());
+                Ok(publisher)
+            }
+            Ok(Err(err)) => {
+                *last_failure = Some(Instant::now());
+                Err(unavailable(&format!("the broker is unavailable: {err}")))
+            }
+            Err(_) => {
+                *last_failure = Some(Instant::now());
+                Err(unavailable("the broker did not answer within 5s"))
+            }
+        }
+    }
+
+    /// Publishes one event and waits for the broker's confirm. Returns the event id.
+    pub async fn publish(&self, event: &NewEvent) -> Result<String, SendError> {
+        let publisher = self.publisher().await?;
+        match publisher.publish(event).await {
+            Ok(id) => Ok(id),
+            Err(PublishFailure::Invalid(invalid)) => Err(SendError::Invalid(invalid)),
+            Err(PublishFailure::Broker(err)) => {
+                // Forget the connection: the next request makes a new one.
+                self.current.lock().await.take();
+                Err(unavailable(&format!(
+                    "the broker did not take the event: {err}"
+                )))
+            }
+        }
+    }
+
+    /// The connection's state, for readiness; `None` while there is no connection.
+    pub async fn status(&self) -> Option<lapin::ConnectionStatus> {
+        self.current.lock().await.as_ref().map(|p| p.status())
+    }
+}
+
+fn unavailable(message: &str) -> SendError {
+    SendError::Unavailable(message.to_owned())
+}
