@@ -14,18 +14,21 @@
 //! - [`store`]: Postgres (pool, migrations, TLS) and the vault that seals secrets.
 //! - [`transport`]: RabbitMQ: connections, the topology, our headers and the routing they
 //!   carry, confirmed publishing, events published by the CLI and ingest, dead letters.
-//! - [`integrations`]: the steps (Salesforce, HubSpot, generic HTTP), the classification of
+//! - `integrations`: the steps (Salesforce, HubSpot, generic HTTP), the classification of
 //!   every provider response, OAuth refresh, the outbound rules.
 //! - [`catalog`]: what an integration engineer manages: app events (with aliases kept on
 //!   rename), workflows, connections (secrets sealed), subscriptions.
 //! - [`pipeline`]: what happens to one message, in order: [`pipeline::resolve`] the
-//!   workflows a user has on, claim and record [`pipeline::runs`] (coalesced by
-//!   [`pipeline::batch`]), execute the step (refreshing credentials), decide the run's fate
-//!   ([`pipeline::retry`]), settle it, acknowledge; the consume loop around it
-//!   ([`pipeline::worker`]) and the dry run ([`pipeline::dry_run`]).
-//! - [`interfaces`]: how people reach it: the command line ([`interfaces::cli`], a file per
-//!   command group), the HTTP API ([`interfaces::http`]: ingest and management, a file per
-//!   route group) and the ops endpoints.
+//!   workflows its user has on, claim each of [`pipeline::runs`] (claims and records are
+//!   coalesced by `batch`), execute the step (`step`, refreshing credentials with
+//!   `refresh`), decide the run's fate once (`decision`, with the `retry` policy), settle
+//!   the decision (`settle`: republish, record, count), acknowledge. `work` is that unit of
+//!   work, [`pipeline::consume`] the loop around it; `dry_run` shows a workflow's request
+//!   without any of it.
+//! - [`interfaces`]: how people and programs reach it: the command line
+//!   ([`interfaces::cli`]), the worker process ([`interfaces::worker`]: migrations, ops
+//!   endpoints and the consume loop wired together), the HTTP API ([`interfaces::http`]:
+//!   ingest and management, a file per route group) and the ops endpoints.
 //!
 //! `src/main.rs` only calls [`interfaces::cli::main`].
 

@@ -5,3 +5,4 @@
 pub mod cli;
 pub mod http;
 pub(crate) mod ops;
+pub mod worker;

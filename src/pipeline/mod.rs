@@ -2,11 +2,20 @@
 //! user has on, claim each run, execute the step (refreshing credentials when they
 //! expired), decide the run's fate once, settle it (republish, record, count), acknowledge.
 //! Around it the consume loop; beside it the dry run.
+//!
+//! Lowest first: `batch`, `runs`, `resolve`, `retry`, `refresh`; `decision` (pure); the
+//! shared `context`; `step` (executing a claimed run); `settle`; the unit of work `work`;
+//! `consume`. `dry_run` shows a workflow's request without any of it.
 
 pub(crate) mod batch;
+pub mod consume;
+pub mod context;
+pub(crate) mod decision;
 pub(crate) mod dry_run;
 pub(crate) mod refresh;
 pub mod resolve;
 pub(crate) mod retry;
 pub mod runs;
-pub mod worker;
+pub(crate) mod settle;
+pub(crate) mod step;
+pub(crate) mod work;

@@ -13,6 +13,8 @@ use backon::{ExponentialBuilder, Retryable};
 
 use crate::config::RetrySettings;
 use crate::core::failure::{Failure, FailureKind};
+use crate::transport::dead_letter::ReasonCode;
+use crate::transport::topology;
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -31,24 +33,37 @@ pub enum Next {
     Retry {
         delay: Duration,
     },
-    DeadLetter {
-        why: GiveUp,
-    },
+    DeadLetter(DeadReason),
 }
 
+/// Why a run is given up and dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GiveUp {
+pub enum DeadReason {
     /// The error is permanent: trying again cannot help.
     Permanent,
     /// Every scheduled retry was used.
     Exhausted,
+    /// Workers kept vanishing mid-run (crashed, killed, lost their connection): the run is
+    /// not tried again, so it cannot take down every worker in turn.
+    Poison,
 }
 
-impl GiveUp {
-    pub fn as_str(self) -> &'static str {
+impl DeadReason {
+    /// How a dead letter's reason line starts.
+    pub fn describe(self) -> &'static str {
         match self {
-            GiveUp::Permanent => "permanent error",
-            GiveUp::Exhausted => "retries exhausted",
+            DeadReason::Permanent => "permanent error",
+            DeadReason::Exhausted => "retries exhausted",
+            DeadReason::Poison => "poison",
+        }
+    }
+
+    /// The dead letter's reason code.
+    pub fn code(self) -> ReasonCode {
+        match self {
+            DeadReason::Permanent => ReasonCode::Permanent,
+            DeadReason::Exhausted => ReasonCode::Exhausted,
+            DeadReason::Poison => ReasonCode::Poison,
         }
     }
 }
@@ -117,14 +132,10 @@ impl RetryPolicy {
             FailureKind::Transient | FailureKind::RateLimited
         );
         if !retryable {
-            return Next::DeadLetter {
-                why: GiveUp::Permanent,
-            };
+            return Next::DeadLetter(DeadReason::Permanent);
         }
         let Some(scheduled) = self.schedule.get(retries_done as usize).copied() else {
-            return Next::DeadLetter {
-                why: GiveUp::Exhausted,
-            };
+            return Next::DeadLetter(DeadReason::Exhausted);
         };
         let wanted = match failure.kind {
             FailureKind::RateLimited => {
@@ -139,22 +150,14 @@ impl RetryPolicy {
 
     /// The retry queues are one per distinct delay of the schedule; a wanted delay maps to
     /// the shortest queue at least as long, or the longest there is.
-    fn queue_delay_for(&self, wanted: Duration) -> Duration {
-        let delays = self.queue_delays();
+    pub fn queue_delay_for(&self, wanted: Duration) -> Duration {
+        let delays = topology::retry_delays(&self.schedule);
         delays
             .iter()
             .copied()
             .find(|delay| *delay >= wanted)
             .or_else(|| delays.last().copied())
             .unwrap_or(wanted)
-    }
-
-    /// The distinct delays of the schedule, ascending: one retry queue each.
-    pub fn queue_delays(&self) -> Vec<Duration> {
-        let mut delays = self.schedule.clone();
-        delays.sort();
-        delays.dedup();
-        delays
     }
 }
 
@@ -197,9 +200,7 @@ mod tests {
         ] {
             assert_eq!(
                 policy().next(&failure(kind), 0),
-                Next::DeadLetter {
-                    why: GiveUp::Permanent
-                }
+                Next::DeadLetter(DeadReason::Permanent)
             );
             assert_eq!(
                 policy().in_process_delay(&failure(kind), Duration::from_secs(1)),
@@ -230,12 +231,7 @@ mod tests {
                 delay: Duration::from_secs(300)
             }
         );
-        assert_eq!(
-            p.next(&f, 3),
-            Next::DeadLetter {
-                why: GiveUp::Exhausted
-            }
-        );
+        assert_eq!(p.next(&f, 3), Next::DeadLetter(DeadReason::Exhausted));
     }
 
     #[test]

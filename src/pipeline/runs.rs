@@ -85,7 +85,7 @@ pub struct RunClaim {
 }
 
 /// The outcome of a claimed run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
     pub run_id: Uuid,
     pub token: Uuid,

@@ -1,8 +1,8 @@
 //! Postgres: the connection pool, database creation and the embedded migrations.
 
 use std::str::FromStr;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use rustls::pki_types::CertificateDer;
@@ -11,6 +11,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
 use secrecy::ExposeSecret;
@@ -36,6 +37,8 @@ pub enum DbError {
     Migration(#[from] refinery::Error),
     #[error("database TLS: {0}")]
     Tls(String),
+    #[error("stopped while waiting for the database")]
+    Stopped,
 }
 
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
@@ -210,6 +213,34 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<Vec<String>, DbError
         .map(|m| format!("V{}__{}", m.version(), m.name()))
         .collect();
     Ok(applied)
+}
+
+/// Applies migrations, waiting for the database if it is not up yet (no crash loop when
+/// workers start before Postgres). Gives up only on a failed migration or on `stop`.
+pub async fn migrate_when_ready(
+    settings: &DatabaseSettings,
+    stop: &CancellationToken,
+) -> Result<(), DbError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match migrate(settings).await {
+            Ok(applied) => {
+                for name in applied {
+                    tracing::info!(migration = %name, "migration applied");
+                }
+                return Ok(());
+            }
+            Err(DbError::Migration(err)) => return Err(DbError::Migration(err)),
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?delay, "database not ready; waiting")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Err(DbError::Stopped),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Errors of the catalog operations (app events, connections, workflows, subscriptions),

@@ -80,7 +80,7 @@ impl Keyring {
         &self.active_id
     }
 
-    /// Seals `plaintext` under the active key, bound to `context` (e.g. "connection/<id>/access_token").
+    /// Seals `plaintext` under the active key, bound to `context` (e.g. `connection/<id>/access_token`).
     pub fn seal(&self, plaintext: &str, context: &str) -> Result<Vec<u8>, VaultError> {
         let cipher = self
             .ciphers

@@ -17,19 +17,40 @@ use crate::transport::headers::{self, set_int, set_str, set_strings};
 use crate::transport::publisher::{PublishError, Publisher};
 use crate::transport::topology::Topology;
 
-/// Why something is dead-lettered; `code` is a stable label for filters and metrics.
+/// Why something is dead-lettered: a stable code for filters and metrics, and one line of
+/// text for people.
 #[derive(Debug, Clone)]
 pub struct Reason {
-    pub code: &'static str,
+    pub code: ReasonCode,
     pub text: String,
 }
 
-pub const INVALID: &str = "invalid";
-pub const POISON: &str = "poison";
-pub const PERMANENT: &str = "permanent";
-pub const EXHAUSTED: &str = "exhausted";
-/// The payload does not match its app event's example, under a payload check of `reject`.
-pub const PAYLOAD_MISMATCH: &str = "payload_mismatch";
+/// The `x-appevents-reason-code` of a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasonCode {
+    /// Not a valid event.
+    Invalid,
+    /// Delivered, or its run taken over, too many times without being finished.
+    Poison,
+    /// A permanent error: trying again cannot help.
+    Permanent,
+    /// Every scheduled retry was used.
+    Exhausted,
+    /// The payload does not match its app event's example, under a payload check of `reject`.
+    PayloadMismatch,
+}
+
+impl ReasonCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::Invalid => "invalid",
+            ReasonCode::Poison => "poison",
+            ReasonCode::Permanent => "permanent",
+            ReasonCode::Exhausted => "exhausted",
+            ReasonCode::PayloadMismatch => "payload_mismatch",
+        }
+    }
+}
 
 /// What a dead letter says about itself.
 #[derive(Debug, Clone)]
@@ -47,7 +68,11 @@ pub struct DeadLetter<'a> {
 pub fn properties(original: &BasicProperties, letter: &DeadLetter<'_>) -> BasicProperties {
     let mut headers = carried_headers(original.headers().as_ref());
     set_str(&mut headers, headers::REASON, &letter.reason.text);
-    set_str(&mut headers, headers::REASON_CODE, letter.reason.code);
+    set_str(
+        &mut headers,
+        headers::REASON_CODE,
+        letter.reason.code.as_str(),
+    );
     set_str(&mut headers, headers::DEAD_LETTERED_AT, &now_rfc3339());
     if let Some(event) = letter.event {
         set_str(&mut headers, headers::EVENT_ID, &event.id);
@@ -156,7 +181,7 @@ impl Letter {
                     format!(
                         "dead-lettered by the broker: {why} (delivered too many times without an acknowledgement)"
                     ),
-                    POISON.to_owned(),
+                    ReasonCode::Poison.as_str().to_owned(),
                 ),
                 None => ("no reason recorded".to_owned(), "unknown".to_owned()),
             },

@@ -53,7 +53,7 @@ async fn contact_workflow(app: &TestApp, crm: &str, payload_check: &str) -> (Uui
 /// cache's invalidation.
 async fn start_caching_worker(app: &mut TestApp) {
     app.start_worker().await;
-    let resolver = app.worker().core.resolver.clone();
+    let resolver = app.worker().context.resolver.clone();
     let caching = eventually(Duration::from_secs(10), || async { resolver.is_caching() }).await;
     assert!(caching, "the change listener is up");
 }
@@ -61,7 +61,7 @@ async fn start_caching_worker(app: &mut TestApp) {
 /// Runs a catalog command through the binary and waits until the worker has been notified
 /// of the change (its cache cleared), so the next event sees it.
 async fn change_catalog(app: &TestApp, args: &[&str]) -> String {
-    let resolver = app.worker().core.resolver.clone();
+    let resolver = app.worker().context.resolver.clone();
     let before = resolver.generation();
     let out = ok(app, args).await;
     let notified = eventually(Duration::from_secs(10), || async {
@@ -73,7 +73,7 @@ async fn change_catalog(app: &TestApp, args: &[&str]) -> String {
 }
 
 fn counter(app: &TestApp, family: &str, key: &'static str, value: &str) -> u64 {
-    let metrics = &app.worker().core.metrics;
+    let metrics = &app.worker().context.metrics;
     let labels = vec![(key, value.to_owned())];
     match family {
         "payload_mismatches" => metrics.payload_mismatches.get_or_create(&labels).get(),

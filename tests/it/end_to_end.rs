@@ -557,7 +557,7 @@ async fn a_committed_subscription_change_reaches_the_cached_resolver() {
         .connection("u", Provider::Hubspot, &crm.url(), "t")
         .await;
     app.start_worker().await;
-    let resolver = app.worker().core.resolver.clone();
+    let resolver = app.worker().context.resolver.clone();
     let caching = eventually(Duration::from_secs(10), || async { resolver.is_caching() }).await;
     assert!(caching, "the change listener is up");
 
@@ -571,7 +571,7 @@ async fn a_committed_subscription_change_reaches_the_cached_resolver() {
     .await;
     let counted = eventually(Duration::from_secs(10), || async {
         app.worker()
-            .core
+            .context
             .metrics
             .unmatched
             .get_or_create(&vec![("reason", "no_subscription".to_owned())])

@@ -32,7 +32,7 @@ async fn a_database_outage_holds_events_unacknowledged_and_resumes() {
         .publish(EVENT, "u", json!({"email": "held@example.com"}), None)
         .await;
     let held = eventually(Duration::from_secs(10), || async {
-        app.worker().core.metrics.events_in_flight.get() == 1
+        app.worker().context.metrics.events_in_flight.get() == 1
     })
     .await;
     assert!(
@@ -103,7 +103,7 @@ async fn a_broker_outage_pauses_consumption_and_recovers_without_duplicates() {
     // lost, the broker redelivers it, and the recorded run absorbs the redelivery.
     let in_flight = publish("in-flight@example.com").await;
     let calling = eventually(Duration::from_secs(10), || async {
-        app.worker().core.metrics.events_in_flight.get() == 1
+        app.worker().context.metrics.events_in_flight.get() == 1
     })
     .await;
     assert!(calling);

@@ -320,7 +320,7 @@ fn tagged(properties: &BasicProperties, name: &str) -> BasicProperties {
 
 fn events_counted(app: &TestApp, outcome: &str) -> u64 {
     app.worker()
-        .core
+        .context
         .metrics
         .events
         .get_or_create(&label("outcome", outcome))

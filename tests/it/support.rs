@@ -18,8 +18,9 @@ use appevents::catalog::{
 };
 use appevents::config::Settings;
 use appevents::core::provider::Provider;
+use appevents::interfaces::worker;
+use appevents::pipeline::context::Context;
 use appevents::pipeline::runs::{Run, RunFilter, RunStatus};
-use appevents::pipeline::worker::{self, Core};
 use appevents::store::db;
 use appevents::store::vault::Keyring;
 use appevents::transport::broker::{self, Recovery};
@@ -113,7 +114,7 @@ pub struct TestApp {
 pub struct WorkerHandle {
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    pub core: Arc<Core>,
+    pub context: Arc<Context>,
     pub ops_addr: std::net::SocketAddr,
 }
 
@@ -170,14 +171,14 @@ impl TestApp {
         let running = started_rx.await.expect("worker started");
         // The consumer is registered once the worker reports itself connected.
         let connected = eventually(Duration::from_secs(10), || async {
-            running.core.metrics.consumer_connected.get() == 1
+            running.context.metrics.consumer_connected.get() == 1
         })
         .await;
         assert!(connected, "worker never connected to the broker");
         self.worker = Some(WorkerHandle {
             stop,
             task,
-            core: running.core,
+            context: running.context,
             ops_addr: running.ops_addr,
         });
     }
@@ -730,7 +731,7 @@ impl TestApp {
         );
         let letter = appevents::transport::dead_letter::DeadLetter {
             reason: appevents::transport::dead_letter::Reason {
-                code: appevents::transport::dead_letter::EXHAUSTED,
+                code: appevents::transport::dead_letter::ReasonCode::Exhausted,
                 text: format!("retries exhausted: {}", failure.summary()),
             },
             event: Some(&event),

@@ -1,0 +1,78 @@
+//! `appevents worker`: the worker process, wired together. It applies migrations (waiting
+//! for the database), serves the ops endpoints, keeps the resolver's change listener up and
+//! runs the consume loop until `shutdown` resolves.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::interfaces::ops::{self, OpsState};
+use crate::observe::metrics::Metrics;
+use crate::pipeline::consume;
+use crate::pipeline::context::Context;
+use crate::store::db;
+use crate::store::vault::Keyring;
+
+/// A running worker's handles, for the binary and for tests.
+pub struct Running {
+    pub context: Arc<Context>,
+    pub ops_addr: std::net::SocketAddr,
+}
+
+/// Runs a worker until `shutdown` resolves: migrate, serve the ops endpoints, consume.
+/// On shutdown it stops consuming, lets in-flight events finish within the grace period,
+/// hands the rest back, and returns.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    started: Option<tokio::sync::oneshot::Sender<Running>>,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let abort = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
+    let keyring = Arc::new(Keyring::from_settings(&settings.secrets)?);
+    let pool = db::pool(&settings.database)?;
+    db::migrate_when_ready(&settings.database, &stop).await?;
+    let metrics = Arc::new(Metrics::new());
+    let context = Arc::new(Context::new(&settings, pool, keyring, metrics.clone())?);
+
+    let listener = tokio::net::TcpListener::bind(&settings.worker.ops_listen).await?;
+    let ops_addr = listener.local_addr()?;
+    let router = ops::router(OpsState {
+        metrics,
+        health: context.health.clone(),
+    });
+    let ops_stop = abort.clone();
+    let ops_task = tokio::spawn(ops::serve(listener, router, async move {
+        ops_stop.cancelled().await
+    }));
+    let listen_stop = abort.clone();
+    let listener_task = tokio::spawn(
+        context
+            .resolver
+            .clone()
+            .listen(settings.database.clone(), listen_stop),
+    );
+    if let Some(started) = started {
+        let _ = started.send(Running {
+            context: context.clone(),
+            ops_addr,
+        });
+    }
+    tracing::info!(queue = %context.topology.queue, %ops_addr, "worker started");
+
+    consume::consume(&context, &settings, &stop, &abort).await;
+    abort.cancel();
+    let _ = listener_task.await;
+    let _ = ops_task.await;
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! The consume loop: broker sessions, one after another until shutdown, each consuming the
+//! work queue with bounded concurrency and acknowledging a message only once it is settled.
+//!
+//! On shutdown it stops taking new messages, lets in-flight ones finish within the grace
+//! period, and hands the rest back to the queue.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::config::Settings;
+use crate::observe::metrics::label;
+use crate::pipeline::context::{Context, Session};
+use crate::pipeline::settle::Abandoned;
+use crate::transport::broker::{self, Recovery};
+use crate::transport::publisher::Publisher;
+
+/// Consumes until `stop`, reconnecting with backoff whenever a broker session ends. `abort`
+/// hands in-flight messages back (at the end of the grace period).
+pub async fn consume(
+    context: &Arc<Context>,
+    settings: &Settings,
+    stop: &CancellationToken,
+    abort: &CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    while !stop.is_cancelled() {
+        match session(context, settings, stop, abort).await {
+            Ok(()) => break,
+            Err(err) => {
+                context.health.set_broker(None);
+                context.metrics.consumer_connected.set(0);
+                tracing::error!(error = %err, retry_in = ?delay, "broker session ended; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One broker session: consume until `stop`, or until the connection fails beyond recovery.
+async fn session(
+    context: &Arc<Context>,
+    settings: &Settings,
+    stop: &CancellationToken,
+    abort: &CancellationToken,
+) -> anyhow::Result<()> {
+    let name = format!("appevents worker {}", std::process::id());
+    let connection = broker::connect(
+        settings.amqp_url(),
+        &settings.amqp.tls_ca_file,
+        &name,
+        Recovery::Automatic,
+    )
+    .await?;
+    let channel = connection.create_channel().await?;
+    context.topology.declare(&channel).await?;
+    // The broker hands at most `prefetch` unacknowledged messages to this worker: the bound
+    // on what it holds in memory.
+    channel
+        .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let publisher = Publisher::open(&connection).await?;
+    let session = Arc::new(Session {
+        context: context.clone(),
+        publisher,
+    });
+    let tag = format!("appevents-{}", Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            context.topology.queue.as_str().into(),
+            tag.as_str().into(),
+            // Manual acknowledgements: a message is acknowledged only once settled.
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    context.health.set_broker(Some(connection.status().clone()));
+    context.metrics.consumer_connected.set(1);
+
+    let session_abort = abort.child_token();
+    let semaphore = Arc::new(Semaphore::new(settings.worker.concurrency));
+    let mut tasks = JoinSet::new();
+    let result = loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            permit = semaphore.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break Ok(()),
+            },
+        };
+        let next = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            next = consumer.next() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let session = session.clone();
+                let abort = session_abort.clone();
+                tasks.spawn(async move {
+                    session.handle(delivery, &abort).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(err)) => {
+                context.metrics.consumer_connected.set(0);
+                tracing::warn!(error = %err, "broker connection lost; waiting for recovery");
+                if let Err(err) = channel.wait_for_recovery(err).await {
+                    break Err(anyhow::Error::from(err));
+                }
+                tracing::info!("broker connection recovered; consuming again");
+                context.metrics.consumer_connected.set(1);
+            }
+            None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
+        }
+    };
+    // Stop taking new messages; prefetched ones not yet started go back when the channel
+    // closes.
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    context.metrics.consumer_connected.set(0);
+    let in_flight = tasks.len();
+    if in_flight > 0 {
+        tracing::info!(in_flight, grace = ?settings.worker.shutdown_grace, "finishing in-flight events");
+    }
+    let drained = tokio::time::timeout(settings.worker.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            unfinished = tasks.len(),
+            "grace period over; handing unfinished events back"
+        );
+        session_abort.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+    let _ = channel.close(200, "worker stopping".into()).await;
+    let _ = connection.close(200, "worker stopping".into()).await;
+    result
+}
+
+impl Session {
+    /// Processes a delivery and acknowledges it when settled.
+    async fn handle(&self, delivery: Delivery, abort: &CancellationToken) {
+        let metrics = &self.context.metrics;
+        metrics.events_in_flight.inc();
+        let span = tracing::info_span!(
+            "event",
+            event_id = tracing::field::Empty,
+            user_id = tracing::field::Empty,
+            event_name = tracing::field::Empty
+        );
+        let result = AssertUnwindSafe(
+            self.try_execute(&delivery.data, &delivery.properties, abort)
+                .instrument(span.clone()),
+        )
+        .catch_unwind()
+        .await;
+        metrics.events_in_flight.dec();
+        let _entered = span.enter();
+        let outcome = match result {
+            Ok(Ok(outcome)) => outcome,
+            Err(_panic) => {
+                // A bug met this message. Hand it back: its delivery count grows with each
+                // try, and past worker.max_deliveries it is dead-lettered as poison.
+                tracing::error!("processing panicked; the message goes back to the queue");
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+                return;
+            }
+            Ok(Err(Abandoned)) => {
+                tracing::info!(
+                    "shutting down before the event was settled; it goes back to the queue"
+                );
+                return;
+            }
+        };
+        metrics
+            .events
+            .get_or_create(&label("outcome", outcome.label()))
+            .inc();
+        match delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(
+                "channel was recovered since delivery; the broker redelivers and the run records absorb it"
+            ),
+            Err(err) => {
+                tracing::warn!(error = %err, "acknowledgement failed; the broker redelivers and the run records absorb it")
+            }
+        }
+    }
+}

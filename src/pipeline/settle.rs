@@ -1,0 +1,269 @@
+//! Settling: what a run's [`Decision`] and a whole-message dead letter do before the message
+//! may be acknowledged. A run is republished to a retry queue or the dead-letter queue
+//! (confirmed by the broker), recorded in Postgres, and counted, in that order: a crash in
+//! between leaves a duplicate the run records absorb, never a loss.
+//!
+//! Every call to the broker or the database is retried with backoff while the message
+//! waits unacknowledged, until it succeeds or the worker shuts down.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::BasicProperties;
+use lapin::types::FieldTable;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::event::Event;
+use crate::observe::metrics::{label, labels2};
+use crate::pipeline::context::Session;
+use crate::pipeline::decision::{Decision, RunOf};
+use crate::pipeline::resolve::Target;
+use crate::transport::dead_letter::{self, DeadLetter, Reason};
+use crate::transport::headers;
+
+/// The message a run belongs to.
+pub(crate) struct Message<'a> {
+    pub body: &'a [u8],
+    pub properties: &'a BasicProperties,
+    pub event: &'a Event,
+    /// Broker-level retries already done.
+    pub retries_done: u32,
+}
+
+/// The message could not be settled before shutdown; it is not acknowledged and goes back
+/// to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Abandoned;
+
+impl Session {
+    /// Carries out a run's decision: republishes, records and counts what it calls for.
+    pub(crate) async fn settle(
+        &self,
+        message: &Message<'_>,
+        target: &Target,
+        decision: &Decision,
+        abort: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let metrics = &self.context.metrics;
+        let provider = target.provider.as_str();
+        let now = OffsetDateTime::now_utc();
+        let run = RunOf {
+            event: message.event,
+            workflow_id: target.workflow_id,
+            connection_id: target.connection.as_ref().ok().map(|c| c.id),
+        };
+        let count_run = |outcome: &str| {
+            metrics
+                .runs
+                .get_or_create(&labels2("provider", provider, "outcome", outcome))
+                .inc();
+        };
+        match decision {
+            Decision::Skipped => count_run("skipped"),
+            Decision::Deferred { delay } => {
+                let retries_done = message.retries_done;
+                self.publish_retry(message, target, *delay, retries_done, now, abort)
+                    .await?;
+            }
+            Decision::Succeeded { output, .. } => {
+                tracing::info!(provider_id = ?output.provider_id, status = output.status, "run succeeded");
+                self.record(decision, run, now, abort).await?;
+                count_run("succeeded");
+            }
+            Decision::Retry { failure, delay, .. } => {
+                tracing::warn!(error = %failure, retry_in = ?delay, "run failed; retrying later");
+                let retries_done = message.retries_done + 1;
+                self.publish_retry(message, target, *delay, retries_done, now, abort)
+                    .await?;
+                metrics
+                    .retries
+                    .get_or_create(&label("kind", failure.kind.as_str()))
+                    .inc();
+                self.record(decision, run, now, abort).await?;
+                count_run("retry");
+            }
+            Decision::Dead {
+                claim,
+                calls,
+                failure,
+                reason,
+            } => {
+                tracing::error!(error = %failure, why = reason.describe(), "run failed; dead-lettered");
+                // One workflow's share of the message: a replay re-runs only it.
+                let letter = DeadLetter {
+                    reason: Reason {
+                        code: reason.code(),
+                        text: format!("{}: {}", reason.describe(), failure.summary()),
+                    },
+                    event: Some(message.event),
+                    workflow_id: Some(target.workflow_id),
+                    attempts: Some(u32::try_from(claim.attempts).unwrap_or(0) + calls),
+                    failure: Some(failure),
+                };
+                self.dead_letter(message.body, message.properties, &letter, abort)
+                    .await?;
+                metrics
+                    .dead_letters
+                    .get_or_create(&label("reason", reason.code().as_str()))
+                    .inc();
+                self.record(decision, run, now, abort).await?;
+                count_run("dead");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the run's outcome (through the batcher: one statement for many runs).
+    async fn record(
+        &self,
+        decision: &Decision,
+        run: RunOf<'_>,
+        now: OffsetDateTime,
+        abort: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let Some(record) = decision.record(run, now) else {
+            return Ok(());
+        };
+        let records = &self.context.records;
+        let written = self
+            .persist(abort, "record run", || records.call(record.clone()))
+            .await?;
+        if !written {
+            tracing::warn!(run_id = %record.run_id, "run was taken over by another worker before its outcome was recorded");
+        }
+        Ok(())
+    }
+
+    /// Sends the message to the retry queue of `delay`, for this workflow only, marked with
+    /// the broker-level retries done when it comes back.
+    async fn publish_retry(
+        &self,
+        message: &Message<'_>,
+        target: &Target,
+        delay: Duration,
+        retries_done: u32,
+        now: OffsetDateTime,
+        abort: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let Some(queue) = self.context.topology.retry_queue(delay) else {
+            // Delays always come from the schedule, whose queues were declared.
+            tracing::error!(
+                ?delay,
+                "no retry queue for this delay; the message is redelivered instead"
+            );
+            return Err(Abandoned);
+        };
+        let mut headers = dead_letter::carried_headers(message.properties.headers().as_ref());
+        headers::set_int(&mut headers, headers::ATTEMPT, i64::from(retries_done));
+        headers::set_strings(
+            &mut headers,
+            headers::WORKFLOWS,
+            &[target.workflow_id.to_string()],
+        );
+        if let Ok(at) = (now + delay).format(&time::format_description::well_known::Rfc3339) {
+            headers::set_str(&mut headers, headers::RETRY_AT, &at);
+        }
+        let props = republished(message.properties, headers, &message.event.id);
+        self.persist(abort, "publish retry", || {
+            self.publisher
+                .publish("", queue, message.body, props.clone())
+        })
+        .await
+    }
+
+    /// Dead-letters a whole message, for no one workflow (invalid, poison, rejected by its
+    /// payload check), and counts it under `metric`.
+    pub(crate) async fn dead_letter_message(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        event: Option<&Event>,
+        reason: Reason,
+        metric: &str,
+        abort: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let letter = DeadLetter {
+            reason,
+            event,
+            workflow_id: None,
+            attempts: None,
+            failure: None,
+        };
+        self.dead_letter(body, properties, &letter, abort).await?;
+        self.context
+            .metrics
+            .dead_letters
+            .get_or_create(&label("reason", metric))
+            .inc();
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        letter: &DeadLetter<'_>,
+        abort: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let props = dead_letter::properties(properties, letter);
+        let queue = self.context.topology.dead_letter_queue.as_str();
+        self.persist(abort, "publish dead letter", || {
+            self.publisher.publish("", queue, body, props.clone())
+        })
+        .await
+    }
+
+    /// Retries an operation on the database or broker with backoff until it succeeds or
+    /// `abort` fires. Logs once when a dependency starts failing and once when it recovers.
+    pub(crate) async fn persist<T, E, F, Fut>(
+        &self,
+        abort: &CancellationToken,
+        what: &'static str,
+        op: F,
+    ) -> Result<T, Abandoned>
+    where
+        E: Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let health = &self.context.health;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(usize::MAX)
+            .with_jitter();
+        let attempt = op
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .notify(|err: &E, wait: Duration| {
+                if health.database_failed(format!("{what}: {err}")) {
+                    tracing::warn!(error = %err, %what, ?wait, "dependency unavailable; holding the message and retrying");
+                } else {
+                    tracing::debug!(error = %err, %what, ?wait, "still unavailable");
+                }
+            });
+        tokio::select! {
+            result = attempt => {
+                let value = result.map_err(|_| Abandoned)?;
+                if health.database_ok() {
+                    tracing::info!(%what, "dependency available again; resuming");
+                }
+                Ok(value)
+            }
+            _ = abort.cancelled() => Err(Abandoned),
+        }
+    }
+}
+
+/// Properties of a message the worker republishes: the original's, with new headers and the
+/// event id as `message_id` (so an id derived from the body survives).
+fn republished(original: &BasicProperties, headers: FieldTable, event_id: &str) -> BasicProperties {
+    original
+        .clone()
+        .with_headers(headers)
+        .with_message_id(event_id.into())
+        .with_delivery_mode(2)
+}

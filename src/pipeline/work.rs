@@ -1,0 +1,308 @@
+//! The unit of work: one message, processed to the point where it may be acknowledged.
+//!
+//! [`Session::try_execute`] returns an [`Outcome`]; the consume loop wraps it. In order:
+//! 1. parse the message and its routing headers against the publishing contract (invalid →
+//!    dead-letter queue);
+//! 2. resolve the user's subscriptions for the event's name or alias (none → acknowledged,
+//!    counted); then check the payload against the app event's example when its payload
+//!    check is on (`reject` → the event is dead-lettered once, nothing runs);
+//! 3. claim each run in Postgres;
+//! 4. for each run, concurrently: decide from the claim (already succeeded → skipped; held
+//!    by another worker → deferred), else execute the step and decide from its result;
+//! 5. settle each decision: republish to a retry queue or the dead-letter queue, confirmed;
+//!    record the run's outcome; count it.
+//!
+//! Steps 2, 3 and 5 need the database or the broker; when either is down the step is
+//! retried with backoff while the message stays unacknowledged.
+
+use lapin::BasicProperties;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::core::event::{self, Event, Invalid, MessageMeta};
+use crate::core::payload_check::{self, Mode};
+use crate::observe::metrics::label;
+use crate::pipeline::context::Session;
+use crate::pipeline::decision::{self, BeforeRun, Decision, Tally};
+use crate::pipeline::resolve::{MatchedEvent, Resolution, Target};
+use crate::pipeline::runs::{ClaimRequest, Claimed};
+use crate::pipeline::settle::{Abandoned, Message};
+use crate::transport::dead_letter::{Reason, ReasonCode};
+use crate::transport::routing;
+
+/// What became of one message. Whatever the variant, the message is settled and acknowledged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Not a valid event: dead-lettered with the reason.
+    Invalid(Invalid),
+    /// Delivered too many times without being finished: dead-lettered.
+    Poison {
+        deliveries: i64,
+    },
+    /// Nothing to run for it.
+    Unmatched(Unmatched),
+    /// Its payload does not match the app event's example, whose payload check is `reject`:
+    /// dead-lettered with this reason, nothing run.
+    PayloadMismatch(String),
+    Processed(Tally),
+}
+
+impl Outcome {
+    /// The `outcome` label of `appevents_events_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Invalid(_) => "invalid",
+            Outcome::Poison { .. } => "poison",
+            Outcome::Unmatched(_) => "unmatched",
+            Outcome::PayloadMismatch(_) => "payload_mismatch",
+            Outcome::Processed(_) => "processed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    UnknownEvent,
+    NoSubscription,
+    /// A retry or replay whose workflows the user no longer has on.
+    WorkflowsGone,
+}
+
+impl Unmatched {
+    fn as_str(self) -> &'static str {
+        match self {
+            Unmatched::UnknownEvent => "unknown_event",
+            Unmatched::NoSubscription => "no_subscription",
+            Unmatched::WorkflowsGone => "workflows_gone",
+        }
+    }
+}
+
+impl Session {
+    /// Processes one message to the point where it may be acknowledged.
+    pub(crate) async fn try_execute(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        abort: &CancellationToken,
+    ) -> Result<Outcome, Abandoned> {
+        let context = &self.context;
+        let meta = MessageMeta {
+            content_type: properties.content_type().as_ref().map(|s| s.as_str()),
+            message_id: properties.message_id().as_ref().map(|s| s.as_str()),
+        };
+        let event = match event::parse(body, &meta, context.limits) {
+            Ok(event) => event,
+            Err(invalid) => {
+                return self
+                    .dead_letter_invalid(body, properties, invalid, None, abort)
+                    .await;
+            }
+        };
+
+        let span = tracing::Span::current();
+        span.record("event_id", event.id.as_str());
+        span.record("user_id", event.user_id.as_str());
+        span.record("event_name", event.name.as_str());
+        let routing = match routing::routing(properties.headers().as_ref()) {
+            Ok(routing) => routing,
+            // The body is a valid event: the dead letter names it, so operators can find it.
+            Err(invalid) => {
+                return self
+                    .dead_letter_invalid(body, properties, invalid, Some(&event), abort)
+                    .await;
+            }
+        };
+        let deliveries = routing.deliveries;
+        if deliveries >= i64::from(context.max_deliveries) {
+            tracing::error!(
+                deliveries,
+                "message keeps failing to finish; dead-lettered as poison"
+            );
+            let reason = Reason {
+                code: ReasonCode::Poison,
+                text: format!(
+                    "poison: delivered {deliveries} times without being finished (the worker crashed, timed out or lost its connection each time)"
+                ),
+            };
+            let metric = ReasonCode::Poison.as_str();
+            self.dead_letter_message(body, properties, Some(&event), reason, metric, abort)
+                .await?;
+            return Ok(Outcome::Poison { deliveries });
+        }
+
+        let resolution = self
+            .persist(abort, "resolve subscriptions", || {
+                context.resolver.resolve(&event.user_id, &event.name)
+            })
+            .await?;
+        let only = routing.workflows.as_deref();
+        let targets: Vec<&Target> = resolution
+            .targets()
+            .iter()
+            .filter(|t| only.is_none_or(|ids| ids.contains(&t.workflow_id)))
+            .collect();
+        if targets.is_empty() {
+            let unmatched = match (&resolution, only) {
+                (Resolution::UnknownEvent, _) => Unmatched::UnknownEvent,
+                (_, Some(_)) => Unmatched::WorkflowsGone,
+                _ => Unmatched::NoSubscription,
+            };
+            tracing::debug!(reason = unmatched.as_str(), "event matched no workflow");
+            context
+                .metrics
+                .unmatched
+                .get_or_create(&label("reason", unmatched.as_str()))
+                .inc();
+            return Ok(Outcome::Unmatched(unmatched));
+        }
+        if let Some(app_event) = resolution.app_event() {
+            if app_event.name != event.name {
+                tracing::debug!(app_event = %app_event.name, "event published under an alias of its app event");
+            }
+            // A message for named workflows (a retry, a replayed run) was let through when
+            // the event first arrived; it is not judged, or counted, again.
+            if only.is_none()
+                && let Some(rejected) = self
+                    .check_payload(body, properties, &event, app_event, abort)
+                    .await?
+            {
+                return Ok(rejected);
+            }
+        }
+
+        let requests: Vec<ClaimRequest> = targets
+            .iter()
+            .map(|t| ClaimRequest {
+                user_id: event.user_id.clone(),
+                event_id: event.id.clone(),
+                event_name: event.name.clone(),
+                workflow_id: t.workflow_id,
+                connection_id: t.connection.as_ref().ok().map(|c| c.id),
+                revive_dead: routing.replay,
+            })
+            .collect();
+        let claims = self
+            .persist(abort, "claim runs", || {
+                futures::future::try_join_all(
+                    requests.iter().cloned().map(|r| context.claims.call(r)),
+                )
+            })
+            .await?;
+
+        let message = Message {
+            body,
+            properties,
+            event: &event,
+            retries_done: routing.attempt,
+        };
+        // Each run is decided and settled on its own, so a fast run is recorded without
+        // waiting for a slow sibling: a crash then leaves as little as possible unrecorded.
+        let work = targets
+            .iter()
+            .zip(claims)
+            .map(|(target, claimed)| self.run_one(&message, target, claimed, abort));
+        let mut tally = Tally::default();
+        let mut abandoned = false;
+        for result in futures::future::join_all(work).await {
+            match result {
+                Ok(decision) => tally.count(&decision),
+                Err(Abandoned) => abandoned = true,
+            }
+        }
+        if abandoned {
+            return Err(Abandoned);
+        }
+        Ok(Outcome::Processed(tally))
+    }
+
+    /// Decides one run (from its claim, or by executing its step) and settles the decision.
+    async fn run_one(
+        &self,
+        message: &Message<'_>,
+        target: &Target,
+        claimed: Claimed,
+        abort: &CancellationToken,
+    ) -> Result<Decision, Abandoned> {
+        let context = &self.context;
+        let span = tracing::info_span!(
+            "run",
+            workflow_id = %target.workflow_id,
+            run_id = tracing::field::Empty
+        );
+        let now = OffsetDateTime::now_utc();
+        let decision =
+            match decision::before_run(claimed, &context.policy, context.max_deliveries, now) {
+                BeforeRun::Decided(decision) => decision,
+                BeforeRun::Execute(claim) => {
+                    span.record("run_id", tracing::field::display(claim.run_id));
+                    let (result, calls) = context
+                        .run_step(target, message.event)
+                        .instrument(span.clone())
+                        .await;
+                    decision::after_run(claim, calls, result, &context.policy, message.retries_done)
+                }
+            };
+        self.settle(message, target, &decision, abort)
+            .instrument(span)
+            .await?;
+        Ok(decision)
+    }
+
+    /// Applies the app event's payload check. Returns the outcome when the event is rejected
+    /// (dead-lettered once for the whole event, no workflow named); `None` to go on.
+    async fn check_payload(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        event: &Event,
+        app_event: &MatchedEvent,
+        abort: &CancellationToken,
+    ) -> Result<Option<Outcome>, Abandoned> {
+        let differences = app_event.payload_check.differences(&event.payload);
+        if differences.is_empty() {
+            return Ok(None);
+        }
+        let reason = payload_check::reason(&app_event.name, &differences);
+        self.context
+            .metrics
+            .payload_mismatches
+            .get_or_create(&label("event", app_event.name.as_str()))
+            .inc();
+        if app_event.payload_check.mode != Mode::Reject {
+            tracing::warn!(%reason, "payload does not match its app event's example; processed anyway");
+            return Ok(None);
+        }
+        tracing::warn!(%reason, "payload does not match its app event's example; dead-lettered");
+        let letter = Reason {
+            code: ReasonCode::PayloadMismatch,
+            text: reason.clone(),
+        };
+        let metric = ReasonCode::PayloadMismatch.as_str();
+        self.dead_letter_message(body, properties, Some(event), letter, metric, abort)
+            .await?;
+        Ok(Some(Outcome::PayloadMismatch(reason)))
+    }
+
+    /// Sends a message that is not a valid event to the dead-letter queue with the reason.
+    /// `event` is the parsed body when only the headers were at fault.
+    async fn dead_letter_invalid(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        invalid: Invalid,
+        event: Option<&Event>,
+        abort: &CancellationToken,
+    ) -> Result<Outcome, Abandoned> {
+        tracing::warn!(reason = %invalid, "invalid message dead-lettered");
+        let reason = Reason {
+            code: ReasonCode::Invalid,
+            text: format!("invalid event: {invalid}"),
+        };
+        let metric = format!("invalid:{}", invalid.code());
+        self.dead_letter_message(body, properties, event, reason, &metric, abort)
+            .await?;
+        Ok(Outcome::Invalid(invalid))
+    }
+}
