@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Args;
 use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -35,11 +36,18 @@ use crate::transport::publish::{EventPublisher, NewEvent};
 
 const EVENT: &str = "Contact Created";
 
-pub async fn run(
-    mut settings: Settings,
-    standin_url: Option<String>,
-    start_worker: bool,
-) -> anyhow::Result<()> {
+#[derive(Debug, Args)]
+pub(super) struct DemoArgs {
+    /// Use this running stand-in CRM instead of starting one (the appevents-standin binary).
+    #[arg(long, value_name = "URL")]
+    standin: Option<String>,
+    /// Rely on workers already running instead of starting one in this process.
+    #[arg(long)]
+    no_worker: bool,
+}
+
+pub(super) async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
+    let (standin_url, start_worker) = (args.standin, !args.no_worker);
     db::ensure_database(&settings.database)
         .await
         .context("database")?;

@@ -1,0 +1,280 @@
+//! `appevents workflow`: workflows, and `workflow test`, the dry run.
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::output::{json_arg, print_json, print_table};
+use crate::catalog::workflows::{self, NewWorkflow, WorkflowChanges};
+use crate::config::Settings;
+use crate::core::provider::Provider;
+use crate::integrations::Integrations;
+use crate::pipeline::dry_run;
+use crate::store::{db, vault};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum WorkflowCommand {
+    /// Create a workflow. Prints the id.
+    Create(WorkflowArgs),
+    List {
+        /// Only the workflows of this app event (name or id).
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    Update {
+        id: Uuid,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long, value_name = "JSON|@FILE")]
+        mapping: Option<String>,
+        #[command(flatten)]
+        options: StepOptions,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a workflow with its subscriptions and run history.
+    Delete { id: Uuid },
+    /// Dry run: print the request the worker would send for an event made from the app
+    /// event's example payload, secrets masked. Sends nothing unless --send.
+    Test(WorkflowTestArgs),
+}
+
+#[derive(Debug, Args)]
+pub(super) struct WorkflowTestArgs {
+    /// The workflow's id.
+    workflow: Uuid,
+    /// The event's user; their subscription's connection is used (a placeholder if they
+    /// have none).
+    #[arg(long, conflicts_with = "connection")]
+    user: Option<String>,
+    /// Use this connection (the event's user is its user).
+    #[arg(long, value_name = "CONNECTION_ID")]
+    connection: Option<Uuid>,
+    /// The payload instead of the app event's example: a JSON object, or @FILE.
+    #[arg(long, value_name = "JSON|@FILE")]
+    payload: Option<String>,
+    /// Really send it, once, through the worker's step (needs a real connection); prints
+    /// the response status and provider id, or the classified failure.
+    #[arg(long)]
+    send: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct WorkflowArgs {
+    #[arg(long)]
+    name: String,
+    /// The app event that triggers it (name or id).
+    #[arg(long)]
+    event: String,
+    #[arg(long)]
+    provider: Provider,
+    /// salesforce: create | upsert; hubspot: create-contact | upsert-contact; http: request.
+    #[arg(long)]
+    action: String,
+    /// Field mapping template: JSON, or @FILE.
+    #[arg(long, value_name = "JSON|@FILE")]
+    mapping: String,
+    #[command(flatten)]
+    options: StepOptions,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The step's options, as flags or as one JSON object.
+#[derive(Debug, Args, Default)]
+pub(super) struct StepOptions {
+    /// All options as a JSON object (or @FILE); the flags below override its keys.
+    #[arg(long, value_name = "JSON|@FILE")]
+    options: Option<String>,
+    /// Salesforce: the sObject (default Contact).
+    #[arg(long)]
+    sobject: Option<String>,
+    /// Salesforce upsert: the external id field.
+    #[arg(long)]
+    external_id_field: Option<String>,
+    /// HubSpot upsert: the property that identifies a contact (default email).
+    #[arg(long)]
+    id_property: Option<String>,
+    /// HTTP: method (default POST).
+    #[arg(long)]
+    method: Option<String>,
+    /// HTTP: URL template, absolute or relative to the connection's base URL.
+    #[arg(long)]
+    url: Option<String>,
+    /// HTTP: a header as NAME:VALUE (value may reference the event); repeatable.
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+}
+
+impl StepOptions {
+    /// The options object: `--options` with the flags laid over it. `None` when nothing given.
+    fn to_value(&self) -> anyhow::Result<Option<Value>> {
+        let mut options = match &self.options {
+            Some(text) => match json_arg(text, "--options")? {
+                Value::Object(map) => map,
+                _ => bail!("--options must be a JSON object"),
+            },
+            None => serde_json::Map::new(),
+        };
+        let flags = [
+            ("sobject", &self.sobject),
+            ("external_id_field", &self.external_id_field),
+            ("id_property", &self.id_property),
+            ("method", &self.method),
+            ("url", &self.url),
+        ];
+        for (key, value) in flags {
+            if let Some(value) = value {
+                options.insert(key.to_owned(), json!(value));
+            }
+        }
+        if !self.headers.is_empty() {
+            let mut headers = serde_json::Map::new();
+            for header in &self.headers {
+                let (name, value) = header
+                    .split_once(':')
+                    .with_context(|| format!("--header {header:?} is not NAME:VALUE"))?;
+                headers.insert(name.trim().to_owned(), json!(value.trim()));
+            }
+            options.insert("headers".to_owned(), Value::Object(headers));
+        }
+        let given = self.options.is_some() || !options.is_empty();
+        Ok(given.then_some(Value::Object(options)))
+    }
+}
+
+pub(super) async fn run(settings: &Settings, command: WorkflowCommand) -> anyhow::Result<()> {
+    let pool = &db::pool(&settings.database)?;
+    match command {
+        WorkflowCommand::Create(args) => {
+            let new = NewWorkflow {
+                name: args.name,
+                event: args.event,
+                provider: args.provider,
+                action: args.action,
+                options: args.options.to_value()?.unwrap_or_else(|| json!({})),
+                mapping: json_arg(&args.mapping, "--mapping")?,
+            };
+            let created = workflows::create(pool, &new).await?;
+            if args.json {
+                return print_json(&created);
+            }
+            println!("{}", created.id);
+        }
+        WorkflowCommand::List { event, json } => {
+            let list = workflows::list(pool, event.as_deref()).await?;
+            if json {
+                return print_json(&list);
+            }
+            let rows = list
+                .iter()
+                .map(|w| {
+                    vec![
+                        w.id.to_string(),
+                        w.name.clone(),
+                        w.event.clone(),
+                        w.provider.to_string(),
+                        w.action.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_table(&["ID", "NAME", "EVENT", "PROVIDER", "ACTION"], &rows);
+        }
+        WorkflowCommand::Update {
+            id,
+            name,
+            event,
+            action,
+            mapping,
+            options,
+            json,
+        } => {
+            let changes = WorkflowChanges {
+                name,
+                event,
+                action,
+                options: options.to_value()?,
+                mapping: mapping.map(|m| json_arg(&m, "--mapping")).transpose()?,
+            };
+            if changes.is_empty() {
+                bail!("nothing to update: give --name, --event, --action, an option or --mapping");
+            }
+            let updated = workflows::update(pool, id, &changes).await?;
+            if json {
+                return print_json(&updated);
+            }
+            println!("{}", updated.id);
+        }
+        WorkflowCommand::Delete { id } => {
+            workflows::delete(pool, id).await?;
+            println!("deleted");
+        }
+        WorkflowCommand::Test(args) => test(settings, args).await?,
+    }
+    Ok(())
+}
+
+/// `workflow test`: the dry run, and with `--send` one real call.
+async fn test(settings: &Settings, args: WorkflowTestArgs) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    let keyring = vault::Keyring::from_settings(&settings.secrets)?;
+    let integrations = Integrations::new(&settings.http, &settings.salesforce)?;
+    let spec = dry_run::Spec {
+        workflow: args.workflow,
+        user: args.user,
+        connection: args.connection,
+        payload: args
+            .payload
+            .map(|p| json_arg(&p, "--payload"))
+            .transpose()?,
+    };
+    let test = dry_run::prepare(&pool, &keyring, &integrations, &spec).await?;
+    if args.send && !test.has_connection() {
+        bail!(
+            "--send needs a real connection: give --user with a subscription to this workflow, or --connection"
+        );
+    }
+    let sent = if args.send {
+        Some(test.send(&integrations).await)
+    } else {
+        None
+    };
+    if args.json {
+        let mut report = test.to_json();
+        report["sent"] = json!(sent.is_some());
+        match &sent {
+            Some(Ok(output)) => {
+                report["response"] =
+                    json!({"status": output.status, "provider_id": output.provider_id});
+            }
+            Some(Err(failure)) => report["failure"] = json!(failure),
+            None => {}
+        }
+        print_json(&report)?;
+    } else {
+        println!("{}", test.to_text());
+        println!();
+        match &sent {
+            None => println!("dry run: nothing was sent (--send sends it)"),
+            Some(Ok(output)) => println!(
+                "sent: status {}, provider id {}",
+                output.status,
+                output.provider_id.as_deref().unwrap_or("(none)")
+            ),
+            Some(Err(failure)) => println!("sent: failed: {}", failure.summary()),
+        }
+    }
+    if let Some(Err(failure)) = sent {
+        bail!("the step failed: {}", failure.summary());
+    }
+    Ok(())
+}
