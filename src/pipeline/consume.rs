@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::config::Settings;
 use crate::observe::metrics::label;
 use crate::pipeline::context::{Context, Session};
-use crate::pipeline::settle::Abandoned;
+use crate::pipeline::settle::Unsettled;
 use crate::transport::broker::{self, Recovery};
 use crate::transport::publisher::Publisher;
 
@@ -191,10 +191,21 @@ impl Session {
                     .await;
                 return;
             }
-            Ok(Err(Abandoned)) => {
+            Ok(Err(Unsettled::Shutdown)) => {
                 tracing::info!(
                     "shutting down before the event was settled; it goes back to the queue"
                 );
+                return;
+            }
+            Ok(Err(Unsettled::HandBack(reason))) => {
+                tracing::warn!(%reason, "the event cannot be settled now; handed back to the broker");
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
                 return;
             }
         };

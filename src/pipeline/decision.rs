@@ -54,6 +54,9 @@ pub enum BeforeRun {
     Execute(RunClaim),
     /// Nothing is executed.
     Decided(Decision),
+    /// Held by another worker, and the retry policy has no queue to wait in (an empty
+    /// `retry.schedule`): the message is handed back to the broker.
+    HandBack,
 }
 
 /// Decides what it can from the claim. `max_abandoned`: takeovers from workers that
@@ -86,9 +89,10 @@ pub fn before_run(
         Claimed::Held { until } => {
             // A hold that already ran out waits the shortest queue's delay.
             let wanted = Duration::try_from(until - now).unwrap_or_default();
-            BeforeRun::Decided(Decision::Deferred {
-                delay: policy.queue_delay_for(wanted),
-            })
+            match policy.queue_delay_for(wanted) {
+                Some(delay) => BeforeRun::Decided(Decision::Deferred { delay }),
+                None => BeforeRun::HandBack,
+            }
         }
     }
 }
@@ -316,6 +320,18 @@ mod tests {
             .record(run(&event()), now()),
             None,
             "a deferral uses no retry and records nothing"
+        );
+    }
+
+    #[test]
+    fn without_retry_queues_a_held_run_hands_its_message_back() {
+        let held = Claimed::Held {
+            until: now() + time::Duration::seconds(30),
+        };
+
+        assert_eq!(
+            before_run(held, &policy(&[]), 10, now()),
+            BeforeRun::HandBack
         );
     }
 

@@ -143,21 +143,22 @@ impl RetryPolicy {
             }
             _ => scheduled.max(failure.retry_after.unwrap_or_default()),
         };
+        // The schedule is not empty here, so there is a queue; `scheduled` is one anyway.
         Next::Retry {
-            delay: self.queue_delay_for(wanted),
+            delay: self.queue_delay_for(wanted).unwrap_or(scheduled),
         }
     }
 
     /// The retry queues are one per distinct delay of the schedule; a wanted delay maps to
-    /// the shortest queue at least as long, or the longest there is.
-    pub fn queue_delay_for(&self, wanted: Duration) -> Duration {
+    /// the shortest queue at least as long, or the longest there is. `None` when the
+    /// schedule is empty: there is no retry queue.
+    pub fn queue_delay_for(&self, wanted: Duration) -> Option<Duration> {
         let delays = topology::retry_delays(&self.schedule);
         delays
             .iter()
             .copied()
             .find(|delay| *delay >= wanted)
             .or_else(|| delays.last().copied())
-            .unwrap_or(wanted)
     }
 }
 

@@ -33,10 +33,17 @@ pub(crate) struct Message<'a> {
     pub retries_done: u32,
 }
 
-/// The message could not be settled before shutdown; it is not acknowledged and goes back
-/// to the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Abandoned;
+/// Why a message was not settled, and so is not acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsettled {
+    /// The worker is shutting down: the message goes back to the queue when the channel
+    /// closes.
+    Shutdown,
+    /// It cannot be settled now (the reason says why): it is handed back to the broker
+    /// (nacked), which redelivers it and counts the delivery, so a message that can never be
+    /// settled reaches `worker.max_deliveries` and is dead-lettered as poison.
+    HandBack(String),
+}
 
 impl Session {
     /// Carries out a run's decision: republishes, records and counts what it calls for.
@@ -46,7 +53,7 @@ impl Session {
         target: &Target,
         decision: &Decision,
         abort: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Unsettled> {
         let metrics = &self.context.metrics;
         let provider = target.provider.as_str();
         let now = OffsetDateTime::now_utc();
@@ -123,7 +130,7 @@ impl Session {
         run: RunOf<'_>,
         now: OffsetDateTime,
         abort: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Unsettled> {
         let Some(record) = decision.record(run, now) else {
             return Ok(());
         };
@@ -147,14 +154,12 @@ impl Session {
         retries_done: u32,
         now: OffsetDateTime,
         abort: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Unsettled> {
         let Some(queue) = self.context.topology.retry_queue(delay) else {
-            // Delays always come from the schedule, whose queues were declared.
-            tracing::error!(
-                ?delay,
-                "no retry queue for this delay; the message is redelivered instead"
-            );
-            return Err(Abandoned);
+            // Delays come from the schedule, whose queues were declared.
+            return Err(Unsettled::HandBack(format!(
+                "no retry queue for a delay of {delay:?}"
+            )));
         };
         let mut headers = dead_letter::carried_headers(message.properties.headers().as_ref());
         headers::set_int(&mut headers, headers::ATTEMPT, i64::from(retries_done));
@@ -184,7 +189,7 @@ impl Session {
         reason: Reason,
         metric: &str,
         abort: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Unsettled> {
         let letter = DeadLetter {
             reason,
             event,
@@ -207,7 +212,7 @@ impl Session {
         properties: &BasicProperties,
         letter: &DeadLetter<'_>,
         abort: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Unsettled> {
         let props = dead_letter::properties(properties, letter);
         let queue = self.context.topology.dead_letter_queue.as_str();
         self.persist(abort, "publish dead letter", || {
@@ -223,7 +228,7 @@ impl Session {
         abort: &CancellationToken,
         what: &'static str,
         op: F,
-    ) -> Result<T, Abandoned>
+    ) -> Result<T, Unsettled>
     where
         E: Display,
         F: FnMut() -> Fut,
@@ -247,13 +252,13 @@ impl Session {
             });
         tokio::select! {
             result = attempt => {
-                let value = result.map_err(|_| Abandoned)?;
+                let value = result.map_err(|err| Unsettled::HandBack(format!("{what}: {err}")))?;
                 if health.database_ok() {
                     tracing::info!(%what, "dependency available again; resuming");
                 }
                 Ok(value)
             }
-            _ = abort.cancelled() => Err(Abandoned),
+            _ = abort.cancelled() => Err(Unsettled::Shutdown),
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::pipeline::context::Session;
 use crate::pipeline::decision::{self, BeforeRun, Decision, Tally};
 use crate::pipeline::resolve::{MatchedEvent, Resolution, Target};
 use crate::pipeline::runs::{ClaimRequest, Claimed};
-use crate::pipeline::settle::{Abandoned, Message};
+use crate::pipeline::settle::{Message, Unsettled};
 use crate::transport::dead_letter::{Reason, ReasonCode};
 use crate::transport::routing;
 
@@ -86,7 +86,7 @@ impl Session {
         body: &[u8],
         properties: &BasicProperties,
         abort: &CancellationToken,
-    ) -> Result<Outcome, Abandoned> {
+    ) -> Result<Outcome, Unsettled> {
         let context = &self.context;
         let meta = MessageMeta {
             content_type: properties.content_type().as_ref().map(|s| s.as_str()),
@@ -204,17 +204,22 @@ impl Session {
             .zip(claims)
             .map(|(target, claimed)| self.run_one(&message, target, claimed, abort));
         let mut tally = Tally::default();
-        let mut abandoned = false;
+        let mut unsettled = None;
         for result in futures::future::join_all(work).await {
             match result {
                 Ok(decision) => tally.count(&decision),
-                Err(Abandoned) => abandoned = true,
+                // Handing the message back wins over shutting down: either returns it to
+                // the queue, and the hand-back says why.
+                Err(Unsettled::Shutdown) => {
+                    unsettled.get_or_insert(Unsettled::Shutdown);
+                }
+                Err(handed_back) => unsettled = Some(handed_back),
             }
         }
-        if abandoned {
-            return Err(Abandoned);
+        match unsettled {
+            Some(unsettled) => Err(unsettled),
+            None => Ok(Outcome::Processed(tally)),
         }
-        Ok(Outcome::Processed(tally))
     }
 
     /// Decides one run (from its claim, or by executing its step) and settles the decision.
@@ -224,7 +229,7 @@ impl Session {
         target: &Target,
         claimed: Claimed,
         abort: &CancellationToken,
-    ) -> Result<Decision, Abandoned> {
+    ) -> Result<Decision, Unsettled> {
         let context = &self.context;
         let span = tracing::info_span!(
             "run",
@@ -235,6 +240,12 @@ impl Session {
         let decision =
             match decision::before_run(claimed, &context.policy, context.max_deliveries, now) {
                 BeforeRun::Decided(decision) => decision,
+                BeforeRun::HandBack => {
+                    return Err(Unsettled::HandBack(
+                        "the run is held by another worker and there is no retry queue to wait in"
+                            .to_owned(),
+                    ));
+                }
                 BeforeRun::Execute(claim) => {
                     span.record("run_id", tracing::field::display(claim.run_id));
                     let (result, calls) = context
@@ -259,7 +270,7 @@ impl Session {
         event: &Event,
         app_event: &MatchedEvent,
         abort: &CancellationToken,
-    ) -> Result<Option<Outcome>, Abandoned> {
+    ) -> Result<Option<Outcome>, Unsettled> {
         let differences = app_event.payload_check.differences(&event.payload);
         if differences.is_empty() {
             return Ok(None);
@@ -294,7 +305,7 @@ impl Session {
         invalid: Invalid,
         event: Option<&Event>,
         abort: &CancellationToken,
-    ) -> Result<Outcome, Abandoned> {
+    ) -> Result<Outcome, Unsettled> {
         tracing::warn!(reason = %invalid, "invalid message dead-lettered");
         let reason = Reason {
             code: ReasonCode::Invalid,

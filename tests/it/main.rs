@@ -18,4 +18,5 @@ mod ingest;
 mod operations;
 mod retries;
 mod security;
+mod settling;
 mod shutdown;

@@ -1,0 +1,76 @@
+//! A message the worker cannot settle now is handed back to the broker (nacked), never left
+//! unacknowledged until the channel closes: its delivery is counted, and past
+//! `worker.max_deliveries` it is dead-lettered as poison.
+
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::support::{CONTACT_CREATED, TestApp};
+
+/// Marks the run of (`user`, `event_id`, `workflow`) as held by another worker for an hour.
+async fn hold_run(app: &TestApp, user: &str, event_id: &str, workflow: Uuid) {
+    let client = app.pool.get().await.expect("client");
+    client
+        .execute(
+            "insert into runs (id, user_id, event_id, event_name, workflow_id, status, claims, \
+             claim_token, claimed_until) \
+             values ($1, $2, $3, $4, $5, 'running', 1, $6, now() + interval '1 hour')",
+            &[
+                &Uuid::now_v7(),
+                &user,
+                &event_id,
+                &CONTACT_CREATED,
+                &workflow,
+                &Uuid::new_v4(),
+            ],
+        )
+        .await
+        .expect("held run");
+}
+
+#[tokio::test]
+async fn without_retry_queues_a_held_run_hands_its_message_back_to_the_broker() {
+    // retry.schedule = []: there is no retry queue a held run could wait in.
+    let mut app = TestApp::with_settings(|s| {
+        s.retry.schedule = vec![];
+        s.worker.max_deliveries = 3;
+    })
+    .await;
+    let workflow = app.hubspot_workflow("http://127.0.0.1:9").await;
+    hold_run(&app, "u", "evt-held", workflow).await;
+    app.start_worker().await;
+
+    app.publish(
+        CONTACT_CREATED,
+        "u",
+        json!({"email": "held@example.com"}),
+        Some("evt-held"),
+    )
+    .await;
+
+    // Handed back each time, the message comes back with its deliveries counted, until the
+    // worker gives up on it; left unacknowledged, it would sit in the worker forever.
+    let letters = app.dead_letters_until(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        letters.len(),
+        1,
+        "dead-lettered once its deliveries ran out"
+    );
+    assert_eq!(
+        letters[0].header("x-appevents-reason-code").as_deref(),
+        Some("poison")
+    );
+    assert_eq!(
+        letters[0].header("x-appevents-event-id").as_deref(),
+        Some("evt-held")
+    );
+    app.stop_worker().await;
+    assert_eq!(
+        app.queue_depth(&app.settings.amqp.queue).await,
+        0,
+        "nothing left in the work queue once the worker stopped"
+    );
+    app.cleanup().await;
+}
