@@ -10,34 +10,55 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-/// Why a batched request failed; the whole batch shares it.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct BatchError(Arc<str>);
+/// Why a batched request failed. A failed statement's error is shared by the whole batch,
+/// typed, so a caller can still tell an outage from a refusal.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError<E> {
+    #[error(transparent)]
+    Failed(Arc<E>),
+    #[error("the batch answered {answered} of {expected} requests")]
+    Mismatch { answered: usize, expected: usize },
+    #[error("the batcher has stopped")]
+    Stopped,
+}
 
-struct Item<Req, Resp> {
+impl<E> Clone for BatchError<E> {
+    fn clone(&self) -> Self {
+        match self {
+            BatchError::Failed(err) => BatchError::Failed(err.clone()),
+            BatchError::Mismatch { answered, expected } => BatchError::Mismatch {
+                answered: *answered,
+                expected: *expected,
+            },
+            BatchError::Stopped => BatchError::Stopped,
+        }
+    }
+}
+
+struct Item<Req, Resp, E> {
     request: Req,
-    reply: oneshot::Sender<Result<Resp, BatchError>>,
+    reply: oneshot::Sender<Result<Resp, BatchError<E>>>,
 }
 
-pub struct Batcher<Req, Resp> {
-    sender: mpsc::Sender<Item<Req, Resp>>,
+pub struct Batcher<Req, Resp, E> {
+    sender: mpsc::Sender<Item<Req, Resp, E>>,
 }
 
-impl<Req, Resp> Batcher<Req, Resp>
+impl<Req, Resp, E> Batcher<Req, Resp, E>
 where
     Req: Send + 'static,
     Resp: Send + 'static,
+    E: Send + Sync + 'static,
 {
     /// Runs `execute` on batches of up to `max_batch` requests, at most `parallel` batches at
     /// once. `execute` answers in the order of its input.
-    pub fn spawn<F, Fut, E>(max_batch: usize, parallel: usize, execute: F) -> Batcher<Req, Resp>
+    pub fn spawn<F, Fut>(max_batch: usize, parallel: usize, execute: F) -> Batcher<Req, Resp, E>
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<Resp>, E>> + Send + 'static,
-        E: std::fmt::Display,
     {
-        let (sender, mut receiver) = mpsc::channel::<Item<Req, Resp>>(max_batch * parallel.max(1));
+        let (sender, mut receiver) =
+            mpsc::channel::<Item<Req, Resp, E>>(max_batch * parallel.max(1));
         let execute = Arc::new(execute);
         let slots = Arc::new(Semaphore::new(parallel.max(1)));
         tokio::spawn(async move {
@@ -67,15 +88,16 @@ where
                             }
                         }
                         Ok(responses) => {
-                            let error = BatchError(
-                                format!("batch answered {} of {expected}", responses.len()).into(),
-                            );
+                            let error = BatchError::Mismatch {
+                                answered: responses.len(),
+                                expected,
+                            };
                             for reply in replies {
                                 let _ = reply.send(Err(error.clone()));
                             }
                         }
                         Err(err) => {
-                            let error = BatchError(err.to_string().into());
+                            let error = BatchError::Failed(Arc::new(err));
                             for reply in replies {
                                 let _ = reply.send(Err(error.clone()));
                             }
@@ -88,15 +110,14 @@ where
         Batcher { sender }
     }
 
-    pub async fn call(&self, request: Req) -> Result<Resp, BatchError> {
+    pub async fn call(&self, request: Req) -> Result<Resp, BatchError<E>> {
         let (reply, answer) = oneshot::channel();
         self.sender
             .send(Item { request, reply })
             .await
-            .map_err(|_| BatchError("the batcher has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| BatchError("the batch was dropped".into()))?
+            .map_err(|_| BatchError::Stopped)?;
+        // A batch is dropped only if its task died: the batcher is no longer answering.
+        answer.await.map_err(|_| BatchError::Stopped)?
     }
 }
 
@@ -130,12 +151,32 @@ mod tests {
         );
     }
 
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    enum Refused {
+        #[error("constraint violated")]
+        Constraint,
+    }
+
     #[tokio::test]
-    async fn a_failed_batch_fails_each_of_its_calls() {
-        let batcher = Batcher::spawn(8, 2, |_requests: Vec<u32>| async {
-            Err::<Vec<u32>, _>("database unavailable")
+    async fn a_failed_batch_fails_each_of_its_calls_with_the_typed_error() {
+        let batcher = Arc::new(Batcher::spawn(8, 2, |_requests: Vec<u32>| async {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            Err::<Vec<u32>, _>(Refused::Constraint)
+        }));
+        let calls = (0..4u32).map(|n| {
+            let batcher = batcher.clone();
+            async move { batcher.call(n).await }
         });
-        let err = batcher.call(1).await.expect_err("fails");
-        assert_eq!(err.to_string(), "database unavailable");
+
+        let answers = futures::future::join_all(calls).await;
+
+        for answer in answers {
+            let err = answer.expect_err("fails");
+            assert_eq!(err.to_string(), "constraint violated");
+            assert!(
+                matches!(&err, BatchError::Failed(e) if **e == Refused::Constraint),
+                "the caller gets the error itself, not its text: {err:?}"
+            );
+        }
     }
 }

@@ -45,9 +45,9 @@ pub struct Context {
     pub claim_lease: Duration,
     pub max_deliveries: u32,
     /// Claims of many events in one statement.
-    pub claims: Batcher<ClaimRequest, Claimed>,
+    pub claims: Batcher<ClaimRequest, Claimed, StoreError>,
     /// Outcomes of many runs in one statement; `false` when the claim was lost.
-    pub records: Batcher<RunRecord, bool>,
+    pub records: Batcher<RunRecord, bool, StoreError>,
 }
 
 impl Context {

@@ -3,8 +3,10 @@
 //! (confirmed by the broker), recorded in Postgres, and counted, in that order: a crash in
 //! between leaves a duplicate the run records absorb, never a loss.
 //!
-//! Every call to the broker or the database is retried with backoff while the message
-//! waits unacknowledged, until it succeeds or the worker shuts down.
+//! A call to the broker or the database that fails because the dependency is unavailable is
+//! retried with backoff while the message waits unacknowledged, until it succeeds or the
+//! worker shuts down. Any other failure cannot be fixed by waiting: the message is handed
+//! back to the broker at once.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -18,11 +20,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::event::Event;
 use crate::observe::metrics::{label, labels2};
+use crate::pipeline::batch::BatchError;
 use crate::pipeline::context::Session;
 use crate::pipeline::decision::{Decision, RunOf};
 use crate::pipeline::resolve::Target;
+use crate::store::db::StoreError;
 use crate::transport::dead_letter::{self, DeadLetter, Reason};
 use crate::transport::headers;
+use crate::transport::publisher::PublishError;
 
 /// The message a run belongs to.
 pub(crate) struct Message<'a> {
@@ -221,8 +226,9 @@ impl Session {
         .await
     }
 
-    /// Retries an operation on the database or broker with backoff until it succeeds or
-    /// `abort` fires. Logs once when a dependency starts failing and once when it recovers.
+    /// Retries an operation on the database or broker with backoff while its dependency is
+    /// unavailable, until it succeeds or `abort` fires; any other error hands the message
+    /// back. Logs once when a dependency starts failing and once when it recovers.
     pub(crate) async fn persist<T, E, F, Fut>(
         &self,
         abort: &CancellationToken,
@@ -230,7 +236,7 @@ impl Session {
         op: F,
     ) -> Result<T, Unsettled>
     where
-        E: Display,
+        E: DependencyError,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
@@ -243,6 +249,7 @@ impl Session {
         let attempt = op
             .retry(backoff)
             .sleep(tokio::time::sleep)
+            .when(|err: &E| err.is_unavailable())
             .notify(|err: &E, wait: Duration| {
                 if health.database_failed(format!("{what}: {err}")) {
                     tracing::warn!(error = %err, %what, ?wait, "dependency unavailable; holding the message and retrying");
@@ -263,6 +270,33 @@ impl Session {
     }
 }
 
+/// An error of the database or the broker.
+pub(crate) trait DependencyError: Display {
+    /// Whether the dependency was unavailable, so the same call may succeed later.
+    fn is_unavailable(&self) -> bool;
+}
+
+impl DependencyError for StoreError {
+    fn is_unavailable(&self) -> bool {
+        StoreError::is_unavailable(self)
+    }
+}
+
+impl DependencyError for PublishError {
+    fn is_unavailable(&self) -> bool {
+        PublishError::is_unavailable(self)
+    }
+}
+
+impl<E: DependencyError> DependencyError for BatchError<E> {
+    fn is_unavailable(&self) -> bool {
+        match self {
+            BatchError::Failed(err) => err.is_unavailable(),
+            BatchError::Mismatch { .. } | BatchError::Stopped => false,
+        }
+    }
+}
+
 /// Properties of a message the worker republishes: the original's, with new headers and the
 /// event id as `message_id` (so an id derived from the body survives).
 fn republished(original: &BasicProperties, headers: FieldTable, event_id: &str) -> BasicProperties {
@@ -271,4 +305,30 @@ fn republished(original: &BasicProperties, headers: FieldTable, event_id: &str) 
         .with_headers(headers)
         .with_message_id(event_id.into())
         .with_delivery_mode(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use deadpool_postgres::{PoolError, TimeoutType};
+
+    use super::*;
+    use crate::store::db::DbError;
+
+    #[test]
+    fn a_batched_error_keeps_whether_the_database_was_unavailable() {
+        let timeout = StoreError::Db(DbError::Pool(PoolError::Timeout(TimeoutType::Wait)));
+        let refused = StoreError::Conflict("violates foreign key constraint".into());
+
+        assert!(BatchError::Failed(Arc::new(timeout)).is_unavailable());
+        assert!(!BatchError::Failed(Arc::new(refused)).is_unavailable());
+        assert!(!BatchError::<StoreError>::Stopped.is_unavailable());
+    }
+
+    #[test]
+    fn a_message_no_queue_takes_is_not_retried_but_a_nack_is() {
+        assert!(!PublishError::Unroutable("NO_ROUTE".into()).is_unavailable());
+        assert!(PublishError::Nacked.is_unavailable());
+    }
 }

@@ -259,6 +259,53 @@ pub enum StoreError {
     Vault(#[from] crate::store::vault::VaultError),
 }
 
+impl StoreError {
+    /// Whether the database was unavailable (unreachable, restarting, out of connections,
+    /// or a transaction lost a race), so the same operation may succeed later. Anything else
+    /// (a refused write, bad data, a missing key) fails again however often it is retried.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Db(err) => err.is_unavailable(),
+            StoreError::NotFound(_)
+            | StoreError::Conflict(_)
+            | StoreError::Invalid(_)
+            | StoreError::Vault(_) => false,
+        }
+    }
+}
+
+impl DbError {
+    /// See [`StoreError::is_unavailable`].
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Connect(_) | DbError::Pool(_) => true,
+            DbError::Query(err) => match err.code() {
+                // No SQLSTATE: the connection broke (closed, I/O error, timeout).
+                None => true,
+                Some(code) => is_transient_state(code),
+            },
+            DbError::Url(_) | DbError::Migration(_) | DbError::Tls(_) | DbError::Stopped => false,
+        }
+    }
+}
+
+/// Server errors that say "not now" rather than "no": connection exceptions (class 08), out
+/// of resources (class 53), the server shutting down or starting up, a read-only standby
+/// after a failover, serialization failures and deadlocks.
+fn is_transient_state(code: &SqlState) -> bool {
+    let class = code.code().get(..2);
+    matches!(class, Some("08" | "53"))
+        || [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ]
+        .contains(code)
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
         let Some(db) = err.as_db_error() else {
@@ -279,5 +326,47 @@ impl From<tokio_postgres::Error> for StoreError {
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
         StoreError::Db(DbError::Pool(err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use deadpool_postgres::{PoolError, TimeoutType};
+
+    use super::*;
+
+    #[test]
+    fn only_an_unavailable_database_is_worth_retrying() {
+        let unavailable = StoreError::Db(DbError::Pool(PoolError::Timeout(TimeoutType::Wait)));
+        assert!(unavailable.is_unavailable(), "no pooled connection in time");
+
+        for refused in [
+            StoreError::Conflict("violates foreign key constraint".into()),
+            StoreError::Invalid("bad data".into()),
+            StoreError::NotFound("no such row".into()),
+            StoreError::Db(DbError::Url("bad url".into())),
+        ] {
+            assert!(!refused.is_unavailable(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn server_states_that_mean_not_now_are_transient() {
+        for code in [
+            SqlState::CONNECTION_FAILURE,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+        ] {
+            assert!(is_transient_state(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::FOREIGN_KEY_VIOLATION,
+            SqlState::UNDEFINED_TABLE,
+            SqlState::SYNTAX_ERROR,
+        ] {
+            assert!(!is_transient_state(&code), "{code:?}");
+        }
     }
 }

@@ -14,6 +14,18 @@ pub enum PublishError {
     Unroutable(String),
 }
 
+impl PublishError {
+    /// Whether the broker was unavailable (a lost channel or connection, a refused message
+    /// under pressure), so publishing again may succeed. A message no queue takes is
+    /// refused again however often it is retried.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            PublishError::Broker(_) | PublishError::Nacked => true,
+            PublishError::Unroutable(_) => false,
+        }
+    }
+}
+
 /// A channel in confirm mode: every publish waits for the broker's confirm.
 #[derive(Clone)]
 pub struct Publisher {

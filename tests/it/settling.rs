@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::support::{CONTACT_CREATED, TestApp};
+use crate::support::{CONTACT_CREATED, TestApp, eventually, http_client};
 
 /// Marks the run of (`user`, `event_id`, `workflow`) as held by another worker for an hour.
 async fn hold_run(app: &TestApp, user: &str, event_id: &str, workflow: Uuid) {
@@ -73,4 +73,66 @@ async fn without_retry_queues_a_held_run_hands_its_message_back_to_the_broker() 
         "nothing left in the work queue once the worker stopped"
     );
     app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_error_retrying_cannot_fix_hands_the_message_back_instead_of_holding_it() {
+    let crm = wiremock::MockServer::start().await;
+    // The CRM takes its time, so the workflow can be deleted while its run is in flight.
+    crate::support::answer(
+        &crm,
+        "POST",
+        wiremock::matchers::path("/crm/v3/objects/contacts"),
+        wiremock::ResponseTemplate::new(201)
+            .set_body_json(json!({"id": "1"}))
+            .set_delay(Duration::from_secs(1)),
+        1,
+        false,
+    )
+    .await;
+    let mut app = TestApp::new().await;
+    let workflow = app.hubspot_workflow(&crm.uri()).await;
+    app.start_worker().await;
+
+    app.publish(
+        CONTACT_CREATED,
+        "u",
+        json!({"email": "gone@example.com"}),
+        Some("evt-gone"),
+    )
+    .await;
+    let calling = eventually(Duration::from_secs(10), || async {
+        !crm.received_requests().await.unwrap_or_default().is_empty()
+    })
+    .await;
+    assert!(calling, "the run reached the CRM");
+    // Its run row goes with the workflow: recording the outcome now breaks a foreign key,
+    // which no retry can fix.
+    appevents::catalog::workflows::delete(&app.pool, workflow)
+        .await
+        .expect("delete workflow");
+
+    // Handed back, the message is delivered again and finds nothing to run.
+    let unmatched = eventually(Duration::from_secs(15), || async {
+        metrics(&app)
+            .await
+            .contains(r#"appevents_events_total{outcome="unmatched"} 1"#)
+    })
+    .await;
+    assert!(unmatched, "{}", metrics(&app).await);
+    app.stop_worker().await;
+    assert_eq!(app.queue_depth(&app.settings.amqp.queue).await, 0);
+    assert!(app.take_dead_letters().await.is_empty());
+    app.cleanup().await;
+}
+
+async fn metrics(app: &TestApp) -> String {
+    http_client()
+        .get(app.ops_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }
