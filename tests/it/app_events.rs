@@ -499,14 +499,7 @@ async fn with_the_check_on_warn_a_mismatching_event_runs_and_is_counted() {
         1,
         "a matching event is not counted"
     );
-    let metrics = crate::support::http_client()
-        .get(app.ops_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"appevents_payload_mismatches_total{event="Contact Created"} 1"#),
         "{metrics}"

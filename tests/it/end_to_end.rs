@@ -8,7 +8,7 @@ use appevents_standin as standin;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, eventually, http_client};
+use crate::support::{TestApp, eventually};
 
 const EVENT: &str = "Contact Created";
 
@@ -232,14 +232,7 @@ async fn unmatched_events_are_acknowledged_and_nothing_is_called() {
     .await;
 
     let counted = eventually(Duration::from_secs(10), || async {
-        let metrics = http_client()
-            .get(app.ops_url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = app.metrics().await;
         metrics.contains(r#"appevents_unmatched_events_total{reason="unknown_event"} 1"#)
             && metrics.contains(r#"appevents_unmatched_events_total{reason="no_subscription"} 1"#)
     })
@@ -375,14 +368,7 @@ async fn the_same_event_id_published_twice_creates_one_contact_per_workflow() {
     .await;
     assert!(both_consumed);
     let metrics_seen = eventually(Duration::from_secs(10), || async {
-        let text = http_client()
-            .get(app.ops_url("/metrics"))
-            .send()
-            .await
-            .expect("m")
-            .text()
-            .await
-            .expect("t");
+        let text = app.metrics().await;
         text.contains(r#"appevents_events_total{outcome="processed"} 2"#)
     })
     .await;

@@ -8,9 +8,7 @@ use appevents::transport::publisher::Publisher;
 use appevents_standin::{self as standin, Faults};
 use serde_json::{Value, json};
 
-use crate::support::{
-    CONTACT_CREATED, TestApp, appevents_command, eventually, http_client, signal,
-};
+use crate::support::{CONTACT_CREATED, TestApp, appevents_command, eventually, signal};
 
 /// Runs the binary; returns (status code, stdout, stderr).
 async fn run(app: &TestApp, args: &[&str]) -> (i32, String, String) {
@@ -329,14 +327,7 @@ async fn run_history_filters_and_metrics_move() {
     assert_eq!(shown["status"], "dead");
     assert_eq!(shown["last_error"]["code"], "REQUIRED_FIELD_MISSING");
 
-    let metrics = http_client()
-        .get(app.ops_url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = app.metrics().await;
     for expected in [
         r#"appevents_events_total{outcome="processed"} 3"#,
         r#"appevents_runs_total{provider="salesforce",outcome="succeeded"} 2"#,

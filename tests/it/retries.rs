@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::{body_string_contains, header, method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{TestApp, answer, eventually, http_client};
+use crate::support::{TestApp, answer, eventually};
 
 const EVENT: &str = "Contact Created";
 const CONTACTS: &str = "/crm/v3/objects/contacts";
@@ -53,17 +53,6 @@ async fn salesforce_workflow(
     workflow.id
 }
 
-async fn metrics(app: &TestApp) -> String {
-    http_client()
-        .get(app.ops_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 #[tokio::test]
 async fn transient_errors_are_retried_in_process_then_succeed() {
     let crm = MockServer::start().await;
@@ -89,7 +78,7 @@ async fn transient_errors_are_retried_in_process_then_succeed() {
     assert_eq!(runs[0].attempts, 3);
     assert_eq!(runs[0].provider_id.as_deref(), Some("7"));
     assert!(
-        !metrics(&app).await.contains("appevents_retries_total{"),
+        !app.metrics().await.contains("appevents_retries_total{"),
         "no broker-level retry was needed"
     );
     app.cleanup().await;
@@ -122,7 +111,7 @@ async fn failures_past_the_in_process_tries_wait_in_the_retry_queue() {
         "three in process, then two after the first broker retry"
     );
     assert!(
-        metrics(&app)
+        app.metrics()
             .await
             .contains(r#"appevents_retries_total{kind="transient"} 1"#)
     );
@@ -185,7 +174,7 @@ async fn a_salesforce_request_limit_backs_off_through_the_broker() {
         "not retried in process without a Retry-After"
     );
     assert!(
-        metrics(&app)
+        app.metrics()
             .await
             .contains(r#"appevents_retries_total{kind="rate_limited"} 1"#)
     );
@@ -295,7 +284,7 @@ async fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_stored
         "stored encrypted"
     );
     assert!(
-        metrics(&app)
+        app.metrics()
             .await
             .contains(r#"appevents_token_refreshes_total{result="refreshed"}"#)
     );

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::support::{CONTACT_CREATED, TestApp, eventually, http_client};
+use crate::support::{CONTACT_CREATED, TestApp, eventually};
 
 /// Marks the run of (`user`, `event_id`, `workflow`) as held by another worker for an hour.
 async fn hold_run(app: &TestApp, user: &str, event_id: &str, workflow: Uuid) {
@@ -114,25 +114,14 @@ async fn an_error_retrying_cannot_fix_hands_the_message_back_instead_of_holding_
 
     // Handed back, the message is delivered again and finds nothing to run.
     let unmatched = eventually(Duration::from_secs(15), || async {
-        metrics(&app)
+        app.metrics()
             .await
             .contains(r#"appevents_events_total{outcome="unmatched"} 1"#)
     })
     .await;
-    assert!(unmatched, "{}", metrics(&app).await);
+    assert!(unmatched, "{}", app.metrics().await);
     app.stop_worker().await;
     assert_eq!(app.queue_depth(&app.settings.amqp.queue).await, 0);
     assert!(app.take_dead_letters().await.is_empty());
     app.cleanup().await;
-}
-
-async fn metrics(app: &TestApp) -> String {
-    http_client()
-        .get(app.ops_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
 }

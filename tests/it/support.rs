@@ -203,6 +203,18 @@ impl TestApp {
         format!("http://{}{path}", self.worker().ops_addr)
     }
 
+    /// The worker's metrics, as Prometheus text.
+    pub async fn metrics(&self) -> String {
+        http_client()
+            .get(self.ops_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn publisher(&self) -> EventPublisher {
         EventPublisher::connect(&self.settings, Recovery::None)
             .await
