@@ -1,16 +1,26 @@
 //! What readiness looks at: the broker connection, the database, and what units of work
-//! met when they used them.
+//! met when they used each of them.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-/// What readiness looks at. The broker connection is set by whoever holds it.
+/// A dependency of a worker or server process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Broker,
+    Database,
+}
+
+/// What readiness looks at. The broker connection is set by whoever holds it; failures by
+/// the units of work that meet them, each under its own dependency.
 pub struct Health {
     pool: Pool,
     broker: Mutex<Option<lapin::ConnectionStatus>>,
-    /// The last failure a unit of work met with the database, until one succeeds.
+    /// The last failure a unit of work met with the broker, until a call to it succeeds.
+    broker_failure: Mutex<Option<String>>,
+    /// The last failure a unit of work met with the database, until a call to it succeeds.
     database_failure: Mutex<Option<String>>,
 }
 
@@ -19,6 +29,7 @@ impl Health {
         Health {
             pool,
             broker: Mutex::new(None),
+            broker_failure: Mutex::new(None),
             database_failure: Mutex::new(None),
         }
     }
@@ -27,24 +38,50 @@ impl Health {
         *lock(&self.broker) = status;
     }
 
-    /// Records a database failure; true when this is news (for logging once).
-    pub fn database_failed(&self, reason: String) -> bool {
-        lock(&self.database_failure).replace(reason).is_none()
+    fn failure(&self, dependency: Dependency) -> &Mutex<Option<String>> {
+        match dependency {
+            Dependency::Broker => &self.broker_failure,
+            Dependency::Database => &self.database_failure,
+        }
     }
 
-    /// Records a database success; true when it ends a failure.
-    pub fn database_ok(&self) -> bool {
-        lock(&self.database_failure).take().is_some()
+    /// Records a failure to use `dependency`; true when this is news (for logging once).
+    pub fn failed(&self, dependency: Dependency, reason: String) -> bool {
+        lock(self.failure(dependency)).replace(reason).is_none()
     }
 
-    /// Checks both dependencies now; `Err` lists what is wrong.
+    /// Records a success with `dependency`; true when it ends a failure.
+    pub fn recovered(&self, dependency: Dependency) -> bool {
+        lock(self.failure(dependency)).take().is_some()
+    }
+
+    /// Checks both dependencies now; `Err` lists what is wrong, one line per dependency.
     pub async fn check(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        match &*lock(&self.broker) {
-            Some(status) if status.connected() => {}
-            Some(_) => problems.push("broker: connection lost, reconnecting".to_owned()),
-            None => problems.push("broker: not connected".to_owned()),
+        if let Some(problem) = self.broker_problem() {
+            problems.push(format!("broker: {problem}"));
         }
+        if let Some(problem) = self.database_problem().await {
+            problems.push(format!("database: {problem}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The connection's state first; with it up, what a unit of work last met.
+    fn broker_problem(&self) -> Option<String> {
+        match &*lock(&self.broker) {
+            Some(status) if status.connected() => lock(&self.broker_failure).clone(),
+            Some(_) => Some("connection lost, reconnecting".to_owned()),
+            None => Some("not connected".to_owned()),
+        }
+    }
+
+    /// A probe first; with it answered, what a unit of work last met.
+    async fn database_problem(&self) -> Option<String> {
         let probe = async {
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
             client
@@ -54,14 +91,9 @@ impl Health {
             Ok::<(), String>(())
         };
         match tokio::time::timeout(Duration::from_secs(2), probe).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => problems.push(format!("database: {err}")),
-            Err(_) => problems.push("database: no answer within 2s".to_owned()),
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
+            Ok(Ok(())) => lock(&self.database_failure).clone(),
+            Ok(Err(err)) => Some(err),
+            Err(_) => Some("no answer within 2s".to_owned()),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Watching the process: logs, Prometheus metrics, and the health readiness reads.
 
-pub(crate) mod health;
+pub mod health;
 pub(crate) mod logs;
 pub mod metrics;

@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::event::Event;
+use crate::observe::health::Dependency;
 use crate::observe::metrics::{label, labels2};
 use crate::pipeline::batch::BatchError;
 use crate::pipeline::context::Session;
@@ -251,7 +252,7 @@ impl Session {
             .sleep(tokio::time::sleep)
             .when(|err: &E| err.is_unavailable())
             .notify(|err: &E, wait: Duration| {
-                if health.database_failed(format!("{what}: {err}")) {
+                if health.failed(E::DEPENDENCY, format!("{what}: {err}")) {
                     tracing::warn!(error = %err, %what, ?wait, "dependency unavailable; holding the message and retrying");
                 } else {
                     tracing::debug!(error = %err, %what, ?wait, "still unavailable");
@@ -260,7 +261,7 @@ impl Session {
         tokio::select! {
             result = attempt => {
                 let value = result.map_err(|err| Unsettled::HandBack(format!("{what}: {err}")))?;
-                if health.database_ok() {
+                if health.recovered(E::DEPENDENCY) {
                     tracing::info!(%what, "dependency available again; resuming");
                 }
                 Ok(value)
@@ -272,23 +273,32 @@ impl Session {
 
 /// An error of the database or the broker.
 pub(crate) trait DependencyError: Display {
+    /// Which one: the health readiness reads is kept per dependency.
+    const DEPENDENCY: Dependency;
+
     /// Whether the dependency was unavailable, so the same call may succeed later.
     fn is_unavailable(&self) -> bool;
 }
 
 impl DependencyError for StoreError {
+    const DEPENDENCY: Dependency = Dependency::Database;
+
     fn is_unavailable(&self) -> bool {
         StoreError::is_unavailable(self)
     }
 }
 
 impl DependencyError for PublishError {
+    const DEPENDENCY: Dependency = Dependency::Broker;
+
     fn is_unavailable(&self) -> bool {
         PublishError::is_unavailable(self)
     }
 }
 
 impl<E: DependencyError> DependencyError for BatchError<E> {
+    const DEPENDENCY: Dependency = E::DEPENDENCY;
+
     fn is_unavailable(&self) -> bool {
         match self {
             BatchError::Failed(err) => err.is_unavailable(),

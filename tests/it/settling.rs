@@ -1,9 +1,11 @@
 //! A message the worker cannot settle now is handed back to the broker (nacked), never left
 //! unacknowledged until the channel closes: its delivery is counted, and past
-//! `worker.max_deliveries` it is dead-lettered as poison.
+//! `worker.max_deliveries` it is dead-lettered as poison. While a dependency is unavailable
+//! readiness says which.
 
 use std::time::Duration;
 
+use appevents::observe::health::{Dependency, Health};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -123,5 +125,44 @@ async fn an_error_retrying_cannot_fix_hands_the_message_back_instead_of_holding_
     app.stop_worker().await;
     assert_eq!(app.queue_depth(&app.settings.amqp.queue).await, 0);
     assert!(app.take_dead_letters().await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn readiness_names_each_dependency_a_unit_of_work_found_unavailable() {
+    let app = TestApp::new().await;
+    let health = Health::new(app.pool.clone());
+    health.set_broker(Some(app.amqp.status().clone()));
+    assert_eq!(health.check().await, Ok(()), "both dependencies answer");
+
+    // A unit of work could not publish, while the broker connection itself looks fine.
+    health.failed(
+        Dependency::Broker,
+        "publish retry: channel closed".to_owned(),
+    );
+    assert_eq!(
+        health.check().await,
+        Err(vec!["broker: publish retry: channel closed".to_owned()]),
+        "a broker failure is the broker's, not the database's"
+    );
+    health.failed(
+        Dependency::Database,
+        "record run: pool timed out".to_owned(),
+    );
+    assert_eq!(
+        health.check().await,
+        Err(vec![
+            "broker: publish retry: channel closed".to_owned(),
+            "database: record run: pool timed out".to_owned()
+        ])
+    );
+
+    assert!(health.recovered(Dependency::Broker));
+    assert!(health.recovered(Dependency::Database));
+    assert_eq!(
+        health.check().await,
+        Ok(()),
+        "ready once each answered again"
+    );
     app.cleanup().await;
 }
