@@ -57,7 +57,7 @@ fn context(id: Uuid, column: &str) -> String {
     format!("connection/{id}/{column}")
 }
 
-pub(crate) fn seal(
+fn seal(
     keyring: &Keyring,
     id: Uuid,
     column: &str,
@@ -203,6 +203,80 @@ pub async fn get(pool: &Pool, keyring: &Keyring, id: Uuid) -> Result<Connection,
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("no connection {id}")))?;
     from_row(&row, 0, keyring)
+}
+
+/// A connection as stored now, and its access token as sealed: the version a
+/// compare-and-swap ([`store_refreshed`], [`mark_needs_reauth`]) compares against.
+pub async fn get_versioned(
+    pool: &Pool,
+    keyring: &Keyring,
+    id: Uuid,
+) -> Result<(Connection, TokenVersion), StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!("select {COLUMNS} from connections c where c.id = $1"),
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("connection {id} was deleted")))?;
+    // The sealed access token, as stored (column 5 of COLUMNS).
+    let version = TokenVersion(row.try_get(5)?);
+    Ok((from_row(&row, 0, keyring)?, version))
+}
+
+/// A connection's access token as sealed when read. Sealing draws a fresh nonce, so any
+/// write of the token (a refresh, new credentials, a key rotation) changes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenVersion(Option<Vec<u8>>);
+
+/// Stores refreshed tokens unless the access token changed since `version` was read, and
+/// makes the connection active: a refresh that succeeded proves the credentials good, even
+/// if a concurrent refresh (refused as the provider rotated the refresh token) marked it.
+/// Returns whether they were stored.
+pub async fn store_refreshed(
+    pool: &Pool,
+    keyring: &Keyring,
+    id: Uuid,
+    version: &TokenVersion,
+    access_token: &SecretString,
+    refresh_token: Option<&SecretString>,
+) -> Result<bool, StoreError> {
+    let client = pool.get().await?;
+    let updated = client
+        .execute(
+            "update connections set access_token = $3, refresh_token = $4, status = 'active', \
+             status_reason = null, token_refreshed_at = now(), updated_at = now() \
+             where id = $1 and access_token is not distinct from $2",
+            &[
+                &id,
+                &version.0,
+                &seal(keyring, id, "access_token", Some(access_token))?,
+                &seal(keyring, id, "refresh_token", refresh_token)?,
+            ],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+/// Marks the connection as needing re-authorisation unless its access token changed since
+/// `version` was read (then someone refreshed or reconnected it meanwhile). Returns whether
+/// it was marked.
+pub async fn mark_needs_reauth(
+    pool: &Pool,
+    id: Uuid,
+    version: &TokenVersion,
+    reason: &str,
+) -> Result<bool, StoreError> {
+    let client = pool.get().await?;
+    let updated = client
+        .execute(
+            "update connections set status = 'needs_reauth', status_reason = $3, \
+             updated_at = now() where id = $1 and access_token is not distinct from $2",
+            &[&id, &version.0, &reason],
+        )
+        .await?;
+    Ok(updated == 1)
 }
 
 pub async fn list(pool: &Pool, user: Option<&str>) -> Result<Vec<ConnectionSummary>, StoreError> {

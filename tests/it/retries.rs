@@ -292,6 +292,96 @@ async fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_stored
 }
 
 #[tokio::test]
+async fn a_refresh_holds_no_row_lock_or_pooled_connection_while_the_token_endpoint_answers() {
+    let crm = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(CONTACTS))
+        .and(header("authorization", "Bearer old-access"))
+        .respond_with(hubspot_error(401, "EXPIRED_AUTHENTICATION"))
+        .mount(&crm)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(CONTACTS))
+        .and(header("authorization", "Bearer new-access"))
+        .respond_with(created("11"))
+        .expect(1)
+        .mount(&crm)
+        .await;
+    // A slow token endpoint: the refresh is in flight for two seconds.
+    Mock::given(method("POST"))
+        .and(path("/oauth/token"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"access_token": "new-access", "refresh_token": "refresh-2"}))
+                .set_delay(Duration::from_secs(2)),
+        )
+        .expect(1)
+        .mount(&crm)
+        .await;
+    let mut app = TestApp::new().await;
+    app.app_event(EVENT).await;
+    let workflow = app
+        .workflow(
+            "hs",
+            EVENT,
+            Provider::Hubspot,
+            "create-contact",
+            json!({}),
+            json!({"email": "{{payload.email}}"}),
+        )
+        .await;
+    let conn = refreshable_connection(&app, &crm.uri()).await;
+    app.subscribe("u", workflow.id, conn).await;
+    app.start_worker().await;
+
+    let id = app
+        .publish(EVENT, "u", json!({"email": "slow@b.c"}), None)
+        .await;
+    let refreshing = eventually(Duration::from_secs(10), || async {
+        crm.received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|request| request.url.path() == "/oauth/token")
+    })
+    .await;
+    assert!(refreshing, "the refresh reached the token endpoint");
+
+    // While the token endpoint is answering, the connection's row is free and the worker
+    // holds no pooled connection for it.
+    let mut client = app.pool.get().await.expect("client");
+    let tx = client.transaction().await.expect("transaction");
+    let locked = tx
+        .query_one(
+            "select id from connections where id = $1 for update nowait",
+            &[&conn],
+        )
+        .await;
+    assert!(locked.is_ok(), "the row is not locked: {locked:?}");
+    drop(tx);
+    let pool = app.worker().context.pool.status();
+    assert_eq!(
+        pool.size - pool.available,
+        0,
+        "no pooled connection in use during the call: {pool:?}"
+    );
+
+    app.wait_for_runs(&id, 1, RunStatus::Succeeded).await;
+    let stored = connection::get(&app.pool, &app.keyring, conn)
+        .await
+        .expect("connection");
+    assert_eq!(
+        stored.access_token.as_ref().map(|t| t.expose_secret()),
+        Some("new-access")
+    );
+    assert_eq!(
+        stored.refresh_token.as_ref().map(|t| t.expose_secret()),
+        Some("refresh-2")
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_revoked_refresh_token_marks_the_connection_and_its_runs_fail_permanently() {
     let crm = MockServer::start().await;
     answer(
