@@ -194,15 +194,8 @@ pub async fn replace(
 }
 
 pub async fn get(pool: &Pool, keyring: &Keyring, id: Uuid) -> Result<Connection, StoreError> {
-    let client = pool.get().await?;
-    let row = client
-        .query_opt(
-            &format!("select {COLUMNS} from connections c where c.id = $1"),
-            &[&id],
-        )
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("no connection {id}")))?;
-    from_row(&row, 0, keyring)
+    let (connection, _) = get_versioned(pool, keyring, id).await?;
+    Ok(connection)
 }
 
 /// A connection as stored now, and its access token as sealed: the version a
@@ -219,7 +212,7 @@ pub async fn get_versioned(
             &[&id],
         )
         .await?
-        .ok_or_else(|| StoreError::NotFound(format!("connection {id} was deleted")))?;
+        .ok_or_else(|| StoreError::NotFound(format!("no connection {id}")))?;
     // The sealed access token, as stored (column 5 of COLUMNS).
     let version = TokenVersion(row.try_get(5)?);
     Ok((from_row(&row, 0, keyring)?, version))

@@ -181,6 +181,25 @@ async fn a_salesforce_request_limit_backs_off_through_the_broker() {
     app.cleanup().await;
 }
 
+/// `Contact Created` with a HubSpot create-contact workflow on for user "u", through a
+/// connection with OAuth refresh against `crm`'s /oauth/token. Returns the connection.
+async fn refreshable_hubspot_workflow(app: &TestApp, crm: &str) -> uuid::Uuid {
+    app.app_event(EVENT).await;
+    let workflow = app
+        .workflow(
+            "hs",
+            EVENT,
+            Provider::Hubspot,
+            "create-contact",
+            json!({}),
+            json!({"email": "{{payload.email}}"}),
+        )
+        .await;
+    let conn = refreshable_connection(app, crm).await;
+    app.subscribe("u", workflow.id, conn).await;
+    conn
+}
+
 /// A HubSpot connection with OAuth refresh against `crm`'s /oauth/token.
 async fn refreshable_connection(app: &TestApp, crm: &str) -> uuid::Uuid {
     app.connection_with(NewConnection {
@@ -224,19 +243,7 @@ async fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_stored
         .mount(&crm)
         .await;
     let mut app = TestApp::new().await;
-    app.app_event(EVENT).await;
-    let workflow = app
-        .workflow(
-            "hs",
-            EVENT,
-            Provider::Hubspot,
-            "create-contact",
-            json!({}),
-            json!({"email": "{{payload.email}}"}),
-        )
-        .await;
-    let conn = refreshable_connection(&app, &crm.uri()).await;
-    app.subscribe("u", workflow.id, conn).await;
+    let conn = refreshable_hubspot_workflow(&app, &crm.uri()).await;
     app.start_worker().await;
 
     let mut ids = Vec::new();
@@ -319,19 +326,7 @@ async fn a_refresh_holds_no_row_lock_or_pooled_connection_while_the_token_endpoi
         .mount(&crm)
         .await;
     let mut app = TestApp::new().await;
-    app.app_event(EVENT).await;
-    let workflow = app
-        .workflow(
-            "hs",
-            EVENT,
-            Provider::Hubspot,
-            "create-contact",
-            json!({}),
-            json!({"email": "{{payload.email}}"}),
-        )
-        .await;
-    let conn = refreshable_connection(&app, &crm.uri()).await;
-    app.subscribe("u", workflow.id, conn).await;
+    let conn = refreshable_hubspot_workflow(&app, &crm.uri()).await;
     app.start_worker().await;
 
     let id = app
@@ -405,19 +400,7 @@ async fn a_revoked_refresh_token_marks_the_connection_and_its_runs_fail_permanen
     )
     .await;
     let mut app = TestApp::new().await;
-    app.app_event(EVENT).await;
-    let workflow = app
-        .workflow(
-            "hs",
-            EVENT,
-            Provider::Hubspot,
-            "create-contact",
-            json!({}),
-            json!({"email": "{{payload.email}}"}),
-        )
-        .await;
-    let conn = refreshable_connection(&app, &crm.uri()).await;
-    app.subscribe("u", workflow.id, conn).await;
+    refreshable_hubspot_workflow(&app, &crm.uri()).await;
     app.start_worker().await;
 
     let first = app
