@@ -1,12 +1,13 @@
 //! Publishing events, as the command line and the HTTP ingest do: validated against the
 //! contract before they leave, published persistent and mandatory, confirmed by the broker.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use lapin::Connection;
 use serde_json::{Map, Value, json};
-use tokio::sync::Mutex;
 
 use crate::config::Settings;
 use crate::core::event::{self, Invalid, Limits, MessageMeta};
@@ -150,50 +151,88 @@ pub enum SendError {
 }
 
 /// One publisher shared by everyone who publishes through it (HTTP ingest): connected on
-/// first use, connected again after a failure, and not retried more than once a second
-/// while the broker is down (callers are refused at once).
+/// first use, connected again after a failure. No lock is held while connecting: callers
+/// wait for the connect under way rather than each starting one, and while the broker is
+/// known to be down they are refused at once, a reconnect (at most one a second) going on
+/// in the background.
 pub struct SharedPublisher {
     settings: Settings,
-    current: Mutex<Option<Arc<EventPublisher>>>,
-    last_failure: Mutex<Option<Instant>>,
+    link: Arc<Mutex<Link>>,
 }
+
+/// The connection's state; only touched in short critical sections, never across an await.
+#[derive(Default)]
+struct Link {
+    publisher: Option<Arc<EventPublisher>>,
+    /// The connect under way, if any.
+    connecting: Option<Connecting>,
+    /// When the last connect failed: the broker is down until one succeeds.
+    last_failure: Option<Instant>,
+}
+
+/// A connect under way, awaited by every caller that needs it.
+type Connecting = Shared<BoxFuture<'static, Result<Arc<EventPublisher>, String>>>;
 
 impl SharedPublisher {
     pub fn new(settings: Settings) -> SharedPublisher {
         SharedPublisher {
             settings,
-            current: Mutex::new(None),
-            last_failure: Mutex::new(None),
+            link: Arc::default(),
         }
     }
 
     /// The connected publisher, connecting if there is none.
     pub async fn publisher(&self) -> Result<Arc<EventPublisher>, SendError> {
-        let mut current = self.current.lock().await;
-        if let Some(publisher) = current.as_ref().filter(|p| p.is_connected()) {
-            return Ok(publisher.clone());
-        }
-        let mut last_failure = self.last_failure.lock().await;
-        if last_failure.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
-            return Err(unavailable("the broker is unavailable"));
-        }
-        let connect = EventPublisher::connect(&self.settings, Recovery::None);
-        match tokio::time::timeout(Duration::from_secs(5), connect).await {
-            Ok(Ok(publisher)) => {
-                *last_failure = None;
-                let publisher = Arc::new(publisher);
-                *current = Some(publisher.clone());
-                Ok(publisher)
+        let connecting = {
+            let mut link = lock(&self.link);
+            if let Some(publisher) = link.publisher.as_ref().filter(|p| p.is_connected()) {
+                return Ok(publisher.clone());
             }
-            Ok(Err(err)) => {
-                *last_failure = Some(Instant::now());
-                Err(unavailable(&format!("the broker is unavailable: {err}")))
+            let down = link.last_failure;
+            if down.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return Err(unavailable("the broker is unavailable"));
             }
-            Err(_) => {
-                *last_failure = Some(Instant::now());
-                Err(unavailable("the broker did not answer within 5s"))
+            let connecting = match &link.connecting {
+                Some(connecting) => connecting.clone(),
+                None => link.connecting.insert(self.connect()).clone(),
+            };
+            if down.is_some() {
+                return Err(unavailable("the broker is unavailable"));
             }
+            connecting
+        };
+        connecting.await.map_err(SendError::Unavailable)
+    }
+
+    /// Starts a connect in its own task, which records its outcome in the link (after the
+    /// caller, who holds the link's lock, has put it in place) whether or not anyone waits.
+    fn connect(&self) -> Connecting {
+        let settings = self.settings.clone();
+        let link = self.link.clone();
+        let task = tokio::spawn(async move {
+            let connect = EventPublisher::connect(&settings, Recovery::None);
+            let result = match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok(publisher)) => Ok(Arc::new(publisher)),
+                Ok(Err(err)) => Err(format!("the broker is unavailable: {err}")),
+                Err(_) => Err("the broker did not answer within 5s".to_owned()),
+            };
+            let mut link = lock(&link);
+            link.connecting = None;
+            match &result {
+                Ok(publisher) => {
+                    link.publisher = Some(publisher.clone());
+                    link.last_failure = None;
+                }
+                Err(_) => link.last_failure = Some(Instant::now()),
+            }
+            result
+        });
+        async move {
+            task.await
+                .unwrap_or_else(|err| Err(format!("the broker is unavailable: {err}")))
         }
+        .boxed()
+        .shared()
     }
 
     /// Publishes one event and waits for the broker's confirm. Returns the event id.
@@ -203,8 +242,16 @@ impl SharedPublisher {
             Ok(id) => Ok(id),
             Err(PublishFailure::Invalid(invalid)) => Err(SendError::Invalid(invalid)),
             Err(PublishFailure::Broker(err)) => {
-                // Forget the connection: the next request makes a new one.
-                self.current.lock().await.take();
+                // Forget the connection, unless another caller already replaced it: the
+                // next request makes a new one.
+                let mut link = lock(&self.link);
+                if link
+                    .publisher
+                    .as_ref()
+                    .is_some_and(|current| Arc::ptr_eq(current, &publisher))
+                {
+                    link.publisher = None;
+                }
                 Err(unavailable(&format!(
                     "the broker did not take the event: {err}"
                 )))
@@ -213,9 +260,15 @@ impl SharedPublisher {
     }
 
     /// The connection's state, for readiness; `None` while there is no connection.
-    pub async fn status(&self) -> Option<lapin::ConnectionStatus> {
-        self.current.lock().await.as_ref().map(|p| p.status())
+    pub fn status(&self) -> Option<lapin::ConnectionStatus> {
+        lock(&self.link).publisher.as_ref().map(|p| p.status())
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn unavailable(message: &str) -> SendError {

@@ -237,6 +237,49 @@ async fn no_201_without_the_broker_503_instead_then_201_when_it_is_back() {
 }
 
 #[tokio::test]
+async fn while_the_broker_is_down_requests_are_refused_at_once_even_during_a_slow_connect() {
+    // A broker that accepts connections and never answers: every connect takes the full
+    // 5-second timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let app = TestApp::new().await;
+    let mut settings = app.settings.clone();
+    settings.amqp.url = SecretString::from(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
+    let server = ServerHandle::start(&settings).await;
+    let post = || {
+        server
+            .post("/v1/events")
+            .json(&json!({"name": CONTACT_CREATED, "user_id": "u", "payload": {}}))
+            .send()
+    };
+
+    // The first request waits for the first connect, and learns it failed.
+    let first = post().await.expect("post");
+    assert_eq!(first.status(), 503);
+
+    // From then on the broker is known to be down: reconnects go on in the background, and
+    // no request waits behind one.
+    for _ in 0..15 {
+        let started = std::time::Instant::now();
+        let response = post().await.expect("post");
+        let took = started.elapsed();
+        assert_eq!(response.status(), 503);
+        assert!(took < Duration::from_millis(500), "answered after {took:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop().await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_batch_reports_each_event_on_its_own() {
     let app = TestApp::with_settings(|s| s.server.max_batch = 5).await;
     let server = ServerHandle::start(&app.settings).await;

@@ -95,7 +95,7 @@ pub async fn run(
 /// Keeps the readiness view of the broker in step with the ingest connection.
 async fn track_broker(ingest: Arc<SharedPublisher>, health: Arc<Health>) {
     loop {
-        let status = ingest.status().await;
+        let status = ingest.status();
         health.set_broker(status);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
