@@ -270,6 +270,9 @@ pub enum SetupError {
     Client(#[from] reqwest::Error),
     #[error("{0}")]
     Allow(String),
+    /// The process did not install rustls' crypto provider at start (`main` does).
+    #[error("no TLS crypto provider is installed for this process")]
+    NoCryptoProvider,
 }
 
 impl Integrations {
@@ -277,8 +280,11 @@ impl Integrations {
         http: &HttpSettings,
         salesforce: &SalesforceSettings,
     ) -> Result<Integrations, SetupError> {
-        // rustls needs one process-wide crypto provider; a second install is a no-op error.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // The clients use the process-wide crypto provider, installed once at process start;
+        // without it building them would panic.
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            return Err(SetupError::NoCryptoProvider);
+        }
         let outbound = Arc::new(outbound::Outbound::new(&http.allow).map_err(SetupError::Allow)?);
         let builder = || {
             reqwest::Client::builder()
@@ -530,6 +536,24 @@ mod tests {
         assert_eq!(secret.masked(), "Bearer 00Dx****");
         assert_eq!(format!("{secret:?}"), "\"[redacted]\"");
         assert_eq!(mask("short"), "****");
+    }
+
+    #[test]
+    fn the_clients_are_built_with_the_process_s_provider_and_never_install_one() {
+        let settings = crate::config::Settings::defaults().expect("defaults");
+        // No test of this crate installs a provider: the process has none.
+        assert!(rustls::crypto::CryptoProvider::get_default().is_none());
+
+        let built = Integrations::new(&settings.http, &settings.salesforce);
+
+        assert!(
+            matches!(built, Err(SetupError::NoCryptoProvider)),
+            "a clear error, not a panic"
+        );
+        assert!(
+            rustls::crypto::CryptoProvider::get_default().is_none(),
+            "building the clients changes nothing process-wide"
+        );
     }
 
     #[test]

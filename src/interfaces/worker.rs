@@ -54,13 +54,15 @@ pub async fn run(
     let ops_task = tokio::spawn(ops::serve(listener, router, async move {
         ops_stop.cancelled().await
     }));
+    // Built once: the change listener reconnects without reading the TLS roots again.
+    let listen_config = db::pg_config(settings.database_url())?;
+    let listen_transport = db::transport(&settings.database)?;
     let listen_stop = abort.clone();
-    let listener_task = tokio::spawn(
-        context
-            .resolver
-            .clone()
-            .listen(settings.database.clone(), listen_stop),
-    );
+    let listener_task = tokio::spawn(context.resolver.clone().listen(
+        listen_config,
+        listen_transport,
+        listen_stop,
+    ));
     if let Some(started) = started {
         let _ = started.send(Running {
             context: context.clone(),

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures::StreamExt;
-use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +24,6 @@ use uuid::Uuid;
 
 use crate::catalog::connections;
 use crate::catalog::workflows::CompiledWorkflow;
-use crate::config::DatabaseSettings;
 use crate::core::connection::Connection;
 use crate::core::payload_check::{Mode, PayloadCheck};
 use crate::core::provider::Provider;
@@ -241,11 +239,17 @@ impl Resolver {
     }
 
     /// Keeps a LISTEN connection up until `shutdown`, clearing the cache on every
-    /// notification and whenever the connection is lost or re-established.
-    pub async fn listen(self: Arc<Self>, database: DatabaseSettings, shutdown: CancellationToken) {
+    /// notification and whenever the connection is lost or re-established. `transport` is
+    /// built once, by the caller: a reconnect reads nothing from disk (TLS roots).
+    pub async fn listen(
+        self: Arc<Self>,
+        config: tokio_postgres::Config,
+        transport: db::Transport,
+        shutdown: CancellationToken,
+    ) {
         let mut delay = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
-            match self.listen_once(&database, &shutdown).await {
+            match self.listen_once(&config, &transport, &shutdown).await {
                 Ok(()) => return,
                 Err(err) => {
                     tracing::warn!(error = %err, "configuration listener lost; resolving without cache");
@@ -263,19 +267,21 @@ impl Resolver {
 
     async fn listen_once(
         &self,
-        database: &DatabaseSettings,
+        config: &tokio_postgres::Config,
+        transport: &db::Transport,
         shutdown: &CancellationToken,
     ) -> Result<(), db::DbError> {
-        let config = db::pg_config(database.url.expose_secret())?;
-        match db::transport(database)? {
+        match transport {
             db::Transport::Plain => {
                 let (client, connection) =
                     config.connect(NoTls).await.map_err(db::DbError::Connect)?;
                 self.follow(client, connection, shutdown).await
             }
             db::Transport::Tls(tls) => {
-                let (client, connection) =
-                    config.connect(tls).await.map_err(db::DbError::Connect)?;
+                let (client, connection) = config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(db::DbError::Connect)?;
                 self.follow(client, connection, shutdown).await
             }
         }

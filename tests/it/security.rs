@@ -13,7 +13,7 @@ use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{CONTACT_CREATED, TestApp, TlsProxy, appevents_command};
+use crate::support::{CONTACT_CREATED, TestApp, TlsProxy, appevents_command, eventually};
 
 /// An HTTP-request workflow to `url` for user "u".
 async fn http_workflow(app: &TestApp, url: &str) {
@@ -179,9 +179,11 @@ async fn response_bodies_are_read_up_to_the_cap() {
     app.cleanup().await;
 }
 
+/// The local Postgres' TLS certificate (Debian's default), for the tests of TLS to Postgres.
+const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
 #[tokio::test]
 async fn postgres_over_tls_verifies_the_server_certificate() {
-    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
     let app = TestApp::new().await;
     let db = appevents::store::db::pg_config(app.settings.database_url()).expect("url");
     let mut tls = app.settings.database.clone();
@@ -221,6 +223,45 @@ async fn postgres_over_tls_verifies_the_server_certificate() {
         format!("{err:?}").to_lowercase().contains("certificate"),
         "{err:?}"
     );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_change_listener_reconnects_over_tls_without_reading_the_roots_again() {
+    let mut app = TestApp::new().await;
+    let db = appevents::store::db::pg_config(app.settings.database_url()).expect("url");
+    // A copy of the server's CA, read when the worker starts and then deleted.
+    let ca_file = std::env::temp_dir().join(format!("appevents-test-pg-ca-{}.pem", app.tag));
+    std::fs::copy(SNAKEOIL, &ca_file).expect("copy the CA");
+    app.settings.database.url = SecretString::from(format!(
+        "postgres://postgres@localhost:5432/{}?sslmode=require",
+        db.get_dbname().unwrap_or_default()
+    ));
+    app.settings.database.tls_ca_file = ca_file.to_string_lossy().into_owned();
+    app.start_worker().await;
+    let resolver = app.worker().context.resolver.clone();
+    let listening = eventually(Duration::from_secs(10), || async { resolver.is_caching() }).await;
+    assert!(listening, "the change listener is up, over TLS");
+    let before = resolver.generation();
+
+    std::fs::remove_file(&ca_file).expect("remove the CA");
+    let client = app.pool.get().await.expect("client");
+    let ended: i64 = client
+        .query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+             where datname = current_database() and query = 'listen appevents_config'",
+            &[],
+        )
+        .await
+        .expect("terminate the listener")
+        .get(0);
+    assert_eq!(ended, 1, "the listener's session was ended");
+
+    let back = eventually(Duration::from_secs(10), || async {
+        resolver.generation() > before && resolver.is_caching()
+    })
+    .await;
+    assert!(back, "the listener came back with the roots it already had");
     app.cleanup().await;
 }
 

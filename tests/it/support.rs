@@ -125,6 +125,8 @@ impl TestApp {
     }
 
     pub async fn with_settings(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+        // What the binary's main does at process start; the worker's HTTP clients need it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let tag = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let mut settings = test_settings(&tag);
         adjust(&mut settings);

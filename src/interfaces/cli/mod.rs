@@ -84,6 +84,9 @@ enum Command {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // One TLS crypto provider for the whole process (outbound HTTP, amqps://, Postgres
+    // TLS), installed before anything uses it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return usage_error(err),
