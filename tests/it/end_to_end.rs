@@ -238,8 +238,9 @@ async fn unmatched_events_are_acknowledged_and_nothing_is_called() {
     })
     .await;
     assert!(counted, "both events counted as unmatched");
+    let queue = app.settings.amqp.queue.clone();
     assert_eq!(
-        app.queue_depth(&app.settings.amqp.queue).await,
+        app.unacknowledged_after_stop(&queue).await,
         0,
         "both acknowledged"
     );
@@ -344,7 +345,8 @@ async fn each_kind_of_invalid_message_is_dead_lettered_with_its_reason_and_good_
             Some("invalid")
         );
     }
-    assert_eq!(app.queue_depth(&app.settings.amqp.queue).await, 0);
+    let queue = app.settings.amqp.queue.clone();
+    assert_eq!(app.unacknowledged_after_stop(&queue).await, 0);
     app.cleanup().await;
 }
 
@@ -362,17 +364,18 @@ async fn the_same_event_id_published_twice_creates_one_contact_per_workflow() {
 
     app.wait_for_runs("evt-twice", 2, RunStatus::Succeeded)
         .await;
-    let both_consumed = eventually(Duration::from_secs(10), || async {
-        app.queue_depth(&app.settings.amqp.queue).await == 0
-    })
-    .await;
-    assert!(both_consumed);
     let metrics_seen = eventually(Duration::from_secs(10), || async {
         let text = app.metrics().await;
         text.contains(r#"appevents_events_total{outcome="processed"} 2"#)
     })
     .await;
     assert!(metrics_seen, "both copies processed");
+    let queue = app.settings.amqp.queue.clone();
+    assert_eq!(
+        app.unacknowledged_after_stop(&queue).await,
+        0,
+        "both copies acknowledged"
+    );
     let records = crm.standin.records();
     assert_eq!(records.len(), 2, "one contact per workflow: {records:#?}");
     assert!(records.iter().all(|r| r.creates == 1 && r.updates == 0));

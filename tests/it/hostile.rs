@@ -447,6 +447,12 @@ async fn every_hostile_message_is_dead_lettered_once_with_its_reason_and_good_ev
     })
     .await;
     assert!(drained, "the work queue is drained");
+    let queue = app.settings.amqp.queue.clone();
+    assert_eq!(
+        app.unacknowledged_after_stop(&queue).await,
+        0,
+        "and every message acknowledged"
+    );
     for (_, retry_queue) in &crate::support::worker_topology(&app.settings).retry_queues {
         assert_eq!(app.queue_depth(retry_queue).await, 0, "{retry_queue}");
     }

@@ -574,10 +574,11 @@ async fn a_run_that_keeps_failing_is_dead_lettered_after_the_schedule() {
         letters[0].header("x-appevents-attempts").as_deref(),
         Some("9")
     );
-    let empty = eventually(Duration::from_secs(5), || async {
-        app.queue_depth(&app.settings.amqp.queue).await == 0
-    })
-    .await;
-    assert!(empty);
+    let queue = app.settings.amqp.queue.clone();
+    assert_eq!(
+        app.unacknowledged_after_stop(&queue).await,
+        0,
+        "acknowledged once dead-lettered"
+    );
     app.cleanup().await;
 }

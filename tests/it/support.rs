@@ -305,7 +305,9 @@ impl TestApp {
         out
     }
 
-    /// Messages waiting in a queue (ready, not delivered).
+    /// Messages waiting in a queue: ready ones only. A message a worker holds without
+    /// having acknowledged it is not counted; to prove every message was acknowledged, use
+    /// [`TestApp::unacknowledged_after_stop`].
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let declared = self
             .channel
@@ -320,6 +322,13 @@ impl TestApp {
             .await
             .expect("passive declare");
         declared.message_count()
+    }
+
+    /// Messages of `queue` no worker acknowledged. The worker is stopped first (closing its
+    /// channel, which hands back what it held unacknowledged), so they are counted too.
+    pub async fn unacknowledged_after_stop(&mut self, queue: &str) -> u32 {
+        self.stop_worker().await;
+        self.queue_depth(queue).await
     }
 
     pub async fn runs(&self, event_id: &str) -> Vec<Run> {
