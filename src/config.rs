@@ -62,7 +62,9 @@ pub struct WorkerSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RetrySettings {
-    pub attempts: usize,
+    /// Tries in process, the first included (the key is `retry.attempts`).
+    #[serde(rename = "attempts")]
+    pub in_process_tries: usize,
     #[serde(with = "humantime_serde")]
     pub min_delay: Duration,
     #[serde(with = "humantime_serde")]
@@ -194,7 +196,7 @@ impl Settings {
         if self.amqp.prefetch == 0 {
             return fail("amqp.prefetch must be at least 1");
         }
-        if self.retry.attempts == 0 {
+        if self.retry.in_process_tries == 0 {
             return fail("retry.attempts must be at least 1 (the first try counts)");
         }
         if self.retry.schedule.iter().any(Duration::is_zero) {
@@ -253,6 +255,30 @@ mod tests {
         let settings = Settings::load(&sources).expect("loads");
         assert_eq!(settings.worker.concurrency, 7);
         assert_eq!(settings.amqp.prefetch, 256);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn the_retry_attempts_key_sets_the_in_process_tries() {
+        let dir = std::env::temp_dir().join(format!("appevents-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("tries.toml");
+        std::fs::write(&file, "[retry]\nattempts = 5\n").expect("write");
+        let sources = Sources {
+            file: Some(file),
+            ..Sources::default()
+        };
+
+        let settings = Settings::load(&sources).expect("loads");
+
+        assert_eq!(settings.retry.in_process_tries, 5);
+        assert_eq!(
+            Settings::defaults()
+                .expect("defaults")
+                .retry
+                .in_process_tries,
+            3
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 

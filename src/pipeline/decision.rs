@@ -193,7 +193,7 @@ impl Decision {
             workflow_id: run.workflow_id,
             connection_id: run.connection_id,
             status,
-            attempts: *calls,
+            calls: *calls,
             provider_id,
             last_error,
             next_attempt_at,
@@ -235,7 +235,7 @@ mod tests {
 
     fn policy(schedule: &[u64]) -> RetryPolicy {
         RetryPolicy {
-            attempts: 3,
+            in_process_tries: 3,
             min_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(2),
             max_in_process_wait: Duration::from_secs(5),
@@ -249,7 +249,7 @@ mod tests {
             run_id: Uuid::from_u128(1),
             token: Uuid::from_u128(2),
             abandoned,
-            attempts: 4,
+            calls_before: 4,
         }
     }
 
@@ -373,7 +373,7 @@ mod tests {
             (record.run_id, record.token),
             (claim(0).run_id, claim(0).token)
         );
-        assert_eq!(record.attempts, 2);
+        assert_eq!(record.calls, 2);
         assert_eq!(record.provider_id.as_deref(), Some("003A"));
         assert_eq!((record.last_error, record.next_attempt_at), (None, None));
         assert_eq!(

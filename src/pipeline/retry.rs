@@ -18,7 +18,8 @@ use crate::transport::topology;
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    pub attempts: usize,
+    /// Tries in process, the first included, before the broker's schedule takes over.
+    pub in_process_tries: usize,
     pub min_delay: Duration,
     pub max_delay: Duration,
     pub max_in_process_wait: Duration,
@@ -71,7 +72,7 @@ impl DeadReason {
 impl From<&RetrySettings> for RetryPolicy {
     fn from(settings: &RetrySettings) -> Self {
         RetryPolicy {
-            attempts: settings.attempts,
+            in_process_tries: settings.in_process_tries,
             min_delay: settings.min_delay,
             max_delay: settings.max_delay,
             max_in_process_wait: settings.max_in_process_wait,
@@ -82,9 +83,9 @@ impl From<&RetrySettings> for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Runs `attempt` with the in-process tries. Returns its last result and the number of
+    /// Runs `try_once` with the in-process tries. Returns its last result and the number of
     /// tries made.
-    pub async fn run_in_process<T, F, Fut>(&self, mut attempt: F) -> (Result<T, Failure>, u32)
+    pub async fn run_in_process<T, F, Fut>(&self, mut try_once: F) -> (Result<T, Failure>, u32)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -93,10 +94,10 @@ impl RetryPolicy {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.min_delay)
             .with_max_delay(self.max_delay)
-            .with_max_times(self.attempts.saturating_sub(1));
+            .with_max_times(self.in_process_tries.saturating_sub(1));
         let result = (|| {
             tries += 1;
-            attempt()
+            try_once()
         })
         .retry(backoff)
         .sleep(tokio::time::sleep)
@@ -125,7 +126,8 @@ impl RetryPolicy {
         }
     }
 
-    /// After the in-process tries of broker attempt `retries_done` (0 on first delivery).
+    /// After the in-process tries, with `retries_done` broker-level retries behind (0 on the
+    /// first delivery).
     pub fn next(&self, failure: &Failure, retries_done: u32) -> Next {
         let retryable = matches!(
             failure.kind,
@@ -175,7 +177,7 @@ mod tests {
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
-            attempts: 3,
+            in_process_tries: 3,
             min_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(2),
             max_in_process_wait: Duration::from_secs(5),

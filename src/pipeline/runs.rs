@@ -80,8 +80,8 @@ pub struct RunClaim {
     pub token: Uuid,
     /// Times the run was taken over from a worker that vanished mid-run.
     pub abandoned: i32,
-    /// Provider calls made before this claim.
-    pub attempts: i32,
+    /// Provider calls recorded for the run before this claim.
+    pub calls_before: u32,
 }
 
 /// The outcome of a claimed run.
@@ -95,8 +95,8 @@ pub struct RunRecord {
     pub workflow_id: Uuid,
     pub connection_id: Option<Uuid>,
     pub status: RunStatus,
-    /// Provider calls made under this claim.
-    pub attempts: u32,
+    /// Provider calls made under this claim (added to the run's `attempts`).
+    pub calls: u32,
     pub provider_id: Option<String>,
     pub last_error: Option<Failure>,
     pub next_attempt_at: Option<OffsetDateTime>,
@@ -208,7 +208,7 @@ pub async fn claim(
                 run_id: row.try_get(3)?,
                 token: row.try_get(4)?,
                 abandoned: row.try_get(5)?,
-                attempts: row.try_get(6)?,
+                calls_before: u32::try_from(row.try_get::<_, i32>(6)?).unwrap_or(0),
             }),
         );
     }
@@ -263,9 +263,9 @@ pub async fn record(
     let ids: Vec<Uuid> = records.iter().map(|r| r.run_id).collect();
     let tokens: Vec<Uuid> = records.iter().map(|r| r.token).collect();
     let statuses: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
-    let attempts: Vec<i32> = records
+    let calls: Vec<i32> = records
         .iter()
-        .map(|r| i32::try_from(r.attempts).unwrap_or(i32::MAX))
+        .map(|r| i32::try_from(r.calls).unwrap_or(i32::MAX))
         .collect();
     let provider_ids: Vec<Option<&str>> =
         records.iter().map(|r| r.provider_id.as_deref()).collect();
@@ -291,7 +291,7 @@ pub async fn record(
                 &ids,
                 &tokens,
                 &statuses,
-                &attempts,
+                &calls,
                 &provider_ids,
                 &errors,
                 &next,

@@ -113,7 +113,7 @@ impl Session {
                     },
                     event: Some(message.event),
                     workflow_id: Some(target.workflow_id),
-                    attempts: Some(u32::try_from(claim.attempts).unwrap_or(0) + calls),
+                    provider_calls: Some(claim.calls_before + calls),
                     failure: Some(failure),
                 };
                 self.dead_letter(message.body, message.properties, &letter, abort)
@@ -168,7 +168,7 @@ impl Session {
             )));
         };
         let mut headers = dead_letter::carried_headers(message.properties.headers().as_ref());
-        headers::set_int(&mut headers, headers::ATTEMPT, i64::from(retries_done));
+        headers::set_int(&mut headers, headers::RETRIES_DONE, i64::from(retries_done));
         headers::set_strings(
             &mut headers,
             headers::WORKFLOWS,
@@ -200,7 +200,7 @@ impl Session {
             reason,
             event,
             workflow_id: None,
-            attempts: None,
+            provider_calls: None,
             failure: None,
         };
         self.dead_letter(body, properties, &letter, abort).await?;
@@ -247,7 +247,7 @@ impl Session {
             .with_max_delay(Duration::from_secs(5))
             .with_max_times(usize::MAX)
             .with_jitter();
-        let attempt = op
+        let retried = op
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|err: &E| err.is_unavailable())
@@ -259,7 +259,7 @@ impl Session {
                 }
             });
         tokio::select! {
-            result = attempt => {
+            result = retried => {
                 let value = result.map_err(|err| Unsettled::HandBack(format!("{what}: {err}")))?;
                 if health.recovered(E::DEPENDENCY) {
                     tracing::info!(%what, "dependency available again; resuming");

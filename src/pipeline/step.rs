@@ -59,13 +59,13 @@ impl Context {
         let current = Mutex::new(connection.clone());
         let (result, _tries) = self
             .policy
-            .run_in_process(|| self.attempt(workflow, &current, &body, event, calls))
+            .run_in_process(|| self.try_step(workflow, &current, &body, event, calls))
             .await;
         result
     }
 
     /// One in-process try: the step, and on expired credentials a refresh and the step again.
-    async fn attempt(
+    async fn try_step(
         &self,
         workflow: &CompiledWorkflow,
         current: &Mutex<Arc<Connection>>,

@@ -195,7 +195,7 @@ impl Session {
             body,
             properties,
             event: &event,
-            retries_done: routing.attempt,
+            retries_done: routing.retries_done,
         };
         // Each run is decided and settled on its own, so a fast run is recorded without
         // waiting for a slow sibling: a crash then leaves as little as possible unrecorded.

@@ -2,7 +2,7 @@
 //! purging it.
 //!
 //! A dead letter is the original message body with its original properties, plus headers
-//! saying which event, which workflow, which user, how many attempts, the last error and
+//! saying which event, which workflow, which user, how many provider calls, the last error and
 //! when. One message per failed workflow run, so a replay re-runs exactly that workflow.
 
 use lapin::BasicProperties;
@@ -58,13 +58,13 @@ pub struct DeadLetter<'a> {
     pub reason: Reason,
     pub event: Option<&'a Event>,
     pub workflow_id: Option<Uuid>,
-    /// Provider calls made over every delivery.
-    pub attempts: Option<u32>,
+    /// Provider calls made for the run, over every delivery.
+    pub provider_calls: Option<u32>,
     pub failure: Option<&'a Failure>,
 }
 
 /// Headers added on top of the original properties; appevents' own routing headers
-/// (attempt, workflows, replay) and the broker's bookkeeping are dropped.
+/// (retries done, workflows, replay) and the broker's bookkeeping are dropped.
 pub fn properties(original: &BasicProperties, letter: &DeadLetter<'_>) -> BasicProperties {
     let mut headers = carried_headers(original.headers().as_ref());
     set_str(&mut headers, headers::REASON, &letter.reason.text);
@@ -85,8 +85,8 @@ pub fn properties(original: &BasicProperties, letter: &DeadLetter<'_>) -> BasicP
         // A replay runs exactly this workflow.
         set_strings(&mut headers, headers::WORKFLOWS, &[id]);
     }
-    if let Some(attempts) = letter.attempts {
-        set_int(&mut headers, headers::ATTEMPTS, i64::from(attempts));
+    if let Some(calls) = letter.provider_calls {
+        set_int(&mut headers, headers::PROVIDER_CALLS, i64::from(calls));
     }
     if let Some(failure) = letter.failure {
         set_str(&mut headers, headers::ERROR_KIND, failure.kind.as_str());
@@ -157,7 +157,10 @@ pub struct Letter {
     pub event_name: Option<String>,
     pub user_id: Option<String>,
     pub workflow_id: Option<String>,
-    pub attempts: Option<i64>,
+    /// Provider calls made for the run, over every delivery (`attempts` in JSON, as the
+    /// header it comes from).
+    #[serde(rename = "attempts")]
+    pub provider_calls: Option<i64>,
     pub error_kind: Option<String>,
     pub error_status: Option<i64>,
     pub error_code: Option<String>,
@@ -202,7 +205,7 @@ impl Letter {
             event_name: text(headers::EVENT_NAME),
             user_id: text(headers::USER_ID),
             workflow_id: text(headers::WORKFLOW_ID),
-            attempts: headers::read_int(headers, headers::ATTEMPTS),
+            provider_calls: headers::read_int(headers, headers::PROVIDER_CALLS),
             error_kind: text(headers::ERROR_KIND),
             error_status: headers::read_int(headers, headers::ERROR_STATUS),
             error_code: text(headers::ERROR_CODE),

@@ -4,8 +4,9 @@
 
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
-/// Broker-level retries done so far (0 or absent on a first delivery).
-pub const ATTEMPT: &str = "x-appevents-attempt";
+/// Broker-level retries done so far (0 or absent on a first delivery). The wire name is
+/// older than the distinction: messages already queued carry it, so it stays.
+pub const RETRIES_DONE: &str = "x-appevents-attempt";
 /// Only these workflows (ids) run for this message: a retry or a replay.
 pub const WORKFLOWS: &str = "x-appevents-workflows";
 /// Set on replays from the dead-letter queue: dead runs may run again.
@@ -19,7 +20,9 @@ pub const EVENT_ID: &str = "x-appevents-event-id";
 pub const EVENT_NAME: &str = "x-appevents-event-name";
 pub const USER_ID: &str = "x-appevents-user-id";
 pub const WORKFLOW_ID: &str = "x-appevents-workflow-id";
-pub const ATTEMPTS: &str = "x-appevents-attempts";
+/// Provider calls made for the run, over every delivery (part of the documented dead-letter
+/// headers, hence its name).
+pub const PROVIDER_CALLS: &str = "x-appevents-attempts";
 pub const ERROR_KIND: &str = "x-appevents-error-kind";
 pub const ERROR_STATUS: &str = "x-appevents-error-status";
 pub const ERROR_CODE: &str = "x-appevents-error-code";

@@ -8,11 +8,12 @@ use crate::core::event::Invalid;
 use crate::transport::headers;
 
 /// What the reserved headers say about how to run a message. A first delivery from a
-/// producer has none of them and gets the default: attempt 0, every workflow, no replay.
+/// producer has none of them and gets the default: no retries done, every workflow, no
+/// replay.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Routing {
     /// Broker-level retries already done (`x-appevents-attempt`).
-    pub attempt: u32,
+    pub retries_done: u32,
     /// Only these workflows run (`x-appevents-workflows`): a retry or a replay of one run.
     pub workflows: Option<Vec<Uuid>>,
     /// Dead runs may run again (`x-appevents-replay`).
@@ -21,7 +22,7 @@ pub struct Routing {
     pub deliveries: i64,
 }
 
-const ATTEMPT_EXPECTED: &str = "an integer from 0 to 4294967295";
+const RETRIES_DONE_EXPECTED: &str = "an integer from 0 to 4294967295";
 const WORKFLOWS_EXPECTED: &str = "an array of workflow ids";
 const WORKFLOWS_EMPTY_EXPECTED: &str = "a non-empty array of workflow ids";
 const REPLAY_EXPECTED: &str = "a boolean";
@@ -33,7 +34,10 @@ const REPLAY_EXPECTED: &str = "a boolean";
 pub fn routing(headers: Option<&FieldTable>) -> Result<Routing, Invalid> {
     let get = |key: &str| headers.and_then(|h| h.inner().get(key));
     Ok(Routing {
-        attempt: get(headers::ATTEMPT).map(attempt).transpose()?.unwrap_or(0),
+        retries_done: get(headers::RETRIES_DONE)
+            .map(retries_done)
+            .transpose()?
+            .unwrap_or(0),
         workflows: get(headers::WORKFLOWS).map(workflows).transpose()?,
         replay: get(headers::REPLAY)
             .map(replay)
@@ -46,10 +50,10 @@ pub fn routing(headers: Option<&FieldTable>) -> Result<Routing, Invalid> {
     })
 }
 
-fn attempt(value: &AMQPValue) -> Result<u32, Invalid> {
+fn retries_done(value: &AMQPValue) -> Result<u32, Invalid> {
     headers::integer(value)
         .and_then(|n| u32::try_from(n).ok())
-        .ok_or(bad_header(headers::ATTEMPT, ATTEMPT_EXPECTED))
+        .ok_or(bad_header(headers::RETRIES_DONE, RETRIES_DONE_EXPECTED))
 }
 
 fn workflows(value: &AMQPValue) -> Result<Vec<Uuid>, Invalid> {
@@ -117,7 +121,7 @@ mod tests {
     fn the_worker_s_own_routing_headers_read_back() {
         let id = Uuid::new_v4();
         let mut table = FieldTable::default();
-        headers::set_int(&mut table, headers::ATTEMPT, 2);
+        headers::set_int(&mut table, headers::RETRIES_DONE, 2);
         headers::set_strings(&mut table, headers::WORKFLOWS, &[id.to_string()]);
         headers::set_bool(&mut table, headers::REPLAY, true);
         table.insert(headers::DELIVERY_COUNT.into(), AMQPValue::ShortUInt(3));
@@ -127,7 +131,7 @@ mod tests {
         assert_eq!(
             read,
             Ok(Routing {
-                attempt: 2,
+                retries_done: 2,
                 workflows: Some(vec![id]),
                 replay: true,
                 deliveries: 3,
@@ -167,21 +171,25 @@ mod tests {
         let uuid = Uuid::new_v4().to_string();
         let cases: Vec<(&str, AMQPValue, &str)> = vec![
             (
-                headers::ATTEMPT,
+                headers::RETRIES_DONE,
                 AMQPValue::LongString("1".into()),
-                ATTEMPT_EXPECTED,
+                RETRIES_DONE_EXPECTED,
             ),
             (
-                headers::ATTEMPT,
+                headers::RETRIES_DONE,
                 AMQPValue::LongLongInt(-1),
-                ATTEMPT_EXPECTED,
+                RETRIES_DONE_EXPECTED,
             ),
             (
-                headers::ATTEMPT,
+                headers::RETRIES_DONE,
                 AMQPValue::LongLongInt(1 << 40),
-                ATTEMPT_EXPECTED,
+                RETRIES_DONE_EXPECTED,
             ),
-            (headers::ATTEMPT, AMQPValue::Double(1.0), ATTEMPT_EXPECTED),
+            (
+                headers::RETRIES_DONE,
+                AMQPValue::Double(1.0),
+                RETRIES_DONE_EXPECTED,
+            ),
             (
                 headers::WORKFLOWS,
                 AMQPValue::LongLongInt(1),

@@ -66,7 +66,7 @@ pub fn test_settings(tag: &str) -> Settings {
     settings.worker.ops_listen = "127.0.0.1:0".into();
     settings.worker.claim_lease = Duration::from_secs(5);
     settings.worker.shutdown_grace = Duration::from_secs(10);
-    settings.retry.attempts = 3;
+    settings.retry.in_process_tries = 3;
     settings.retry.min_delay = Duration::from_millis(10);
     settings.retry.max_delay = Duration::from_millis(50);
     settings.retry.max_in_process_wait = Duration::from_secs(2);
@@ -759,7 +759,7 @@ impl TestApp {
             },
             event: Some(&event),
             workflow_id: Some(workflow),
-            attempts: Some(9),
+            provider_calls: Some(9),
             failure: Some(&failure),
         };
         let properties = appevents::transport::dead_letter::properties(

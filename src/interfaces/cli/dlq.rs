@@ -171,7 +171,9 @@ fn print_letters(letters: &[dead_letter::Letter]) {
                 l.event_name.clone().unwrap_or_default(),
                 l.user_id.clone().unwrap_or_default(),
                 l.workflow_id.clone().unwrap_or_default(),
-                l.attempts.map(|a| a.to_string()).unwrap_or_default(),
+                l.provider_calls
+                    .map(|calls| calls.to_string())
+                    .unwrap_or_default(),
                 l.reason.clone(),
             ]
         })
