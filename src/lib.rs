@@ -30,6 +30,10 @@
 //!   endpoints and the consume loop wired together), the HTTP API ([`interfaces::http`]:
 //!   ingest and management, a file per route group) and the ops endpoints.
 //!
+//! Where new things go: a workflow's definition (steps, conditions) in `catalog`, running
+//! it step by step in `pipeline`, a provider's limits and batch calls in `integrations`, and
+//! pages (a connect portal, an operator console) as route groups of `interfaces::http`.
+//!
 //! `src/main.rs` only calls [`interfaces::cli::main`].
 
 pub mod catalog;
