@@ -18,12 +18,12 @@
 //!   every provider response, OAuth refresh, the outbound rules.
 //! - [`catalog`]: what an integration engineer manages: app events (with aliases kept on
 //!   rename), workflows, connections (secrets sealed), subscriptions.
-//! - [`pipeline`]: what happens to one message, in order: [`pipeline::resolve`] the
+//! - [`pipeline`]: what happens to one message, in order: `resolve` the
 //!   workflows its user has on, claim each of [`pipeline::runs`] (claims and records are
 //!   coalesced by `batch`), execute the step (`step`, refreshing credentials with
 //!   `refresh`), decide the run's fate once (`decision`, with the `retry` policy), settle
 //!   the decision (`settle`: republish, record, count), acknowledge. `work` is that unit of
-//!   work, [`pipeline::consume`] the loop around it; `dry_run` shows a workflow's request
+//!   work, `consume` the loop around it; `dry_run` shows a workflow's request
 //!   without any of it.
 //! - [`interfaces`]: how people and programs reach it: the command line
 //!   ([`interfaces::cli`]), the worker process ([`interfaces::worker`]: migrations, ops

@@ -8,12 +8,12 @@
 //! `consume`. `dry_run` shows a workflow's request without any of it.
 
 pub(crate) mod batch;
-pub mod consume;
+pub(crate) mod consume;
 pub mod context;
 pub(crate) mod decision;
 pub(crate) mod dry_run;
 pub(crate) mod refresh;
-pub mod resolve;
+pub(crate) mod resolve;
 pub(crate) mod retry;
 pub mod runs;
 pub(crate) mod settle;
