@@ -24,9 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "src"
-# Metrics the dashboard reads from RabbitMQ's Prometheus exporter (the rabbitmq_prometheus
-# plugin's per-object metrics, or the standalone rabbitmq_exporter), not from the product.
-EXTERNAL_METRICS = {"rabbitmq_queue_messages_ready", "rabbitmq_queue_messages_unacked"}
+# Metrics the dashboard reads from RabbitMQ, not from the product: the rabbitmq_prometheus
+# plugin's per-object metrics, or the standalone rabbitmq_exporter (which names unacked
+# messages `..._unacknowledged`).
+EXTERNAL_METRICS = {"rabbitmq_queue_messages_ready", "rabbitmq_queue_messages_unacked",
+                    "rabbitmq_queue_messages_unacknowledged"}
 # Labels added outside the product: by Prometheus's scrape, by histograms, by the exporter.
 EXTERNAL_LABELS = {"job", "instance", "le", "queue", "vhost"}
 SUFFIXES = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
