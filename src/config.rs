@@ -22,6 +22,9 @@ pub struct Settings {
     pub salesforce: SalesforceSettings,
     pub server: ServerSettings,
     pub secrets: SecretSettings,
+    pub user_tokens: UserTokenSettings,
+    pub portal: PortalSettings,
+    pub oauth: OAuthSettings,
     pub log: LogSettings,
 }
 
@@ -108,6 +111,65 @@ pub struct SecretSettings {
     pub active_key: String,
 }
 
+/// How the product's backend vouches for its end users: short-lived JWTs it signs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserTokenSettings {
+    /// Signing keys by `kid`: every one of them verifies, so a key can be rotated.
+    pub keys: BTreeMap<String, SecretString>,
+    /// The key `appevents users token` signs with; empty when this side only verifies.
+    pub signing_key: String,
+    pub audience: String,
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+}
+
+/// The Connect Portal's pages.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PortalSettings {
+    pub frame_ancestors: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub authorization_ttl: Duration,
+    pub secure_cookie: bool,
+}
+
+/// The OAuth apps end users connect their accounts through.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OAuthSettings {
+    pub salesforce: SalesforceOAuth,
+    pub hubspot: HubspotOAuth,
+}
+
+/// What every provider's OAuth app has.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OAuthApp {
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub scopes: Vec<String>,
+    pub redirect_url: String,
+    pub pkce: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SalesforceOAuth {
+    #[serde(flatten)]
+    pub app: OAuthApp,
+    /// Where users log in: login.salesforce.com, test.salesforce.com or a My Domain. The
+    /// authorize, token and revoke endpoints are under it.
+    pub login_url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HubspotOAuth {
+    #[serde(flatten)]
+    pub app: OAuthApp,
+    pub authorize_url: String,
+    /// The API: token, token information and refresh-token endpoints, and the base URL of
+    /// the connections made.
+    pub api_url: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -173,6 +235,9 @@ impl Settings {
                         .with_list_parse_key("server.api_keys")
                         .with_list_parse_key("retry.schedule")
                         .with_list_parse_key("http.allow")
+                        .with_list_parse_key("portal.frame_ancestors")
+                        .with_list_parse_key("oauth.salesforce.scopes")
+                        .with_list_parse_key("oauth.hubspot.scopes")
                         .try_parsing(true),
                 )
                 .set_override_option("database.url", std::env::var("DATABASE_URL").ok())?
@@ -202,7 +267,50 @@ impl Settings {
         if self.retry.schedule.iter().any(Duration::is_zero) {
             return fail("retry.schedule delays must be longer than zero");
         }
-        Ok(())
+        self.validate_portal()
+            .map_err(config::ConfigError::Message)
+    }
+
+    /// The Connect Portal's keys and URLs, each error naming its key.
+    fn validate_portal(&self) -> Result<(), String> {
+        let tokens = &self.user_tokens;
+        for (kid, key) in &tokens.keys {
+            if key.expose_secret().len() < MIN_USER_TOKEN_KEY_BYTES {
+                return Err(format!(
+                    "user_tokens.keys.{kid} must be at least {MIN_USER_TOKEN_KEY_BYTES} bytes"
+                ));
+            }
+        }
+        if !tokens.signing_key.is_empty() && !tokens.keys.contains_key(&tokens.signing_key) {
+            return Err(format!(
+                "user_tokens.signing_key {:?} is not one of user_tokens.keys",
+                tokens.signing_key
+            ));
+        }
+        if tokens.audience.trim().is_empty() {
+            return Err("user_tokens.audience must not be empty".into());
+        }
+        if tokens.max_lifetime.is_zero() {
+            return Err("user_tokens.max_lifetime must be longer than zero".into());
+        }
+        let portal = &self.portal;
+        if portal.session_ttl < tokens.max_lifetime {
+            // A used token is remembered as long as its session: it must outlive the token.
+            return Err("portal.session_ttl must be at least user_tokens.max_lifetime".into());
+        }
+        if portal.authorization_ttl.is_zero() {
+            return Err("portal.authorization_ttl must be longer than zero".into());
+        }
+        for origin in &portal.frame_ancestors {
+            check_origin(origin).map_err(|e| format!("portal.frame_ancestors: {e}"))?;
+        }
+        let salesforce = &self.oauth.salesforce;
+        check_app("oauth.salesforce", &salesforce.app)?;
+        check_url("oauth.salesforce.login_url", &salesforce.login_url)?;
+        let hubspot = &self.oauth.hubspot;
+        check_app("oauth.hubspot", &hubspot.app)?;
+        check_url("oauth.hubspot.authorize_url", &hubspot.authorize_url)?;
+        check_url("oauth.hubspot.api_url", &hubspot.api_url)
     }
 
     pub fn database_url(&self) -> &str {
@@ -212,6 +320,47 @@ impl Settings {
     pub fn amqp_url(&self) -> &str {
         self.amqp.url.expose_secret()
     }
+}
+
+/// HS256 keys shorter than the hash are weak (RFC 7518 §3.2).
+const MIN_USER_TOKEN_KEY_BYTES: usize = 32;
+
+fn check_url(key: &str, value: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(value).map_err(|e| format!("{key} {value:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!("{key} {value:?} must be an http or https URL"));
+    }
+    Ok(())
+}
+
+/// An origin as CSP's frame-ancestors takes it: scheme, host and optional port, no path.
+fn check_origin(value: &str) -> Result<(), String> {
+    check_url("origin", value)?;
+    let url = reqwest::Url::parse(value).map_err(|e| e.to_string())?;
+    if url.path() != "/" || value.ends_with('/') || url.query().is_some() {
+        return Err(format!(
+            "{value:?} must be an origin (scheme://host[:port]), without a path"
+        ));
+    }
+    Ok(())
+}
+
+/// An app's settings; an app without a client id is not set up, and its provider cannot be
+/// connected, but its URLs must still be right.
+fn check_app(key: &str, app: &OAuthApp) -> Result<(), String> {
+    check_url(&format!("{key}.redirect_url"), &app.redirect_url)?;
+    if app.client_id.is_empty() {
+        return Ok(());
+    }
+    if app.client_secret.expose_secret().is_empty() {
+        return Err(format!(
+            "{key}.client_secret must be set when {key}.client_id is"
+        ));
+    }
+    if app.scopes.iter().any(|scope| scope.trim().is_empty()) {
+        return Err(format!("{key}.scopes must not hold an empty scope"));
+    }
+    Ok(())
 }
 
 /// A list of humantime durations ("10s", "5m").

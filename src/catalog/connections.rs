@@ -2,7 +2,7 @@
 //! sealed by the vault before they reach Postgres and opened only in memory (into a
 //! [`Connection`]).
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
@@ -132,6 +132,16 @@ pub async fn create(
     check(new)?;
     let id = Uuid::now_v7();
     let client = pool.get().await?;
+    insert(&client, keyring, id, new).await?;
+    Ok(id)
+}
+
+async fn insert(
+    client: &impl GenericClient,
+    keyring: &Keyring,
+    id: Uuid,
+    new: &NewConnection,
+) -> Result<(), StoreError> {
     client
         .execute(
             "insert into connections (id, user_id, provider, base_url, settings, access_token, \
@@ -151,7 +161,7 @@ pub async fn create(
             ],
         )
         .await?;
-    Ok(id)
+    Ok(())
 }
 
 /// Replaces a connection's URL and credentials (the user reconnected the account) and
@@ -164,6 +174,15 @@ pub async fn replace(
 ) -> Result<(), StoreError> {
     check(new)?;
     let client = pool.get().await?;
+    update(&client, keyring, id, new).await
+}
+
+async fn update(
+    client: &impl GenericClient,
+    keyring: &Keyring,
+    id: Uuid,
+    new: &NewConnection,
+) -> Result<(), StoreError> {
     let updated = client
         .execute(
             "update connections set base_url = $3, settings = $4, access_token = $5, \
@@ -191,6 +210,79 @@ pub async fn replace(
         )));
     }
     Ok(())
+}
+
+/// Whether [`connect_account`] made a connection or gave one new credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Created,
+    /// In place: the same id, so the subscriptions bound to it stay.
+    Replaced,
+}
+
+/// Stores an account the user connected (through the portal): the user's connection of that
+/// provider ([`user_connection`]) gets the new credentials in place and becomes active, or
+/// a new one is made. One user and provider at a time (a transaction-scoped advisory lock),
+/// so two callbacks racing leave one connection.
+pub async fn connect_account(
+    pool: &Pool,
+    keyring: &Keyring,
+    new: &NewConnection,
+) -> Result<(Uuid, Stored), StoreError> {
+    check(new)?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "select pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&format!("connect/{}/{}", new.provider, new.user_id)],
+    )
+    .await?;
+    let existing = tx
+        .query_opt(
+            &format!("{NEWEST} limit 1"),
+            &[&new.user_id, &new.provider.as_str()],
+        )
+        .await?;
+    let stored = match existing {
+        Some(row) => {
+            let id: Uuid = row.try_get(0)?;
+            update(&tx, keyring, id, new).await?;
+            (id, Stored::Replaced)
+        }
+        None => {
+            let id = Uuid::now_v7();
+            insert(&tx, keyring, id, new).await?;
+            (id, Stored::Created)
+        }
+    };
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// A user's connections of one provider, newest first.
+const NEWEST: &str = "select id from connections where user_id = $1 and provider = $2 \
+     order by created_at desc, id desc";
+
+/// The connection the portal shows and manages for a user and provider: the newest, when
+/// the management API made several.
+pub async fn user_connection(
+    pool: &Pool,
+    user: &str,
+    provider: Provider,
+) -> Result<Option<ConnectionSummary>, StoreError> {
+    let client = pool.get().await?;
+    let newest = client
+        .query_opt(
+            &format!("{NEWEST} limit 1"),
+            &[&user, &provider.as_str()],
+        )
+        .await?;
+    let Some(row) = newest else {
+        return Ok(None);
+    };
+    let id: Uuid = row.try_get(0)?;
+    let listed = list(pool, Some(user)).await?;
+    Ok(listed.into_iter().find(|c| c.id == id))
 }
 
 pub async fn get(pool: &Pool, keyring: &Keyring, id: Uuid) -> Result<Connection, StoreError> {

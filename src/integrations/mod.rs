@@ -5,6 +5,7 @@
 //! [`classify`]; this layer makes one attempt and never retries.
 
 pub(crate) mod classify;
+pub mod connect;
 pub(crate) mod http_request;
 pub(crate) mod hubspot;
 pub(crate) mod oauth;

@@ -1,5 +1,6 @@
-//! Postgres (the pool, migrations, TLS) and the vault that seals secrets before they reach
-//! it.
+//! Postgres (the pool, migrations, TLS), the vault that seals secrets before they reach it,
+//! and the browser sessions of the pages.
 
 pub mod db;
+pub mod sessions;
 pub mod vault;

@@ -12,7 +12,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
-use secrecy::{ExposeSecret, SecretString};
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretBox, SecretString};
+use sha2::Sha256;
 
 use crate::config::SecretSettings;
 
@@ -45,6 +47,8 @@ pub enum VaultError {
 pub struct Keyring {
     active_id: String,
     ciphers: HashMap<String, XChaCha20Poly1305>,
+    /// The active key's bytes, from which [`Keyring::derive`] makes keys for other purposes.
+    active_bytes: SecretBox<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -67,13 +71,29 @@ impl Keyring {
         for (id, key) in &settings.keys {
             ciphers.insert(id.clone(), cipher(id, key)?);
         }
-        if !ciphers.contains_key(&settings.active_key) {
-            return Err(VaultError::UnknownActiveKey(settings.active_key.clone()));
-        }
+        let active = settings
+            .keys
+            .get(&settings.active_key)
+            .ok_or_else(|| VaultError::UnknownActiveKey(settings.active_key.clone()))?;
+        let active_bytes = key_bytes(&settings.active_key, active)?;
         Ok(Keyring {
             active_id: settings.active_key.clone(),
             ciphers,
+            active_bytes: SecretBox::new(Box::new(active_bytes)),
         })
+    }
+
+    /// A key for another purpose (signing the OAuth state, say), derived from the active key
+    /// with HMAC-SHA256 over `purpose`, so no purpose's key reveals the vault's or another's.
+    pub fn derive(&self, purpose: &str) -> SecretBox<[u8; 32]> {
+        let derived = Hmac::<Sha256>::new_from_slice(self.active_bytes.expose_secret())
+            .map(|mac| mac.chain_update(purpose.as_bytes()).finalize().into_bytes());
+        let mut key = [0u8; 32];
+        // HMAC takes a key of any length: the error branch cannot be reached.
+        if let Ok(derived) = derived {
+            key.copy_from_slice(&derived);
+        }
+        SecretBox::new(Box::new(key))
     }
 
     pub fn active_key_id(&self) -> &str {
@@ -140,10 +160,15 @@ pub fn generate_key() -> Result<String, VaultError> {
 }
 
 fn cipher(id: &str, key: &SecretString) -> Result<XChaCha20Poly1305, VaultError> {
+    let bytes = key_bytes(id, key)?;
+    XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| VaultError::BadKey(id.to_owned()))
+}
+
+fn key_bytes(id: &str, key: &SecretString) -> Result<[u8; 32], VaultError> {
     let bytes = STANDARD
         .decode(key.expose_secret().trim())
         .map_err(|_| VaultError::BadKey(id.to_owned()))?;
-    XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| VaultError::BadKey(id.to_owned()))
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| VaultError::BadKey(id.to_owned()))
 }
 
 fn split(blob: &[u8]) -> Result<(&str, &[u8], &[u8]), VaultError> {

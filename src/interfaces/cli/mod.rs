@@ -12,6 +12,7 @@ mod publish;
 mod runs;
 mod secrets;
 mod subscription;
+mod users;
 mod workflow;
 
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ use self::publish::PublishArgs;
 use self::runs::RunsCommand;
 use self::secrets::SecretsCommand;
 use self::subscription::SubscriptionCommand;
+use self::users::UsersCommand;
 use self::workflow::WorkflowCommand;
 use crate::config::{LogFormat, LogSettings, Settings, Sources};
 use crate::interfaces::{http, worker};
@@ -80,6 +82,9 @@ enum Command {
     /// Keys that encrypt connection secrets.
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// The product's end users: user tokens for the Connect Portal.
+    #[command(subcommand)]
+    Users(UsersCommand),
 }
 
 /// Entry point of the binary.
@@ -167,6 +172,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Runs(command) => runs::run(&settings, command).await,
         Command::Dlq(command) => dlq::run(&settings, command).await,
         Command::Secrets(command) => secrets::run(command),
+        Command::Users(command) => users::run(&settings, command),
     }
 }
 

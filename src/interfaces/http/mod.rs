@@ -1,9 +1,13 @@
 //! `appevents serve`: the HTTP side. Ingest (`ingest`), the management API
-//! (`management`), and the ops endpoints. Every `/v1` route needs a bearer key from
-//! `server.api_keys`. Route groups live in their own modules; `state` is what they share.
+//! (`management`), the Connect Portal's pages (`portal`), and the ops endpoints. Every `/v1`
+//! route needs a bearer key from `server.api_keys`; the portal's pages a session opened with
+//! a user token, never an API key. Route groups live in their own modules; `state` is what
+//! the API's share, `pages` what every page group shares.
 
 mod ingest;
 mod management;
+mod pages;
+mod portal;
 mod state;
 
 use std::net::SocketAddr;
@@ -22,7 +26,9 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use self::state::{ApiError, AppState};
+use crate::catalog::connect::Connector;
 use crate::config::Settings;
+use crate::core::user_token::KeyRing;
 use crate::core::event::Limits;
 use crate::interfaces::ops::{self, OpsState};
 use crate::observe::health::Health;
@@ -64,12 +70,24 @@ pub async fn run(
             .map(|key| digest(key.expose_secret().as_bytes()))
             .collect(),
     };
+    let portal = portal::Portal::new(
+        pool.clone(),
+        Arc::new(Connector::from_settings(
+            &settings,
+            pool.clone(),
+            state.keyring.clone(),
+        )?),
+        Arc::new(KeyRing::from_settings(&settings.user_tokens)?),
+        &settings.portal,
+    );
     let listener = tokio::net::TcpListener::bind(&settings.server.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(state.clone(), settings.server.max_body_bytes).merge(ops::router(OpsState {
-        metrics,
-        health: health.clone(),
-    }));
+    let app = router(state.clone(), settings.server.max_body_bytes)
+        .merge(portal::routes(portal))
+        .merge(ops::router(OpsState {
+            metrics,
+            health: health.clone(),
+        }));
     // Readiness follows the ingest connection: ready when the broker took a connection.
     let probe_state = state.clone();
     let probe = tokio::spawn(async move {
