@@ -16,6 +16,7 @@ mod faults;
 mod hostile;
 mod ingest;
 mod operations;
+mod portal;
 mod retries;
 mod security;
 mod settling;

@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod portal;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;

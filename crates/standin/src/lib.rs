@@ -11,7 +11,14 @@
 //! - `POST faults` `{"fail_rate": 0.1, "fail_status": 500, "latency_ms": 5, "script": [{"status": 429, "retry_after": 1}]}`;
 //! - `POST tokens` `{"valid_access": ["a"], "valid_refresh": ["r"], "rotate_refresh": true}`:
 //!   from then on only these access tokens are accepted (any is, until this is called);
+//! - `POST oauth` `{"clients": [{"provider": "hubspot", "client_id": "…", "client_secret": "…", "redirect_uris": ["…"]}], "omit_instance_url": false, "hubspot_deny_redirects": false, "fail_revoke": null}`:
+//!   the OAuth side ([`oauth`]): clients known besides the built-in two, and its faults;
 //! - `POST reset`.
+//!
+//! Records created with an access token the OAuth side issued carry that account's id, so a
+//! test can tell in whose account a contact was made, and with which grant.
+
+pub mod oauth;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -35,6 +42,9 @@ pub struct Record {
     pub fields: Map<String, Value>,
     pub creates: u32,
     pub updates: u32,
+    /// The account (Salesforce org, HubSpot hub) whose OAuth access token created it.
+    #[serde(default)]
+    pub account: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +109,7 @@ struct Inner {
     next_id: u64,
     /// Answer as usual but keep no records or request log (for benchmarks).
     forget: bool,
+    oauth: oauth::OAuth,
 }
 
 #[derive(Clone, Default)]
@@ -172,6 +183,35 @@ impl Standin {
             .route("/crm/v3/objects/contacts/{id}", patch(hubspot_update))
             .route("/oauth/token", post(token))
             .route(
+                "/services/oauth2/authorize",
+                get(|s: State<Standin>, q| oauth::authorize_page(s, "salesforce", q))
+                    .post(|s: State<Standin>, f| oauth::decide(s, "salesforce", f)),
+            )
+            .route(
+                "/oauth/authorize",
+                get(|s: State<Standin>, q| oauth::authorize_page(s, "hubspot", q))
+                    .post(|s: State<Standin>, f| oauth::decide(s, "hubspot", f)),
+            )
+            .route(
+                "/services/oauth2/token",
+                post(|s: State<Standin>, h, f| oauth::token(s, "salesforce", h, f)),
+            )
+            .route(
+                "/oauth/v1/token",
+                post(|s: State<Standin>, h, f| oauth::token(s, "hubspot", h, f)),
+            )
+            .route("/services/oauth2/revoke", post(oauth::salesforce_revoke))
+            .route("/id/{org}/{user}", get(oauth::identity))
+            .route(
+                "/oauth/v1/access-tokens/{token}",
+                get(oauth::access_token_info),
+            )
+            .route(
+                "/oauth/v1/refresh-tokens/{token}",
+                axum::routing::delete(oauth::hubspot_revoke),
+            )
+            .route("/_standin/oauth", post(set_oauth))
+            .route(
                 "/hooks/{*path}",
                 post(hook).put(hook).patch(hook).delete(hook).get(hook),
             )
@@ -203,6 +243,11 @@ impl Standin {
         inner.fail_status = faults.fail_status;
         inner.latency = Duration::from_millis(faults.latency_ms);
         inner.script = faults.script.into();
+    }
+
+    /// Configures the OAuth side: clients to know, and its faults.
+    pub fn set_oauth(&self, settings: oauth::OAuthSettings) {
+        self.lock().oauth.configure(settings);
     }
 
     pub fn set_tokens(&self, tokens: Tokens) {
@@ -242,7 +287,16 @@ impl Standin {
                 return Some(inner.log(method, uri, expired(provider)));
             }
         }
+        if bearer(headers).is_some_and(|t| inner.oauth.revoked.contains(t)) {
+            return Some(inner.log(method, uri, expired(provider)));
+        }
         None
+    }
+
+    /// The account whose OAuth access token a request carries, if the OAuth side issued it.
+    fn account_of(&self, headers: &HeaderMap) -> Option<String> {
+        let token = bearer(headers)?;
+        self.lock().oauth.access.get(token).map(|a| a.id.clone())
     }
 }
 
@@ -275,8 +329,10 @@ impl Inner {
         }
     }
 
+    /// The record of one account (each sees only its own) with `field` = `value`.
     fn find(
         &mut self,
+        account: &Option<String>,
         provider: &str,
         object: &str,
         field: &str,
@@ -284,6 +340,7 @@ impl Inner {
     ) -> Option<&mut Record> {
         self.records.iter_mut().find(|r| {
             r.provider == provider
+                && r.account == *account
                 && r.object == object
                 && r.fields.get(field).is_some_and(|v| text(v) == value)
         })
@@ -297,7 +354,7 @@ enum Provider {
     Http,
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("authorization")?
         .to_str()
@@ -312,7 +369,7 @@ fn text(value: &Value) -> String {
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response {
+pub(crate) fn reply(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
@@ -392,6 +449,7 @@ async fn salesforce_create(
     {
         return answer;
     }
+    let account = standin.account_of(&headers);
     let sobject = params.get("sobject").cloned().unwrap_or_default();
     let mut inner = standin.lock();
     let fields = object_body(&body);
@@ -410,6 +468,7 @@ async fn salesforce_create(
         fields,
         creates: 1,
         updates: 0,
+        account: account.clone(),
     });
     let response = reply(
         StatusCode::CREATED,
@@ -432,12 +491,13 @@ async fn salesforce_upsert(
     {
         return answer;
     }
+    let account = standin.account_of(&headers);
     let sobject = params.get("sobject").cloned().unwrap_or_default();
     let field = params.get("field").cloned().unwrap_or_default();
     let value = params.get("value").cloned().unwrap_or_default();
     let mut inner = standin.lock();
     let fields = object_body(&body);
-    if let Some(record) = inner.find("salesforce", &sobject, &field, &value) {
+    if let Some(record) = inner.find(&account, "salesforce", &sobject, &field, &value) {
         record.fields.extend(fields);
         record.updates += 1;
         let id = record.id.clone();
@@ -457,6 +517,7 @@ async fn salesforce_upsert(
         fields,
         creates: 1,
         updates: 0,
+        account: account.clone(),
     });
     let response = reply(
         StatusCode::CREATED,
@@ -501,13 +562,14 @@ async fn hubspot_create(
     {
         return answer;
     }
+    let account = standin.account_of(&headers);
     let fields = properties(&body);
     let mut inner = standin.lock();
     if let Some(invalid) = invalid_email(&fields) {
         return inner.log(&method, &uri, invalid);
     }
     if let Some(email) = fields.get("email").map(text)
-        && let Some(existing) = inner.find("hubspot", "contacts", "email", &email)
+        && let Some(existing) = inner.find(&account, "hubspot", "contacts", "email", &email)
     {
         let message = format!("Contact already exists. Existing ID: {}", existing.id);
         let response = reply(
@@ -524,6 +586,7 @@ async fn hubspot_create(
         fields,
         creates: 1,
         updates: 0,
+        account: account.clone(),
     };
     let response = reply(StatusCode::CREATED, contact(&record, true));
     inner.keep(record);
@@ -544,11 +607,12 @@ async fn hubspot_update(
     {
         return answer;
     }
+    let account = standin.account_of(&headers);
     let mut inner = standin.lock();
     let found = inner
         .records
         .iter_mut()
-        .find(|r| r.provider == "hubspot" && r.id == id);
+        .find(|r| r.provider == "hubspot" && r.id == id && r.account == account);
     let response = match found {
         Some(record) => {
             record.fields.extend(properties(&body));
@@ -576,6 +640,7 @@ async fn hubspot_upsert(
     {
         return answer;
     }
+    let account = standin.account_of(&headers);
     let inputs = body
         .get("inputs")
         .and_then(Value::as_array)
@@ -593,7 +658,7 @@ async fn hubspot_upsert(
         if let Some(invalid) = invalid_email(&fields) {
             return inner.log(&method, &uri, invalid);
         }
-        if let Some(record) = inner.find("hubspot", "contacts", &id_property, &id_value) {
+        if let Some(record) = inner.find(&account, "hubspot", "contacts", &id_property, &id_value) {
             record.fields.extend(fields);
             record.updates += 1;
             results.push(contact(record, false));
@@ -609,6 +674,7 @@ async fn hubspot_upsert(
             fields,
             creates: 1,
             updates: 0,
+            account: account.clone(),
         };
         results.push(contact(&record, true));
         inner.keep(record);
@@ -662,6 +728,7 @@ async fn hook(
     if let Some(answer) = standin.gate(Provider::Http, &method, &uri, &headers).await {
         return answer;
     }
+    let account = None;
     let mut inner = standin.lock();
     let id = inner.new_id("");
     let fields = serde_json::from_slice::<Value>(&body)
@@ -675,6 +742,7 @@ async fn hook(
         fields,
         creates: 1,
         updates: 0,
+        account: account.clone(),
     });
     inner.log(&method, &uri, reply(StatusCode::OK, json!({"id": id})))
 }
@@ -689,6 +757,14 @@ async fn requests(State(standin): State<Standin>) -> Json<Vec<LoggedRequest>> {
 
 async fn set_faults(State(standin): State<Standin>, Json(faults): Json<Faults>) -> StatusCode {
     standin.set_faults(faults);
+    StatusCode::NO_CONTENT
+}
+
+async fn set_oauth(
+    State(standin): State<Standin>,
+    Json(settings): Json<oauth::OAuthSettings>,
+) -> StatusCode {
+    standin.set_oauth(settings);
     StatusCode::NO_CONTENT
 }
 
