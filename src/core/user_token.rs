@@ -21,6 +21,10 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// A unique id: two tokens minted for one user in the same second still differ, and
+    /// each opens its own portal session (a token opens one only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// Why a token was refused. The page says only "invalid or expired"; the log says which.
@@ -96,11 +100,14 @@ impl KeyRing {
             return Err(TokenError::TooLong);
         }
         let now = now();
+        let jti = crate::core::authorization::random_token(16)
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
         let claims = Claims {
             sub: user.to_owned(),
             aud: self.audience.clone(),
             exp: now + lifetime.as_secs(),
             iat: Some(now),
+            jti: Some(jti),
         };
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(kid.clone());

@@ -182,7 +182,7 @@ impl PortalServer {
 
 /// The stand-in's clients for the server's apps: the redirect URLs registered exactly, and
 /// one more that is not the server's (for the mismatch case).
-fn clients(settings: &Settings) -> Vec<OAuthClient> {
+pub fn clients(settings: &Settings) -> Vec<OAuthClient> {
     [
         ("salesforce", &settings.oauth.salesforce.app),
         ("hubspot", &settings.oauth.hubspot.app),
