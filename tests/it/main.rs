@@ -17,6 +17,7 @@ mod hostile;
 mod ingest;
 mod operations;
 mod portal;
+mod portal_browser;
 mod retries;
 mod security;
 mod settling;

@@ -1,0 +1,161 @@
+//! The Connect Portal in real headless Chromium, exactly as an end user goes through it:
+//! open the portal with a user token, Connect HubSpot, approve at the (stand-in) HubSpot,
+//! see "connected" back in the portal, switch a workflow on, and an event published for the
+//! user becomes a contact in that user's HubSpot account, made with the token the flow
+//! obtained. The screenshots docs/connect.md shows are taken on the way.
+
+use std::time::Duration;
+
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::RunStatus;
+use fantoccini::Locator;
+use serde_json::json;
+
+use crate::support::portal::PortalServer;
+use crate::support::{CONTACT_CREATED, browser, eventually};
+
+#[tokio::test]
+async fn an_end_user_connects_hubspot_and_switches_a_workflow_on_in_a_real_browser() {
+    let mut server = PortalServer::start().await;
+    let app = &server.app;
+    app.app_event(CONTACT_CREATED).await;
+    let hubspot = app
+        .workflow(
+            "New contacts to HubSpot",
+            CONTACT_CREATED,
+            Provider::Hubspot,
+            "create-contact",
+            json!({}),
+            json!({"email": "{{payload.email}}", "firstname": "{{payload.first_name}}"}),
+        )
+        .await;
+    app.workflow(
+        "New contacts to Salesforce",
+        CONTACT_CREATED,
+        Provider::Salesforce,
+        "create",
+        json!({}),
+        json!({"Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}),
+    )
+    .await;
+    server.app.start_worker().await;
+    let browser = browser::session("portal").await;
+
+    // 1. Open the portal with a user token: the token leaves the address at once.
+    let entry = format!("{}/portal/ada?token={}", server.url, server.token("ada"));
+    browser.goto(&entry).await.expect("open the portal");
+    let url = browser.current_url().await.expect("url");
+    assert_eq!(url.as_str(), format!("{}/portal/ada", server.url));
+    assert_eq!(
+        browser.text_of("#hubspot [data-status]").await,
+        "Not connected"
+    );
+    browser.screenshots("portal-not-connected").await;
+
+    // 2. Connect HubSpot: the provider opens in a new tab.
+    let portal_tab = browser.window().await.expect("this tab");
+    browser.click("#hubspot-connect").await;
+    let opened = eventually(Duration::from_secs(10), || async {
+        browser.windows().await.map(|w| w.len()).unwrap_or(0) == 2
+    })
+    .await;
+    assert!(opened, "Connect opens HubSpot in a new tab");
+    let windows = browser.windows().await.expect("tabs");
+    let hubspot_tab = windows
+        .into_iter()
+        .find(|w| *w != portal_tab)
+        .expect("the new tab");
+    browser
+        .switch_to_window(hubspot_tab)
+        .await
+        .expect("to HubSpot's tab");
+
+    // 3. Approve at the stand-in HubSpot.
+    browser
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("#approve"))
+        .await
+        .expect("HubSpot's authorize page");
+    let login = browser.find(Locator::Css("#login")).await.expect("login");
+    login.clear().await.expect("clear");
+    login
+        .send_keys("ada@analytical.example")
+        .await
+        .expect("type");
+    browser.screenshots("hubspot-authorize").await;
+    browser.click("#approve").await;
+
+    // 4. Back in the portal: connected.
+    let status = browser.text_of("#hubspot [data-status]").await;
+    assert!(
+        status.starts_with("Connected as ada@analytical.example"),
+        "{status}"
+    );
+    browser.close_window().await.expect("close HubSpot's tab");
+    browser
+        .switch_to_window(portal_tab)
+        .await
+        .expect("back to the portal");
+    browser.refresh().await.expect("refresh");
+    let status = browser.text_of("#hubspot [data-status]").await;
+    assert!(
+        status.starts_with("Connected as ada@analytical.example"),
+        "{status}"
+    );
+
+    // 5. Switch the workflow on.
+    let switch = format!("#workflow-{}", hubspot.id);
+    assert_eq!(
+        browser.text_of(&format!("{switch} .label")).await,
+        "Off"
+    );
+    browser.click(&switch).await;
+    let on = eventually(Duration::from_secs(10), || async {
+        match browser.find(Locator::Css(&switch)).await {
+            Ok(element) => element
+                .attr("aria-checked")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|v| v == "true"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(on, "the switch shows the workflow on");
+    browser.screenshots("portal-connected").await;
+    browser.close().await;
+
+    // 6. Publish an event for the user.
+    let event = server
+        .app
+        .publish(
+            CONTACT_CREATED,
+            "ada",
+            json!({"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}),
+            None,
+        )
+        .await;
+    server
+        .app
+        .wait_for_runs(&event, 1, RunStatus::Succeeded)
+        .await;
+
+    // 7. The contact is in Ada's HubSpot, made with the token the flow obtained.
+    let connection = server.connections("ada").await.remove(0);
+    let hub = connection.settings["account_id"]
+        .as_str()
+        .expect("hub id")
+        .to_owned();
+    let records = server.crm.standin.records();
+    let contact = records
+        .iter()
+        .find(|r| r.fields.get("email") == Some(&json!("ada@example.com")))
+        .expect("the contact");
+    assert_eq!(contact.provider, "hubspot");
+    assert_eq!(contact.account.as_deref(), Some(hub.as_str()));
+    assert_eq!(contact.fields["firstname"], json!("Ada"));
+    server.assert_no_secret_logged(&[]);
+    server.stop().await;
+}
