@@ -17,7 +17,7 @@ use crate::config::UserTokenSettings;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
-    pub aud: String,
+    pub aud: Audience,
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
@@ -25,6 +25,15 @@ pub struct Claims {
     /// each opens its own portal session (a token opens one only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
+}
+
+/// `aud`: one audience, or several (RFC 7519 §4.1.3 allows both; golang-jwt sends a list).
+/// The signature check has already required ours among them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// Why a token was refused. The page says only "invalid or expired"; the log says which.
@@ -104,7 +113,7 @@ impl KeyRing {
             .map_err(|e| TokenError::Invalid(e.to_string()))?;
         let claims = Claims {
             sub: user.to_owned(),
-            aud: self.audience.clone(),
+            aud: Audience::One(self.audience.clone()),
             exp: now + lifetime.as_secs(),
             iat: Some(now),
             jti: Some(jti),
@@ -203,7 +212,7 @@ mod tests {
         let claims = rotated.verify(&token).expect("the old key still verifies");
 
         assert_eq!(claims.sub, "user-1");
-        assert_eq!(claims.aud, "appevents");
+        assert_eq!(claims.aud, Audience::One("appevents".into()));
         let new_token = rotated.sign("user-1", Duration::from_secs(60)).expect("sign");
         assert_eq!(
             old.verify(&new_token),
@@ -218,6 +227,8 @@ mod tests {
         let good = serde_json::json!({"sub": "u", "aud": "appevents", "exp": later});
 
         assert!(ring.verify(&forge(Some("k1"), KEY_1, &good)).is_ok());
+        let listed = serde_json::json!({"sub": "u", "aud": ["other", "appevents"], "exp": later});
+        assert!(ring.verify(&forge(Some("k1"), KEY_1, &listed)).is_ok());
         assert!(matches!(
             ring.verify(&forge(Some("k1"), KEY_2, &good)),
             Err(TokenError::Invalid(kind)) if kind == "InvalidSignature"

@@ -1,6 +1,7 @@
 //! The publishing examples run with the real client libraries (pika from PyPI, amqplib from
 //! npm, and curl against `serve`) against a running worker: they prove the contract, not our
-//! own encoder.
+//! own encoder. The user-token examples (PyJWT, jsonwebtoken, golang-jwt) mint tokens the
+//! Connect Portal must accept.
 
 use std::path::{Path, PathBuf};
 
@@ -8,15 +9,16 @@ use appevents::pipeline::runs::RunStatus;
 use appevents_standin as standin;
 use tokio::process::Command;
 
+use crate::support::portal::{self, PortalServer};
 use crate::support::{CONTACT_CREATED, ServerHandle, TestApp, record_emails};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// A Python with pika: the system's when it has it, else a virtualenv made once under
-/// target/ from examples/python/requirements.txt.
-async fn python_with_pika() -> PathBuf {
+/// A Python that can import `module`: the system's when it can, else a virtualenv made once
+/// under target/ with `requirements` installed.
+async fn python_with(module: &str, requirements: &str) -> PathBuf {
     let system = Command::new("python3")
-        .args(["-c", "import pika"])
+        .args(["-c", &format!("import {module}")])
         .status()
         .await;
     if system.is_ok_and(|s| s.success()) {
@@ -37,20 +39,20 @@ async fn python_with_pika() -> PathBuf {
     }
     let installed = Command::new(&python)
         .args(["-m", "pip", "install", "--quiet", "-r"])
-        .arg(Path::new(REPO).join("examples/python/requirements.txt"))
+        .arg(Path::new(REPO).join(requirements))
         .status()
         .await;
     assert!(
         installed.is_ok_and(|s| s.success()),
-        "pip install pika failed"
+        "pip install -r {requirements} failed"
     );
     python
 }
 
-/// examples/node with its dependency (amqplib) installed.
-async fn node_example() -> PathBuf {
-    let dir = Path::new(REPO).join("examples/node");
-    if !dir.join("node_modules/amqplib").exists() {
+/// A Node example directory with its dependencies installed (`npm install` once).
+async fn node_example(dir: &str, dependency: &str, script: &str) -> PathBuf {
+    let dir = Path::new(REPO).join(dir);
+    if !dir.join("node_modules").join(dependency).exists() {
         let installed = Command::new("npm")
             .args(["install", "--no-audit", "--no-fund", "--silent"])
             .current_dir(&dir)
@@ -58,10 +60,11 @@ async fn node_example() -> PathBuf {
             .await;
         assert!(
             installed.is_ok_and(|s| s.success()),
-            "npm install in examples/node failed"
+            "npm install in {} failed",
+            dir.display()
         );
     }
-    dir.join("publish.js")
+    dir.join(script)
 }
 
 /// Runs one example (`command`, to which the common arguments are added) and checks that it
@@ -112,7 +115,7 @@ async fn the_python_and_node_examples_publish_events_the_worker_processes() {
     app.hubspot_workflow(&crm.url()).await;
     app.start_worker().await;
 
-    let python = python_with_pika().await;
+    let python = python_with("pika", "examples/python/requirements.txt").await;
     let script = Path::new(REPO).join("examples/python/publish.py");
     run_example(
         &app,
@@ -121,7 +124,7 @@ async fn the_python_and_node_examples_publish_events_the_worker_processes() {
         "pika@example.com",
     )
     .await;
-    let node = node_example().await;
+    let node = node_example("examples/node", "amqplib", "publish.js").await;
     run_example(
         &app,
         example("node", &[node.as_os_str()]),
@@ -227,4 +230,83 @@ async fn the_go_ruby_and_java_examples_publish_events_the_worker_processes() {
     )
     .await;
     app.cleanup().await;
+}
+
+/// Runs a user-token example for `user` with the portal's key; returns the token it printed.
+async fn mint(server: &PortalServer, mut command: Command, user: &str) -> String {
+    let output = command
+        .arg(user)
+        .env("APPEVENTS_USER_TOKEN_KEY", portal::TOKEN_KEY)
+        .env("APPEVENTS_USER_TOKEN_KID", portal::TOKEN_KID)
+        .env("APPEVENTS_USER_TOKEN_AUDIENCE", &server.app.settings.user_tokens.audience)
+        .output()
+        .await
+        .expect("run the example");
+    assert!(
+        output.status.success(),
+        "the example failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The token opens the user's portal: the server accepts it.
+async fn assert_opens_the_portal(server: &PortalServer, user: &str, token: &str) {
+    let page = server.visitor().enter(user, token).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+}
+
+#[tokio::test]
+async fn the_python_and_node_user_token_examples_mint_tokens_the_portal_accepts() {
+    let server = PortalServer::start().await;
+
+    let python = python_with("jwt", "examples/user-tokens/python/requirements.txt").await;
+    let script = Path::new(REPO).join("examples/user-tokens/python/mint.py");
+    let token = mint(&server, example(&python, &[script.as_os_str()]), "py-user").await;
+    assert_opens_the_portal(&server, "py-user", &token).await;
+
+    let node = node_example("examples/user-tokens/node", "jsonwebtoken", "mint.js").await;
+    let token = mint(&server, example("node", &[node.as_os_str()]), "node-user").await;
+    assert_opens_the_portal(&server, "node-user", &token).await;
+    server.stop().await;
+}
+
+/// Go is not on every development machine: `.ci/run` installs it with golang-jwt from
+/// Debian's packages (golang-github-golang-jwt-jwt-dev, v4) and runs this. The example
+/// imports the module path `github.com/golang-jwt/jwt/v4`; GOPATH mode finds it through a
+/// link in a GOPATH made here, so nothing is fetched from the Go module proxy.
+#[tokio::test]
+#[ignore = "needs Go and golang-jwt; .ci/run installs them"]
+async fn the_go_user_token_example_mints_tokens_the_portal_accepts() {
+    let server = PortalServer::start().await;
+    let gopath = Path::new(env!("CARGO_TARGET_TMPDIR")).join("user-token-gopath");
+    let link = gopath.join("src/github.com/golang-jwt/jwt/v4");
+    if !link.exists() {
+        std::fs::create_dir_all(link.parent().expect("parent")).expect("GOPATH");
+        std::os::unix::fs::symlink("/usr/share/gocode/src/github.com/golang-jwt/jwt", &link)
+            .expect("link golang-jwt");
+    }
+    let binary = Path::new(env!("CARGO_TARGET_TMPDIR")).join("examples-go-mint");
+    let built = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(Path::new(REPO).join("examples/user-tokens/go"))
+        .env("GO111MODULE", "off")
+        .env("GOPATH", &gopath)
+        .env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
+        )
+        .status()
+        .await;
+    assert!(
+        built.is_ok_and(|s| s.success()),
+        "go build of examples/user-tokens/go failed: install golang-go and golang-github-golang-jwt-jwt-dev"
+    );
+
+    let token = mint(&server, example(&binary, &[]), "go-user").await;
+
+    assert_opens_the_portal(&server, "go-user", &token).await;
+    server.stop().await;
 }
