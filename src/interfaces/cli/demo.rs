@@ -1,7 +1,8 @@
 //! `appevents demo`: the whole story on one machine. Defines the app event `Contact Created`,
-//! a Salesforce and a HubSpot workflow, a user with a connection to each (pointing at the
-//! stand-in CRM), switches both workflows on, publishes one event, and shows the contact
-//! created in each CRM and the two runs recorded.
+//! a Salesforce and a HubSpot workflow, connects a user's account at each CRM (the stand-in)
+//! through the Connect Portal's OAuth flow — authorize with PKCE, approved at the stand-in's
+//! page as a person would, code exchanged, account identified — switches both workflows on,
+//! publishes one event, and shows the contact created in each CRM and the two runs recorded.
 //!
 //! Without `--standin`, the stand-in CRM runs as a child process: the `appevents-standin`
 //! binary beside this one (its own crate, so the product does not ship it). Started by
@@ -10,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,16 +23,16 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
-use crate::catalog::connections::{self, NewConnection};
+use crate::catalog::connect::{Callback, Caller, Connected, Connector};
 use crate::catalog::workflows::{self, NewWorkflow};
 use crate::catalog::{app_events, subscriptions};
-use crate::config::Settings;
+use crate::config::{OAuthApp, Settings};
 use crate::core::payload_check::Mode;
 use crate::core::provider::Provider;
 use crate::interfaces::worker;
 use crate::pipeline::runs::{self, Run, RunFilter, RunStatus};
-use crate::store::db;
 use crate::store::vault::Keyring;
+use crate::store::{db, sessions};
 use crate::transport::broker::Recovery;
 use crate::transport::publish::{EventPublisher, NewEvent};
 
@@ -102,21 +104,29 @@ pub(super) async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Resul
 
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let user = format!("demo-user-{tag}");
-    let sf_connection = connections::create(
-        &pool,
-        &keyring,
-        &new_connection(&user, Provider::Salesforce, &standin_url),
-    )
-    .await?;
-    let hs_connection = connections::create(
-        &pool,
-        &keyring,
-        &new_connection(&user, Provider::Hubspot, &standin_url),
-    )
-    .await?;
-    subscriptions::create(&pool, &user, salesforce.id, sf_connection).await?;
-    subscriptions::create(&pool, &user, hubspot.id, hs_connection).await?;
-    println!("user              {user}: a connection to each CRM, both workflows switched on");
+    let connector = Connector::from_settings(
+        &standin_oauth(&settings, &standin_url),
+        pool.clone(),
+        Arc::new(keyring),
+    )?;
+    let session = sessions::open(&pool, "portal", &user, None, Duration::from_secs(600)).await?;
+    let caller = Caller {
+        user: &user,
+        session_digest: &session.session.digest,
+    };
+    let mut connected = Vec::new();
+    for provider in [Provider::Salesforce, Provider::Hubspot] {
+        let account = connect_through_oauth(&connector, &caller, provider).await?;
+        println!(
+            "connected         {provider} as {} (authorize, approved at the stand-in, code exchanged{})",
+            account.account.label,
+            if provider == Provider::Salesforce { " with PKCE" } else { "" }
+        );
+        connected.push(account.connection_id);
+    }
+    subscriptions::create(&pool, &user, salesforce.id, connected[0]).await?;
+    subscriptions::create(&pool, &user, hubspot.id, connected[1]).await?;
+    println!("user              {user}: both workflows switched on");
 
     let (stop, worker_task) = if start_worker {
         settings.worker.ops_listen = "127.0.0.1:0".to_owned();
@@ -195,6 +205,9 @@ pub(super) async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Resul
     }
     println!();
     println!("One event became a contact in each CRM, and two succeeded runs are recorded.");
+    println!(
+        "To connect an account in the Connect Portal yourself, in a browser: docs/connect.md."
+    );
     Ok(())
 }
 
@@ -227,18 +240,66 @@ async fn ensure_workflow(
     .await?)
 }
 
-fn new_connection(user: &str, provider: Provider, standin_url: &str) -> NewConnection {
-    NewConnection {
-        user_id: user.to_owned(),
-        provider,
-        base_url: standin_url.to_owned(),
-        settings: json!({}),
-        access_token: Some(SecretString::from(format!("demo-token-{provider}"))),
-        refresh_token: None,
-        token_url: None,
-        client_id: None,
-        client_secret: None,
-    }
+/// The settings with the OAuth apps the stand-in knows from the start, pointed at it.
+fn standin_oauth(settings: &Settings, standin_url: &str) -> Settings {
+    let mut settings = settings.clone();
+    let app = |provider: &str| OAuthApp {
+        client_id: format!("standin-{provider}-app"),
+        client_secret: SecretString::from(format!("standin-{provider}-secret")),
+        scopes: vec!["api".into(), "refresh_token".into(), "id".into()],
+        redirect_url: format!("http://127.0.0.1:8080/portal/oauth/{provider}/callback"),
+        pkce: provider == "salesforce",
+    };
+    settings.oauth.salesforce.app = app("salesforce");
+    settings.oauth.salesforce.login_url = standin_url.to_owned();
+    settings.oauth.hubspot.app = app("hubspot");
+    settings.oauth.hubspot.authorize_url = format!("{standin_url}/oauth/authorize");
+    settings.oauth.hubspot.api_url = standin_url.to_owned();
+    settings
+}
+
+/// The Connect Portal's flow without a browser: start the authorization, approve at the
+/// stand-in's authorize page (the form a person submits), and hand the redirect back to the
+/// callback's own code.
+async fn connect_through_oauth(
+    connector: &Connector,
+    caller: &Caller<'_>,
+    provider: Provider,
+) -> anyhow::Result<Connected> {
+    let authorize = connector.begin(caller, provider).await?;
+    let url = reqwest::Url::parse(&authorize)?;
+    let mut form: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    form.push(("decision".into(), "approve".into()));
+    form.push(("login".into(), format!("ada@{provider}.example")));
+    let page = format!("{}{}", url.origin().ascii_serialization(), url.path());
+    let approved = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?
+        .post(page)
+        .form(&form)
+        .send()
+        .await?;
+    let back = approved
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .context("the stand-in did not redirect back after approval")?;
+    let back = reqwest::Url::parse(back)?;
+    let param = |name: &str| {
+        back.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let callback = Callback {
+        state: param("state"),
+        code: param("code"),
+        error: param("error"),
+        error_description: param("error_description"),
+    };
+    Ok(connector.finish(caller, provider, &callback).await?)
 }
 
 /// Waits until `expected` runs of the event are finished (succeeded or dead), or the deadline.
