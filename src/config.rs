@@ -445,4 +445,57 @@ mod tests {
         assert!(err.to_string().contains("worker.concurrency"), "{err}");
         std::fs::remove_dir_all(dir).ok();
     }
+
+    fn refused(toml: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("appevents-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, toml).expect("write");
+        let sources = Sources {
+            file: Some(file),
+            ..Sources::default()
+        };
+        let err = Settings::load(&sources).expect_err("refused");
+        std::fs::remove_dir_all(dir).ok();
+        err.to_string()
+    }
+
+    #[test]
+    fn bad_portal_settings_are_refused_with_their_key_named() {
+        let cases = [
+            (
+                "[user_tokens]\nkeys = { k1 = \"short\" }\n",
+                "user_tokens.keys.k1 must be at least 32 bytes",
+            ),
+            (
+                "[user_tokens]\nsigning_key = \"k9\"\n",
+                "user_tokens.signing_key \"k9\" is not one of user_tokens.keys",
+            ),
+            (
+                "[portal]\nframe_ancestors = [\"https://app.example.com/path\"]\n",
+                "portal.frame_ancestors",
+            ),
+            (
+                "[portal]\nframe_ancestors = [\"app.example.com\"]\n",
+                "portal.frame_ancestors",
+            ),
+            ("[portal]\nsession_ttl = \"1m\"\n", "portal.session_ttl"),
+            (
+                "[oauth.salesforce]\nlogin_url = \"login.salesforce.com\"\n",
+                "oauth.salesforce.login_url",
+            ),
+            (
+                "[oauth.hubspot]\nclient_id = \"app\"\n",
+                "oauth.hubspot.client_secret must be set",
+            ),
+            (
+                "[oauth.hubspot]\nredirect_url = \"ftp://x/cb\"\n",
+                "oauth.hubspot.redirect_url",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let err = refused(toml);
+            assert!(err.contains(expected), "{toml}: {err}");
+        }
+    }
 }
