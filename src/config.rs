@@ -267,8 +267,7 @@ impl Settings {
         if self.retry.schedule.iter().any(Duration::is_zero) {
             return fail("retry.schedule delays must be longer than zero");
         }
-        self.validate_portal()
-            .map_err(config::ConfigError::Message)
+        self.validate_portal().map_err(config::ConfigError::Message)
     }
 
     /// The Connect Portal's keys and URLs, each error naming its key.

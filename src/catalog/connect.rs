@@ -21,12 +21,12 @@ use uuid::Uuid;
 
 use crate::catalog::authorizations::{self, NewAuthorization, Taken};
 use crate::catalog::connections::{self, NewConnection, Stored};
+use crate::config::Settings;
 use crate::core::authorization::{Pkce, RandomError, State, StateError, random_token};
 use crate::core::failure::Failure;
 use crate::core::provider::Provider;
-use crate::config::Settings;
+use crate::integrations::connect::{Account, OAuthProviders, Revocation};
 use crate::integrations::{Integrations, SetupError};
-use crate::integrations::connect::{Account, OAuthProviders, Revoked};
 use crate::store::db::StoreError;
 use crate::store::vault::Keyring;
 
@@ -63,7 +63,9 @@ pub enum ConnectError {
     State(#[from] StateError),
     #[error("the authorization was used already, or was not started here: connect again")]
     StateUsed,
-    #[error("the authorization was started in another browser session: connect again from the portal")]
+    #[error(
+        "the authorization was started in another browser session: connect again from the portal"
+    )]
     OtherSession,
     #[error("the authorization was started for another user")]
     OtherUser,
@@ -134,7 +136,11 @@ impl Connector {
 
     /// Starts an authorization: returns the provider's authorize URL to send the browser to.
     #[tracing::instrument(skip_all, fields(user_id = caller.user, provider = %provider))]
-    pub async fn begin(&self, caller: &Caller<'_>, provider: Provider) -> Result<String, ConnectError> {
+    pub async fn begin(
+        &self,
+        caller: &Caller<'_>,
+        provider: Provider,
+    ) -> Result<String, ConnectError> {
         if self.providers.app(provider).is_none() {
             return Err(ConnectError::NotConfigured(provider));
         }
@@ -166,7 +172,11 @@ impl Connector {
         .sign(&self.state_key);
         let url = self
             .providers
-            .authorize_url(provider, &state, pkce.as_ref().map(|p| p.challenge.as_str()))
+            .authorize_url(
+                provider,
+                &state,
+                pkce.as_ref().map(|p| p.challenge.as_str()),
+            )
             .map_err(|_| ConnectError::NotConfigured(provider))?;
         tracing::info!(pkce = pkce.is_some(), "authorization started");
         Ok(url)
@@ -255,7 +265,11 @@ impl Connector {
     /// Revokes a connection's tokens at its provider, then deletes it and its
     /// subscriptions. If the provider could not revoke them, nothing is deleted.
     #[tracing::instrument(skip_all, fields(user_id = user, %connection_id))]
-    pub async fn disconnect(&self, user: &str, connection_id: Uuid) -> Result<Revoked, ConnectError> {
+    pub async fn disconnect(
+        &self,
+        user: &str,
+        connection_id: Uuid,
+    ) -> Result<Revocation, ConnectError> {
         let connection = match connections::get(&self.pool, &self.keyring, connection_id).await {
             Ok(connection) if connection.user_id == user => connection,
             Ok(_) | Err(StoreError::NotFound(_)) => return Err(ConnectError::NoConnection),

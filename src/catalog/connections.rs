@@ -272,10 +272,7 @@ pub async fn user_connection(
 ) -> Result<Option<ConnectionSummary>, StoreError> {
     let client = pool.get().await?;
     let newest = client
-        .query_opt(
-            &format!("{NEWEST} limit 1"),
-            &[&user, &provider.as_str()],
-        )
+        .query_opt(&format!("{NEWEST} limit 1"), &[&user, &provider.as_str()])
         .await?;
     let Some(row) = newest else {
         return Ok(None);

@@ -213,7 +213,9 @@ mod tests {
 
         assert_eq!(claims.sub, "user-1");
         assert_eq!(claims.aud, Audience::One("appevents".into()));
-        let new_token = rotated.sign("user-1", Duration::from_secs(60)).expect("sign");
+        let new_token = rotated
+            .sign("user-1", Duration::from_secs(60))
+            .expect("sign");
         assert_eq!(
             old.verify(&new_token),
             Err(TokenError::UnknownKid("k2".into()))

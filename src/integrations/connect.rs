@@ -50,8 +50,8 @@ pub struct Account {
 
 /// How a disconnect went at the provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Revoked {
-    Revoked,
+pub enum Revocation {
+    Done,
     /// The provider no longer knew the token (revoked there already, or expired): it
     /// cannot be used, which is what revoking wants.
     AlreadyInvalid,
@@ -126,8 +126,14 @@ impl OAuthProviders {
     /// The origins (scheme, host, port) of the configured providers' authorize pages.
     pub fn authorize_origins(&self) -> Vec<String> {
         let endpoints = [
-            (Provider::Salesforce, self.settings.salesforce.login_url.as_str()),
-            (Provider::Hubspot, self.settings.hubspot.authorize_url.as_str()),
+            (
+                Provider::Salesforce,
+                self.settings.salesforce.login_url.as_str(),
+            ),
+            (
+                Provider::Hubspot,
+                self.settings.hubspot.authorize_url.as_str(),
+            ),
         ];
         let mut origins: Vec<String> = endpoints
             .into_iter()
@@ -184,11 +190,7 @@ impl OAuthProviders {
             .form(&form);
         let (status, body) = send(integrations, request).await?;
         if !(200..300).contains(&status) {
-            return Err(classify::token_response(
-                status,
-                &Default::default(),
-                &body,
-            ));
+            return Err(classify::token_response(status, &Default::default(), &body));
         }
         let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| {
             invalid(format!(
@@ -262,11 +264,11 @@ impl OAuthProviders {
         &self,
         integrations: &Integrations,
         connection: &Connection,
-    ) -> Result<Revoked, Failure> {
+    ) -> Result<Revocation, Failure> {
         match connection.provider {
             Provider::Salesforce => self.revoke_salesforce(integrations, connection).await,
             Provider::Hubspot => self.revoke_hubspot(integrations, connection).await,
-            Provider::Http => Ok(Revoked::NothingToRevoke),
+            Provider::Http => Ok(Revocation::NothingToRevoke),
         }
     }
 
@@ -274,13 +276,13 @@ impl OAuthProviders {
         &self,
         integrations: &Integrations,
         connection: &Connection,
-    ) -> Result<Revoked, Failure> {
+    ) -> Result<Revocation, Failure> {
         let Some(token) = connection
             .refresh_token
             .as_ref()
             .or(connection.access_token.as_ref())
         else {
-            return Ok(Revoked::NothingToRevoke);
+            return Ok(Revocation::NothingToRevoke);
         };
         let url = join_url(
             &self.settings.salesforce.login_url,
@@ -292,15 +294,11 @@ impl OAuthProviders {
             .form(&[("token", token.expose_secret())]);
         let (status, body) = send(integrations, request).await?;
         match status {
-            200..=299 => Ok(Revoked::Revoked),
+            200..=299 => Ok(Revocation::Done),
             400 if error_code(&body).as_deref() == Some("invalid_token") => {
-                Ok(Revoked::AlreadyInvalid)
+                Ok(Revocation::AlreadyInvalid)
             }
-            _ => Err(classify::token_response(
-                status,
-                &Default::default(),
-                &body,
-            )),
+            _ => Err(classify::token_response(status, &Default::default(), &body)),
         }
     }
 
@@ -308,9 +306,9 @@ impl OAuthProviders {
         &self,
         integrations: &Integrations,
         connection: &Connection,
-    ) -> Result<Revoked, Failure> {
+    ) -> Result<Revocation, Failure> {
         let Some(token) = &connection.refresh_token else {
-            return Ok(Revoked::NothingToRevoke);
+            return Ok(Revocation::NothingToRevoke);
         };
         let url = join_url(
             &self.settings.hubspot.api_url,
@@ -321,8 +319,8 @@ impl OAuthProviders {
         );
         let (status, body) = send(integrations, integrations.crm_client().delete(url)).await?;
         match status {
-            200..=299 => Ok(Revoked::Revoked),
-            404 => Ok(Revoked::AlreadyInvalid),
+            200..=299 => Ok(Revocation::Done),
+            404 => Ok(Revocation::AlreadyInvalid),
             _ => Err(classify::response(
                 Provider::Hubspot,
                 status,
@@ -371,7 +369,9 @@ async fn salesforce_identity(
         .as_deref()
         .filter(|url| !url.is_empty())
         .ok_or_else(|| {
-            invalid("Salesforce's token answer has no instance_url: the org's API is unknown".into())
+            invalid(
+                "Salesforce's token answer has no instance_url: the org's API is unknown".into(),
+            )
         })?;
     let base = Url::parse(instance_url)
         .map_err(|_| invalid("Salesforce's instance_url is not a URL".into()))?;
@@ -397,9 +397,8 @@ async fn salesforce_identity(
             &body,
         ));
     }
-    let identity: SalesforceIdentity = serde_json::from_slice(&body).map_err(|_| {
-        invalid("Salesforce's identity answer has no organization_id".into())
-    })?;
+    let identity: SalesforceIdentity = serde_json::from_slice(&body)
+        .map_err(|_| invalid("Salesforce's identity answer has no organization_id".into()))?;
     let label = identity
         .username
         .or(identity.display_name)

@@ -53,8 +53,7 @@ pub async fn open(
     let client = pool.get().await?;
     client
         .execute("delete from web_sessions where expires_at < now()", &[])
-        .await
-        ?;
+        .await?;
     let inserted = client
         .execute(
             "insert into web_sessions (digest, kind, subject, csrf_token, opened_by, expires_at) \
@@ -95,8 +94,7 @@ pub async fn find(pool: &Pool, kind: &str, cookie: &str) -> Result<Option<Sessio
              where digest = $1 and kind = $2 and expires_at > now()",
             &[&session_digest, &kind],
         )
-        .await
-        ?;
+        .await?;
     row.map(|row| {
         Ok(Session {
             subject: row.try_get(0)?,

@@ -238,7 +238,10 @@ async fn mint(server: &PortalServer, mut command: Command, user: &str) -> String
         .arg(user)
         .env("APPEVENTS_USER_TOKEN_KEY", portal::TOKEN_KEY)
         .env("APPEVENTS_USER_TOKEN_KID", portal::TOKEN_KID)
-        .env("APPEVENTS_USER_TOKEN_AUDIENCE", &server.app.settings.user_tokens.audience)
+        .env(
+            "APPEVENTS_USER_TOKEN_AUDIENCE",
+            &server.app.settings.user_tokens.audience,
+        )
         .output()
         .await
         .expect("run the example");

@@ -87,11 +87,14 @@ async fn hubspot_connects_a_workflow_switches_on_and_an_event_lands_in_that_acco
     server.app.start_worker().await;
     let mut ada = signed_in(&server, "ada").await;
 
-    let back = ada.connect_and_approve("ada", "hubspot", "ada@analytical.example").await;
+    let back = ada
+        .connect_and_approve("ada", "hubspot", "ada@analytical.example")
+        .await;
     assert_eq!(back.status, 303, "{}", back.body);
     let page = ada.get("/portal/ada").await;
     assert!(
-        page.body.contains("Connected as ada@analytical.example (analytical.example, hub "),
+        page.body
+            .contains("Connected as ada@analytical.example (analytical.example, hub "),
         "{}",
         page.body
     );
@@ -104,13 +107,24 @@ async fn hubspot_connects_a_workflow_switches_on_and_an_event_lands_in_that_acco
     assert_eq!(switched.status, 303, "{}", switched.body);
     let event = server
         .app
-        .publish(CONTACT_CREATED, "ada", json!({"email": "ada@example.com"}), None)
+        .publish(
+            CONTACT_CREATED,
+            "ada",
+            json!({"email": "ada@example.com"}),
+            None,
+        )
         .await;
-    server.app.wait_for_runs(&event, 1, RunStatus::Succeeded).await;
+    server
+        .app
+        .wait_for_runs(&event, 1, RunStatus::Succeeded)
+        .await;
 
     let stored = server.connections("ada").await;
     assert_eq!(stored.len(), 1);
-    let hub = stored[0].settings["account_id"].as_str().expect("hub id").to_owned();
+    let hub = stored[0].settings["account_id"]
+        .as_str()
+        .expect("hub id")
+        .to_owned();
     assert_eq!(stored[0].base_url, server.crm.url());
     assert!(stored[0].has_refresh_token && stored[0].token_url.is_some());
     let records = server.crm.standin.records();
@@ -118,7 +132,11 @@ async fn hubspot_connects_a_workflow_switches_on_and_an_event_lands_in_that_acco
         .iter()
         .find(|r| r.fields.get("email") == Some(&json!("ada@example.com")))
         .expect("the contact");
-    assert_eq!(contact.account.as_deref(), Some(hub.as_str()), "made with the flow's token");
+    assert_eq!(
+        contact.account.as_deref(),
+        Some(hub.as_str()),
+        "made with the flow's token"
+    );
     server.assert_no_secret_logged(&[]);
     server.stop().await;
 }
@@ -130,8 +148,14 @@ async fn salesforce_connects_with_pkce_and_its_instance_url_becomes_the_base_url
     let mut ada = signed_in(&server, "ada").await;
 
     let authorize = ada.connect("ada", "salesforce").await;
-    assert_eq!(query_param(&authorize, "code_challenge_method").as_deref(), Some("S256"));
-    assert_eq!(query_param(&authorize, "code_challenge").map(|c| c.len()), Some(43));
+    assert_eq!(
+        query_param(&authorize, "code_challenge_method").as_deref(),
+        Some("S256")
+    );
+    assert_eq!(
+        query_param(&authorize, "code_challenge").map(|c| c.len()),
+        Some(43)
+    );
     let approved = ada.decide(&authorize, "approve", "ada@sf.example").await;
     let back = ada.get(&approved.location.expect("callback")).await;
 
@@ -139,11 +163,24 @@ async fn salesforce_connects_with_pkce_and_its_instance_url_becomes_the_base_url
     let stored = server.connections("ada").await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].provider, Provider::Salesforce);
-    assert_eq!(stored[0].base_url, server.crm.url(), "the token answer's instance_url");
+    assert_eq!(
+        stored[0].base_url,
+        server.crm.url(),
+        "the token answer's instance_url"
+    );
     assert_eq!(stored[0].settings["account"], json!("ada@sf.example"));
-    assert!(stored[0].settings["account_id"].as_str().expect("org").starts_with("00D"));
+    assert!(
+        stored[0].settings["account_id"]
+            .as_str()
+            .expect("org")
+            .starts_with("00D")
+    );
     let page = ada.get("/portal/ada").await;
-    assert!(page.body.contains("Connected as ada@sf.example"), "{}", page.body);
+    assert!(
+        page.body.contains("Connected as ada@sf.example"),
+        "{}",
+        page.body
+    );
     server.assert_no_secret_logged(&[]);
     server.stop().await;
 }
@@ -165,11 +202,13 @@ async fn hubspot_with_pkce_turned_on_sends_the_verifier_the_stand_in_checks() {
 }
 
 #[tokio::test]
-async fn reconnecting_a_connection_that_needs_reauth_replaces_it_in_place_and_keeps_its_workflows() {
+async fn reconnecting_a_connection_that_needs_reauth_replaces_it_in_place_and_keeps_its_workflows()
+{
     let server = PortalServer::start().await;
     let (_, hubspot) = workflows(&server).await;
     let mut ada = signed_in(&server, "ada").await;
-    ada.connect_and_approve("ada", "hubspot", "ada@hs.example").await;
+    ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
+        .await;
     let first = server.connections("ada").await.remove(0);
     let page = ada.get("/portal/ada").await;
     ada.post(
@@ -180,14 +219,25 @@ async fn reconnecting_a_connection_that_needs_reauth_replaces_it_in_place_and_ke
     let (_, version) = connections::get_versioned(&server.app.pool, &server.app.keyring, first.id)
         .await
         .expect("connection");
-    connections::mark_needs_reauth(&server.app.pool, first.id, &version, "refresh token refused")
-        .await
-        .expect("marked");
+    connections::mark_needs_reauth(
+        &server.app.pool,
+        first.id,
+        &version,
+        "refresh token refused",
+    )
+    .await
+    .expect("marked");
     let page = ada.get("/portal/ada").await;
-    assert!(page.body.contains("data-status=\"needs-reauth\""), "{}", page.body);
+    assert!(
+        page.body.contains("data-status=\"needs-reauth\""),
+        "{}",
+        page.body
+    );
     assert!(page.body.contains(">Reconnect</button>"), "{}", page.body);
 
-    let back = ada.connect_and_approve("ada", "hubspot", "ada@hs.example").await;
+    let back = ada
+        .connect_and_approve("ada", "hubspot", "ada@hs.example")
+        .await;
 
     assert_eq!(back.status, 303, "{}", back.body);
     let after = server.connections("ada").await;
@@ -195,16 +245,20 @@ async fn reconnecting_a_connection_that_needs_reauth_replaces_it_in_place_and_ke
     assert_eq!(after[0].id, first.id, "in place");
     assert_eq!(after[0].status, ConnectionStatus::Active);
     let before_token = version;
-    let (_, now_version) = connections::get_versioned(&server.app.pool, &server.app.keyring, first.id)
-        .await
-        .expect("connection");
+    let (_, now_version) =
+        connections::get_versioned(&server.app.pool, &server.app.keyring, first.id)
+            .await
+            .expect("connection");
     assert_ne!(now_version, before_token, "new credentials");
     let subscriptions =
         appevents::catalog::subscriptions::list(&server.app.pool, Some("ada"), Some(hubspot))
             .await
             .expect("subscriptions");
     assert_eq!(subscriptions.len(), 1);
-    assert_eq!(subscriptions[0].connection_id, first.id, "the workflow stays on, bound to it");
+    assert_eq!(
+        subscriptions[0].connection_id, first.id,
+        "the workflow stays on, bound to it"
+    );
     server.stop().await;
 }
 
@@ -213,8 +267,10 @@ async fn disconnect_revokes_at_the_provider_then_deletes_the_connection_and_its_
     let server = PortalServer::start().await;
     let (salesforce, hubspot) = workflows(&server).await;
     let mut ada = signed_in(&server, "ada").await;
-    ada.connect_and_approve("ada", "hubspot", "ada@hs.example").await;
-    ada.connect_and_approve("ada", "salesforce", "ada@sf.example").await;
+    ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
+        .await;
+    ada.connect_and_approve("ada", "salesforce", "ada@sf.example")
+        .await;
     let page = ada.get("/portal/ada").await;
     for workflow in [salesforce, hubspot] {
         ada.post(
@@ -251,17 +307,35 @@ async fn disconnect_revokes_at_the_provider_then_deletes_the_connection_and_its_
             .post(connection.token_url.clone().expect("token URL"))
             .form(&[
                 ("grant_type", "refresh_token"),
-                ("refresh_token", connection.refresh_token.as_ref().expect("refresh").expose_secret()),
-                ("client_id", connection.client_id.as_deref().expect("client id")),
+                (
+                    "refresh_token",
+                    connection
+                        .refresh_token
+                        .as_ref()
+                        .expect("refresh")
+                        .expose_secret(),
+                ),
+                (
+                    "client_id",
+                    connection.client_id.as_deref().expect("client id"),
+                ),
                 ("client_secret", CLIENT_SECRET),
             ])
             .send()
             .await
             .expect("token endpoint");
-        assert_eq!(refreshed.status(), 400, "{} still refreshes", connection.provider);
+        assert_eq!(
+            refreshed.status(),
+            400,
+            "{} still refreshes",
+            connection.provider
+        );
     }
     let page = ada.get("/portal/ada").await;
-    assert_eq!(page.body.matches("data-status=\"not-connected\"").count(), 2);
+    assert_eq!(
+        page.body.matches("data-status=\"not-connected\"").count(),
+        2
+    );
     server.assert_no_secret_logged(&[]);
     server.stop().await;
 }
@@ -271,7 +345,8 @@ async fn a_revoke_that_fails_keeps_the_connection_says_why_and_can_be_retried() 
     let server = PortalServer::start().await;
     let (_, hubspot) = workflows(&server).await;
     let mut ada = signed_in(&server, "ada").await;
-    ada.connect_and_approve("ada", "hubspot", "ada@hs.example").await;
+    ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
+        .await;
     let page = ada.get("/portal/ada").await;
     ada.post(
         &format!("/portal/ada/workflows/{hubspot}"),
@@ -289,11 +364,16 @@ async fn a_revoke_that_fails_keeps_the_connection_says_why_and_can_be_retried() 
 
     assert_eq!(failed.status, 502);
     assert!(
-        failed.body.contains("could not revoke the tokens, so the connection is kept"),
+        failed
+            .body
+            .contains("could not revoke the tokens, so the connection is kept"),
         "{}",
         failed.body
     );
-    assert!(failed.body.contains("id=\"hubspot-disconnect\""), "the retry is offered");
+    assert!(
+        failed.body.contains("id=\"hubspot-disconnect\""),
+        "the retry is offered"
+    );
     assert_eq!(server.connections("ada").await.len(), 1);
     assert_eq!(server.count("subscriptions").await, 1);
 
@@ -431,18 +511,27 @@ async fn access_denied_at_salesforce_is_a_clear_page_and_stores_nothing() {
 
     let denied = ada.decide(&authorize, "deny", "ada@sf.example").await;
     let back = denied.location.expect("Salesforce redirects a denial back");
-    assert_eq!(query_param(&back, "error").as_deref(), Some("access_denied"));
+    assert_eq!(
+        query_param(&back, "error").as_deref(),
+        Some("access_denied")
+    );
     let answer = ada.get(&back).await;
 
     assert_eq!(answer.status, 400);
     assert!(answer.body.contains("Not connected"), "{}", answer.body);
     assert!(
-        answer.body.contains("access was not granted at salesforce: end-user denied authorization"),
+        answer
+            .body
+            .contains("access was not granted at salesforce: end-user denied authorization"),
         "{}",
         answer.body
     );
     assert!(server.connections("ada").await.is_empty());
-    assert_eq!(server.count("oauth_authorizations").await, 0, "the authorization is over");
+    assert_eq!(
+        server.count("oauth_authorizations").await,
+        0,
+        "the authorization is over"
+    );
     server.assert_no_secret_logged(&[]);
     server.stop().await;
 }
@@ -469,7 +558,11 @@ async fn a_hubspot_denial_stays_at_hubspot_or_comes_back_as_access_denied() {
     let answer = ada.get(&denied.location.expect("redirected")).await;
 
     assert_eq!(answer.status, 400);
-    assert!(answer.body.contains("access was not granted at hubspot"), "{}", answer.body);
+    assert!(
+        answer.body.contains("access was not granted at hubspot"),
+        "{}",
+        answer.body
+    );
     assert!(server.connections("ada").await.is_empty());
     server.stop().await;
 }
@@ -498,7 +591,9 @@ async fn a_code_used_twice_is_refused_by_the_provider_and_stores_nothing_new() {
 
     assert_eq!(answer.status, 502);
     assert!(
-        answer.body.contains("hubspot refused the authorization code")
+        answer
+            .body
+            .contains("hubspot refused the authorization code")
             && answer.body.contains("missing or unknown auth code"),
         "{}",
         answer.body
@@ -522,7 +617,11 @@ async fn a_redirect_uri_that_does_not_match_is_refused_at_both_ends() {
     let pairs: Vec<(String, String)> = wrong
         .query_pairs()
         .map(|(k, v)| {
-            let v = if k == "redirect_uri" { "http://attacker.test/cb".into() } else { v.into_owned() };
+            let v = if k == "redirect_uri" {
+                "http://attacker.test/cb".into()
+            } else {
+                v.into_owned()
+            };
             (k.into_owned(), v)
         })
         .collect();
@@ -538,12 +637,18 @@ async fn a_redirect_uri_that_does_not_match_is_refused_at_both_ends() {
     let pairs: Vec<(String, String)> = other
         .query_pairs()
         .map(|(k, v)| {
-            let v = if k == "redirect_uri" { OTHER_REDIRECT.into() } else { v.into_owned() };
+            let v = if k == "redirect_uri" {
+                OTHER_REDIRECT.into()
+            } else {
+                v.into_owned()
+            };
             (k.into_owned(), v)
         })
         .collect();
     other.query_pairs_mut().clear().extend_pairs(pairs);
-    let approved = ada.decide(other.as_str(), "approve", "ada@sf.example").await;
+    let approved = ada
+        .decide(other.as_str(), "approve", "ada@sf.example")
+        .await;
     let elsewhere = approved.location.expect("a redirect to the other callback");
     assert!(elsewhere.starts_with(OTHER_REDIRECT));
     let answer = ada
@@ -622,11 +727,21 @@ async fn expired_and_forged_user_tokens_open_nothing() {
         json!({"sub": "ada", "aud": "appevents", "exp": now() + 86_400}),
     );
 
-    for token in [&expired, &forged, &unknown_kid, &too_long, &"garbage".to_owned()] {
+    for token in [
+        &expired,
+        &forged,
+        &unknown_kid,
+        &too_long,
+        &"garbage".to_owned(),
+    ] {
         let mut visitor = server.visitor();
         let answer = visitor.get(&format!("/portal/ada?token={token}")).await;
         assert_eq!(answer.status, 401, "{}", answer.body);
-        assert!(answer.body.contains("invalid or has expired"), "{}", answer.body);
+        assert!(
+            answer.body.contains("invalid or has expired"),
+            "{}",
+            answer.body
+        );
         assert!(answer.headers.get("set-cookie").is_none());
     }
     assert_eq!(server.count("web_sessions").await, 0);
@@ -644,14 +759,20 @@ async fn a_token_or_session_of_one_user_opens_nothing_of_another() {
     let answer = visitor.get(&format!("/portal/bob?token={ada_token}")).await;
 
     assert_eq!(answer.status, 403);
-    assert!(answer.body.contains("made for another user"), "{}", answer.body);
+    assert!(
+        answer.body.contains("made for another user"),
+        "{}",
+        answer.body
+    );
     assert_eq!(server.count("web_sessions").await, 0);
     // Ada's own session does not open Bob's page or act on it either.
     let mut ada = signed_in(&server, "ada").await;
     let csrf = ada.get("/portal/ada").await.csrf();
     let bobs_page = ada.get("/portal/bob").await;
     assert_eq!(bobs_page.status, 403);
-    let bobs_connect = ada.post("/portal/bob/connect/hubspot", &[("csrf", &csrf)]).await;
+    let bobs_connect = ada
+        .post("/portal/bob/connect/hubspot", &[("csrf", &csrf)])
+        .await;
     assert_eq!(bobs_connect.status, 403);
     assert_eq!(server.count("oauth_authorizations").await, 0);
     server.assert_no_secret_logged(&[&ada_token]);
@@ -681,18 +802,35 @@ async fn a_form_without_the_sessions_csrf_token_changes_nothing() {
     let server = PortalServer::start().await;
     let (_, hubspot) = workflows(&server).await;
     let mut ada = signed_in(&server, "ada").await;
-    ada.connect_and_approve("ada", "hubspot", "ada@hs.example").await;
+    ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
+        .await;
     let connection = server.connections("ada").await.remove(0);
 
     for (path, form) in [
-        (format!("/portal/ada/workflows/{hubspot}"), vec![("on", "true")]),
-        (format!("/portal/ada/workflows/{hubspot}"), vec![("on", "true"), ("csrf", "wrong")]),
-        (format!("/portal/ada/connections/{}/disconnect", connection.id), vec![]),
-        ("/portal/ada/connect/salesforce".to_owned(), vec![("csrf", "")]),
+        (
+            format!("/portal/ada/workflows/{hubspot}"),
+            vec![("on", "true")],
+        ),
+        (
+            format!("/portal/ada/workflows/{hubspot}"),
+            vec![("on", "true"), ("csrf", "wrong")],
+        ),
+        (
+            format!("/portal/ada/connections/{}/disconnect", connection.id),
+            vec![],
+        ),
+        (
+            "/portal/ada/connect/salesforce".to_owned(),
+            vec![("csrf", "")],
+        ),
     ] {
         let answer = ada.post(&path, &form).await;
         assert_eq!(answer.status, 403, "{path}: {}", answer.body);
-        assert!(answer.body.contains("This form has expired"), "{}", answer.body);
+        assert!(
+            answer.body.contains("This form has expired"),
+            "{}",
+            answer.body
+        );
     }
 
     assert_eq!(server.count("subscriptions").await, 0);
@@ -713,15 +851,29 @@ async fn the_pages_send_their_security_headers_and_no_secret() {
 
     let page = ada.enter("ada", &token).await;
 
-    let csp = page.headers["content-security-policy"].to_str().expect("ascii");
-    assert!(csp.contains("frame-ancestors https://app.example.com;"), "{csp}");
-    assert!(csp.contains(&format!("form-action 'self' {}", server.crm.url())), "{csp}");
+    let csp = page.headers["content-security-policy"]
+        .to_str()
+        .expect("ascii");
+    assert!(
+        csp.contains("frame-ancestors https://app.example.com;"),
+        "{csp}"
+    );
+    assert!(
+        csp.contains(&format!("form-action 'self' {}", server.crm.url())),
+        "{csp}"
+    );
     assert!(csp.contains("default-src 'none'"), "{csp}");
     assert_eq!(page.headers["referrer-policy"], "no-referrer");
     assert_eq!(page.headers["x-content-type-options"], "nosniff");
-    let cookie = server.visitor().get(&format!("/portal/ada?token={}", server.token("ada"))).await;
+    let cookie = server
+        .visitor()
+        .get(&format!("/portal/ada?token={}", server.token("ada")))
+        .await;
     let set = cookie.headers["set-cookie"].to_str().expect("ascii");
-    assert!(set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Path=/portal"), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Path=/portal"),
+        "{set}"
+    );
     for secret in [token.as_str(), CLIENT_SECRET, "test-key-1", "test-key-2"] {
         assert!(!page.body.contains(secret), "{secret} in the page");
     }

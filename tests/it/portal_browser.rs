@@ -106,10 +106,7 @@ async fn an_end_user_connects_hubspot_and_switches_a_workflow_on_in_a_real_brows
 
     // 5. Switch the workflow on.
     let switch = format!("#workflow-{}", hubspot.id);
-    assert_eq!(
-        browser.text_of(&format!("{switch} .label")).await,
-        "Off"
-    );
+    assert_eq!(browser.text_of(&format!("{switch} .label")).await, "Off");
     browser.click(&switch).await;
     let on = eventually(Duration::from_secs(10), || async {
         match browser.find(Locator::Css(&switch)).await {

@@ -227,7 +227,11 @@ fn error_page(provider: &str, error: &str, description: &str) -> Response {
         escape(error),
         escape(description)
     );
-    (StatusCode::BAD_REQUEST, Html(page("Authorization error", &body))).into_response()
+    (
+        StatusCode::BAD_REQUEST,
+        Html(page("Authorization error", &body)),
+    )
+        .into_response()
 }
 
 /// `GET` an authorize page: check the client and redirect URI, then ask.
@@ -281,7 +285,11 @@ pub(crate) async fn authorize_page(
         client = escape(&client.client_id),
         scope = escape(&request.scope),
     );
-    Html(page(&format!("{} authorization", provider_name(&provider)), &body)).into_response()
+    Html(page(
+        &format!("{} authorization", provider_name(&provider)),
+        &body,
+    ))
+    .into_response()
 }
 
 /// `POST` the decision: approve (a code, back to the app) or deny.
@@ -306,7 +314,8 @@ pub(crate) async fn decide(
     let mut back = vec![];
     if request.decision.as_deref() != Some("approve") {
         if provider == "hubspot" && !oauth.settings.hubspot_deny_redirects {
-            let body = "<h1>Access was not granted</h1><p id=\"denied\">You can close this tab.</p>";
+            let body =
+                "<h1>Access was not granted</h1><p id=\"denied\">You can close this tab.</p>";
             return Html(page("Not granted", body)).into_response();
         }
         back.push(("error", "access_denied".to_owned()));
@@ -322,8 +331,16 @@ pub(crate) async fn decide(
             .unwrap_or_else(|| "ada@example.com".into());
         let account = oauth.account(&provider, login.trim());
         let code = oauth.token("code");
-        if request.code_challenge_method.as_deref().is_some_and(|m| m != "S256") {
-            return error_page(&provider, "invalid_request", "code_challenge_method must be S256");
+        if request
+            .code_challenge_method
+            .as_deref()
+            .is_some_and(|m| m != "S256")
+        {
+            return error_page(
+                &provider,
+                "invalid_request",
+                "code_challenge_method must be S256",
+            );
         }
         oauth.codes.insert(
             code.clone(),
@@ -342,7 +359,11 @@ pub(crate) async fn decide(
         back.push(("state", state.clone()));
     }
     let query = serde_urlencoded(&back);
-    let separator = if request.redirect_uri.contains('?') { '&' } else { '?' };
+    let separator = if request.redirect_uri.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
     Redirect::to(&format!("{}{separator}{query}", request.redirect_uri)).into_response()
 }
 
@@ -387,10 +408,20 @@ pub(crate) async fn token(
     let mut inner = standin.lock();
     let oauth = &mut inner.oauth;
     let Some(client) = oauth.client(&provider, &field("client_id")) else {
-        return token_error(&provider, "invalid_client_id", "client identifier invalid", "BAD_CLIENT_ID");
+        return token_error(
+            &provider,
+            "invalid_client_id",
+            "client identifier invalid",
+            "BAD_CLIENT_ID",
+        );
     };
     if client.client_secret != field("client_secret") {
-        return token_error(&provider, "invalid_client", "invalid client credentials", "BAD_CLIENT_SECRET");
+        return token_error(
+            &provider,
+            "invalid_client",
+            "invalid client credentials",
+            "BAD_CLIENT_SECRET",
+        );
     }
     let (account, scope) = match field("grant_type").as_str() {
         "authorization_code" => {
@@ -404,18 +435,38 @@ pub(crate) async fn token(
                 return token_error(&provider, "invalid_grant", description, "BAD_AUTH_CODE");
             };
             if code.provider != provider || code.client_id != client.client_id {
-                return token_error(&provider, "invalid_grant", "authorization code was issued to another client", "BAD_AUTH_CODE");
+                return token_error(
+                    &provider,
+                    "invalid_grant",
+                    "authorization code was issued to another client",
+                    "BAD_AUTH_CODE",
+                );
             }
             if code.redirect_uri != field("redirect_uri") {
-                return token_error(&provider, "redirect_uri_mismatch", "redirect_uri must match configuration", "BAD_REDIRECT_URI");
+                return token_error(
+                    &provider,
+                    "redirect_uri_mismatch",
+                    "redirect_uri must match configuration",
+                    "BAD_REDIRECT_URI",
+                );
             }
             if let Some(challenge) = &code.challenge {
                 let verifier = field("code_verifier");
                 if verifier.is_empty() {
-                    return token_error(&provider, "invalid_grant", "code verifier missing", "BAD_CODE_VERIFIER");
+                    return token_error(
+                        &provider,
+                        "invalid_grant",
+                        "code verifier missing",
+                        "BAD_CODE_VERIFIER",
+                    );
                 }
                 if &B64.encode(Sha256::digest(verifier.as_bytes())) != challenge {
-                    return token_error(&provider, "invalid_request", "invalid code verifier", "BAD_CODE_VERIFIER");
+                    return token_error(
+                        &provider,
+                        "invalid_request",
+                        "invalid code verifier",
+                        "BAD_CODE_VERIFIER",
+                    );
                 }
             }
             (code.account, code.scope)
@@ -428,7 +479,12 @@ pub(crate) async fn token(
                 .filter(|(_, client_id)| *client_id == client.client_id)
                 .filter(|_| !oauth.revoked.contains(&refresh));
             let Some((account, _)) = known.cloned() else {
-                return token_error(&provider, "invalid_grant", "expired access/refresh token", "BAD_REFRESH_TOKEN");
+                return token_error(
+                    &provider,
+                    "invalid_grant",
+                    "expired access/refresh token",
+                    "BAD_REFRESH_TOKEN",
+                );
             };
             let access = oauth.token("access");
             oauth.access.insert(access.clone(), account.clone());
@@ -442,7 +498,14 @@ pub(crate) async fn token(
             }
             return reply(StatusCode::OK, answer);
         }
-        _ => return token_error(&provider, "unsupported_grant_type", "grant type not supported", "BAD_GRANT_TYPE"),
+        _ => {
+            return token_error(
+                &provider,
+                "unsupported_grant_type",
+                "grant type not supported",
+                "BAD_GRANT_TYPE",
+            );
+        }
     };
     let (access, refresh) = oauth.issue(&account, &client.client_id);
     let answer = if provider == "salesforce" {
@@ -511,8 +574,8 @@ pub(crate) async fn identity(
     Path((org, user)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let Some((_, account)) = bearer_account(&standin, &headers)
-        .filter(|(_, a)| a.id == org && a.user_id == user)
+    let Some((_, account)) =
+        bearer_account(&standin, &headers).filter(|(_, a)| a.id == org && a.user_id == user)
     else {
         return reply(
             StatusCode::FORBIDDEN,
@@ -594,7 +657,10 @@ pub(crate) async fn salesforce_revoke(
     let mut inner = standin.lock();
     if let Some(status) = inner.oauth.settings.fail_revoke {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return reply(status, json!({"error": "server_error", "error_description": "stand-in: revoking failed"}));
+        return reply(
+            status,
+            json!({"error": "server_error", "error_description": "stand-in: revoking failed"}),
+        );
     }
     let token = form.get("token").cloned().unwrap_or_default();
     if revoke_token(&mut inner.oauth, &token) {
@@ -614,7 +680,10 @@ pub(crate) async fn hubspot_revoke(
     let mut inner = standin.lock();
     if let Some(status) = inner.oauth.settings.fail_revoke {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return reply(status, json!({"status": "error", "message": "stand-in: revoking failed", "category": "INTERNAL_ERROR"}));
+        return reply(
+            status,
+            json!({"status": "error", "message": "stand-in: revoking failed", "category": "INTERNAL_ERROR"}),
+        );
     }
     if inner.oauth.refresh.contains_key(&token) && revoke_token(&mut inner.oauth, &token) {
         return StatusCode::NO_CONTENT.into_response();

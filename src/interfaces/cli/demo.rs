@@ -120,7 +120,11 @@ pub(super) async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Resul
         println!(
             "connected         {provider} as {} (authorize, approved at the stand-in, code exchanged{})",
             account.account.label,
-            if provider == Provider::Salesforce { " with PKCE" } else { "" }
+            if provider == Provider::Salesforce {
+                " with PKCE"
+            } else {
+                ""
+            }
         );
         connected.push(account.connection_id);
     }

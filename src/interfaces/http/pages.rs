@@ -7,13 +7,13 @@
 //! server (or lead to an OAuth provider's authorize page) and the configured parent origins.
 
 use askama::Template;
+use askama_web::WebTemplate;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use askama_web::WebTemplate;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
@@ -131,8 +131,7 @@ pub async fn security_headers(
 
 /// Whether the CSRF token a form posted is the session's, compared in constant time.
 pub fn csrf_matches(expected: &str, presented: &str) -> bool {
-    expected.len() == presented.len()
-        && bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
+    expected.len() == presented.len() && bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
 }
 
 /// A session cookie: HttpOnly (no script reads it), SameSite=Lax (no other site's form or
@@ -182,8 +181,14 @@ mod tests {
             &["https://login.salesforce.com".into()],
         );
         let csp = security.csp.to_str().expect("ascii");
-        assert!(csp.contains("frame-ancestors https://app.example.com;"), "{csp}");
-        assert!(csp.contains("form-action 'self' https://login.salesforce.com;"), "{csp}");
+        assert!(
+            csp.contains("frame-ancestors https://app.example.com;"),
+            "{csp}"
+        );
+        assert!(
+            csp.contains("form-action 'self' https://login.salesforce.com;"),
+            "{csp}"
+        );
         let unframed = Security::new(&[], &[]);
         assert!(
             unframed

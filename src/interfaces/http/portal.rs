@@ -182,7 +182,10 @@ async fn posted_by(
 ) -> Result<Session, Refusal> {
     let session = session_of(portal, headers, user).await?;
     if !pages::csrf_matches(&session.csrf_token, csrf) {
-        tracing::warn!(user_id = user, "portal: a form without this session's CSRF token");
+        tracing::warn!(
+            user_id = user,
+            "portal: a form without this session's CSRF token"
+        );
         return Err(Refusal::Page(
             StatusCode::FORBIDDEN,
             ErrorPage::new(
@@ -396,8 +399,11 @@ fn portal_provider(slug: &str, user: &str) -> Result<Provider, Refusal> {
         .ok_or_else(|| {
             Refusal::Page(
                 StatusCode::NOT_FOUND,
-                ErrorPage::new("No such integration", format!("{slug:?} cannot be connected."))
-                    .back(home(user), "Back to your integrations"),
+                ErrorPage::new(
+                    "No such integration",
+                    format!("{slug:?} cannot be connected."),
+                )
+                .back(home(user), "Back to your integrations"),
             )
         })
 }
@@ -405,9 +411,9 @@ fn portal_provider(slug: &str, user: &str) -> Result<Provider, Refusal> {
 fn connect_refusal(err: ConnectError, user: &str) -> Refusal {
     let status = match &err {
         ConnectError::Store(_) | ConnectError::Random(_) => StatusCode::SERVICE_UNAVAILABLE,
-        ConnectError::Exchange { .. } | ConnectError::Account { .. } | ConnectError::Revoke { .. } => {
-            StatusCode::BAD_GATEWAY
-        }
+        ConnectError::Exchange { .. }
+        | ConnectError::Account { .. }
+        | ConnectError::Revoke { .. } => StatusCode::BAD_GATEWAY,
         ConnectError::OtherUser | ConnectError::OtherSession => StatusCode::FORBIDDEN,
         ConnectError::NoConnection => StatusCode::NOT_FOUND,
         ConnectError::NotConfigured(_)

@@ -73,8 +73,8 @@ impl PortalServer {
             clients: clients(&app.settings),
             ..OAuthSettings::default()
         });
-        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("portal-{}", app.tag));
+        let dir =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("portal-{}", app.tag));
         std::fs::create_dir_all(&dir).expect("config dir");
         let config = dir.join("portal.toml");
         std::fs::write(&config, portal_toml(&app.settings)).expect("config file");
@@ -107,7 +107,11 @@ impl PortalServer {
                 .is_ok_and(|r| r.status().is_success())
         })
         .await;
-        assert!(up, "appevents serve did not come up: {}", logs.lock().expect("logs"));
+        assert!(
+            up,
+            "appevents serve did not come up: {}",
+            logs.lock().expect("logs")
+        );
         PortalServer {
             app,
             crm,
@@ -136,7 +140,10 @@ impl PortalServer {
     /// with `standin-`).
     pub fn assert_no_secret_logged(&self, user_tokens: &[&str]) {
         let logs = self.logs();
-        assert!(!logs.is_empty(), "the server logged nothing: the check would prove nothing");
+        assert!(
+            !logs.is_empty(),
+            "the server logged nothing: the check would prove nothing"
+        );
         for secret in [CLIENT_SECRET, "standin-", "code_verifier", TOKEN_KEY]
             .into_iter()
             .chain(user_tokens.iter().copied())
@@ -157,7 +164,10 @@ impl PortalServer {
     }
 
     /// Connections of a user, as stored.
-    pub async fn connections(&self, user: &str) -> Vec<appevents::catalog::connections::ConnectionSummary> {
+    pub async fn connections(
+        &self,
+        user: &str,
+    ) -> Vec<appevents::catalog::connections::ConnectionSummary> {
         appevents::catalog::connections::list(&self.app.pool, Some(user))
             .await
             .expect("connections")
@@ -357,7 +367,10 @@ impl Visitor {
     pub async fn enter(&mut self, user: &str, token: &str) -> Answer {
         let entry = self.get(&format!("/portal/{user}?token={token}")).await;
         assert_eq!(entry.status, 303, "{}", entry.body);
-        assert_eq!(entry.location.as_deref(), Some(format!("/portal/{user}").as_str()));
+        assert_eq!(
+            entry.location.as_deref(),
+            Some(format!("/portal/{user}").as_str())
+        );
         self.get(&format!("/portal/{user}")).await
     }
 
