@@ -90,6 +90,28 @@ async fn run_example(app: &TestApp, mut command: Command, id: &str, email: &str)
     assert_eq!(stdout.trim(), id, "the example prints the event id");
 }
 
+/// Builds the Go program in `dir` in GOPATH mode against Debian's packaged libraries (nothing
+/// from the module proxy); returns the binary, named `name`, under target/.
+async fn go_build(dir: &str, gopath: &Path, name: &str, hint: &str) -> PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let binary = tmp.join(name);
+    let built = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(Path::new(REPO).join(dir))
+        .env("GO111MODULE", "off")
+        .env("GOPATH", gopath)
+        .env("GOCACHE", tmp.join("go-cache"))
+        .status()
+        .await;
+    assert!(
+        built.is_ok_and(|s| s.success()),
+        "go build of {dir} failed: {hint}"
+    );
+    binary
+}
+
 /// A command running `program` with `args` first.
 fn example(program: impl AsRef<std::ffi::OsStr>, args: &[&std::ffi::OsStr]) -> Command {
     let mut command = Command::new(program);
@@ -177,24 +199,13 @@ async fn the_go_ruby_and_java_examples_publish_events_the_worker_processes() {
     app.hubspot_workflow(&crm.url()).await;
     app.start_worker().await;
 
-    let go_binary = Path::new(env!("CARGO_TARGET_TMPDIR")).join("examples-go-publish");
-    let built = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&go_binary)
-        .arg(".")
-        .current_dir(Path::new(REPO).join("examples/go"))
-        .env("GO111MODULE", "off")
-        .env("GOPATH", "/usr/share/gocode")
-        .env(
-            "GOCACHE",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
-        )
-        .status()
-        .await;
-    assert!(
-        built.is_ok_and(|s| s.success()),
-        "go build of examples/go failed: install golang-go and golang-github-rabbitmq-amqp091-go-dev"
-    );
+    let go_binary = go_build(
+        "examples/go",
+        Path::new("/usr/share/gocode"),
+        "examples-go-publish",
+        "install golang-go and golang-github-rabbitmq-amqp091-go-dev",
+    )
+    .await;
     run_example(&app, example(&go_binary, &[]), "evt-go", "go@example.com").await;
 
     let ruby = Path::new(REPO).join("examples/ruby/publish.rb");
@@ -289,24 +300,13 @@ async fn the_go_user_token_example_mints_tokens_the_portal_accepts() {
         std::os::unix::fs::symlink("/usr/share/gocode/src/github.com/golang-jwt/jwt", &link)
             .expect("link golang-jwt");
     }
-    let binary = Path::new(env!("CARGO_TARGET_TMPDIR")).join("examples-go-mint");
-    let built = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&binary)
-        .arg(".")
-        .current_dir(Path::new(REPO).join("examples/user-tokens/go"))
-        .env("GO111MODULE", "off")
-        .env("GOPATH", &gopath)
-        .env(
-            "GOCACHE",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
-        )
-        .status()
-        .await;
-    assert!(
-        built.is_ok_and(|s| s.success()),
-        "go build of examples/user-tokens/go failed: install golang-go and golang-github-golang-jwt-jwt-dev"
-    );
+    let binary = go_build(
+        "examples/user-tokens/go",
+        &gopath,
+        "examples-go-mint",
+        "install golang-go and golang-github-golang-jwt-jwt-dev",
+    )
+    .await;
 
     let token = mint(&server, example(&binary, &[]), "go-user").await;
 

@@ -13,39 +13,11 @@ use appevents::pipeline::runs::RunStatus;
 use appevents_standin::oauth::OAuthSettings;
 use reqwest::Url;
 use serde_json::json;
-use uuid::Uuid;
 
 use crate::support::CONTACT_CREATED;
 use crate::support::portal::{
     CLIENT_SECRET, OTHER_REDIRECT, PortalServer, TOKEN_KEY, TOKEN_KID, Visitor,
 };
-
-/// `Contact Created` with one workflow per provider; returns (salesforce, hubspot) ids.
-async fn workflows(server: &PortalServer) -> (Uuid, Uuid) {
-    let app = &server.app;
-    app.app_event(CONTACT_CREATED).await;
-    let salesforce = app
-        .workflow(
-            "Contact to Salesforce",
-            CONTACT_CREATED,
-            Provider::Salesforce,
-            "create",
-            json!({}),
-            json!({"Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}),
-        )
-        .await;
-    let hubspot = app
-        .workflow(
-            "Contact to HubSpot",
-            CONTACT_CREATED,
-            Provider::Hubspot,
-            "create-contact",
-            json!({}),
-            json!({"email": "{{payload.email}}"}),
-        )
-        .await;
-    (salesforce.id, hubspot.id)
-}
 
 /// The OAuth state in an authorize URL.
 fn state_of(authorize_url: &str) -> String {
@@ -72,6 +44,26 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// The portal with its two workflows, and a browser session for Ada.
+async fn ada_signed_in(
+    adjust: impl FnOnce(&mut appevents::config::Settings),
+) -> (PortalServer, Visitor) {
+    let server = PortalServer::start_with(adjust).await;
+    server.workflow_ids().await;
+    let ada = signed_in(&server, "ada").await;
+    (server, ada)
+}
+
+/// The callback as a provider's redirect would call it.
+fn callback_url(provider: &str, code: &str, state: &str) -> String {
+    let query = Url::parse_with_params("http://callback/", &[("code", code), ("state", state)])
+        .expect("URL");
+    format!(
+        "/portal/oauth/{provider}/callback?{}",
+        query.query().unwrap_or_default()
+    )
+}
+
 /// A visitor with a portal session for `user`.
 async fn signed_in(server: &PortalServer, user: &str) -> Visitor {
     let mut visitor = server.visitor();
@@ -83,7 +75,7 @@ async fn signed_in(server: &PortalServer, user: &str) -> Visitor {
 #[tokio::test]
 async fn hubspot_connects_a_workflow_switches_on_and_an_event_lands_in_that_account() {
     let mut server = PortalServer::start().await;
-    let (_, hubspot) = workflows(&server).await;
+    let (_, hubspot) = server.workflow_ids().await;
     server.app.start_worker().await;
     let mut ada = signed_in(&server, "ada").await;
 
@@ -143,9 +135,7 @@ async fn hubspot_connects_a_workflow_switches_on_and_an_event_lands_in_that_acco
 
 #[tokio::test]
 async fn salesforce_connects_with_pkce_and_its_instance_url_becomes_the_base_url() {
-    let server = PortalServer::start().await;
-    workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
 
     let authorize = ada.connect("ada", "salesforce").await;
     assert_eq!(
@@ -188,7 +178,7 @@ async fn salesforce_connects_with_pkce_and_its_instance_url_becomes_the_base_url
 #[tokio::test]
 async fn hubspot_with_pkce_turned_on_sends_the_verifier_the_stand_in_checks() {
     let server = PortalServer::start_with(|s| s.oauth.hubspot.app.pkce = true).await;
-    workflows(&server).await;
+    server.workflow_ids().await;
     let mut ada = signed_in(&server, "ada").await;
 
     let authorize = ada.connect("ada", "hubspot").await;
@@ -204,9 +194,8 @@ async fn hubspot_with_pkce_turned_on_sends_the_verifier_the_stand_in_checks() {
 #[tokio::test]
 async fn reconnecting_a_connection_that_needs_reauth_replaces_it_in_place_and_keeps_its_workflows()
 {
-    let server = PortalServer::start().await;
-    let (_, hubspot) = workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
+    let hubspot = server.workflow_of(Provider::Hubspot).await;
     ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
         .await;
     let first = server.connections("ada").await.remove(0);
@@ -265,7 +254,7 @@ async fn reconnecting_a_connection_that_needs_reauth_replaces_it_in_place_and_ke
 #[tokio::test]
 async fn disconnect_revokes_at_the_provider_then_deletes_the_connection_and_its_workflows() {
     let server = PortalServer::start().await;
-    let (salesforce, hubspot) = workflows(&server).await;
+    let (salesforce, hubspot) = server.workflow_ids().await;
     let mut ada = signed_in(&server, "ada").await;
     ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
         .await;
@@ -342,9 +331,8 @@ async fn disconnect_revokes_at_the_provider_then_deletes_the_connection_and_its_
 
 #[tokio::test]
 async fn a_revoke_that_fails_keeps_the_connection_says_why_and_can_be_retried() {
-    let server = PortalServer::start().await;
-    let (_, hubspot) = workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
+    let hubspot = server.workflow_of(Provider::Hubspot).await;
     ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
         .await;
     let page = ada.get("/portal/ada").await;
@@ -399,12 +387,8 @@ fn oauth_clients(server: &PortalServer) -> OAuthSettings {
 
 #[tokio::test]
 async fn a_forged_state_is_refused_and_nothing_is_stored() {
-    let server = PortalServer::start().await;
-    workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
-    let authorize = ada.connect("ada", "hubspot").await;
-    let approved = ada.decide(&authorize, "approve", "ada@hs.example").await;
-    let callback = approved.location.expect("callback");
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
+    let (authorize, callback) = ada.approved("ada", "hubspot", "ada@hs.example").await;
     let code = query_param(&callback, "code").expect("code");
     let state = state_of(&authorize);
     // Another nonce under the same signature, and a state signed with another key.
@@ -421,12 +405,7 @@ async fn a_forged_state_is_refused_and_nothing_is_stored() {
     .sign(&secrecy::SecretBox::new(Box::new([7u8; 32])));
 
     for forged in [altered.as_str(), foreign.as_str(), "junk", ""] {
-        let answer = ada
-            .get(&format!(
-                "/portal/oauth/hubspot/callback?code={code}&state={}",
-                urlencode(forged)
-            ))
-            .await;
+        let answer = ada.get(&callback_url("hubspot", &code, forged)).await;
         assert_eq!(answer.status, 400, "{forged}: {}", answer.body);
         assert!(
             answer.body.contains("cannot be trusted"),
@@ -449,12 +428,9 @@ async fn a_forged_state_is_refused_and_nothing_is_stored() {
 
 #[tokio::test]
 async fn an_expired_state_is_refused_and_nothing_is_stored() {
-    let server = PortalServer::start().await;
-    workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
-    let authorize = ada.connect("ada", "hubspot").await;
-    let approved = ada.decide(&authorize, "approve", "ada@hs.example").await;
-    let code = query_param(&approved.location.expect("callback"), "code").expect("code");
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
+    let (authorize, callback) = ada.approved("ada", "hubspot", "ada@hs.example").await;
+    let code = query_param(&callback, "code").expect("code");
     // The same authorization, signed by the server's own key, but past its expiry.
     let key = server.app.keyring.derive("appevents/oauth-state/v1");
     let state = State::verify(&state_of(&authorize), Provider::Hubspot, &key, now())
@@ -465,12 +441,7 @@ async fn an_expired_state_is_refused_and_nothing_is_stored() {
     }
     .sign(&key);
 
-    let answer = ada
-        .get(&format!(
-            "/portal/oauth/hubspot/callback?code={code}&state={}",
-            urlencode(&expired)
-        ))
-        .await;
+    let answer = ada.get(&callback_url("hubspot", &code, &expired)).await;
 
     assert_eq!(answer.status, 400);
     assert!(answer.body.contains("has expired"), "{}", answer.body);
@@ -481,12 +452,8 @@ async fn an_expired_state_is_refused_and_nothing_is_stored() {
 
 #[tokio::test]
 async fn a_reused_state_is_refused_and_the_connection_is_not_touched() {
-    let server = PortalServer::start().await;
-    workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
-    let authorize = ada.connect("ada", "hubspot").await;
-    let approved = ada.decide(&authorize, "approve", "ada@hs.example").await;
-    let callback = approved.location.expect("callback");
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
+    let (_, callback) = ada.approved("ada", "hubspot", "ada@hs.example").await;
     assert_eq!(ada.get(&callback).await.status, 303);
     let connected = server.connections("ada").await;
 
@@ -504,9 +471,7 @@ async fn a_reused_state_is_refused_and_the_connection_is_not_touched() {
 
 #[tokio::test]
 async fn access_denied_at_salesforce_is_a_clear_page_and_stores_nothing() {
-    let server = PortalServer::start().await;
-    workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
     let authorize = ada.connect("ada", "salesforce").await;
 
     let denied = ada.decide(&authorize, "deny", "ada@sf.example").await;
@@ -538,9 +503,7 @@ async fn access_denied_at_salesforce_is_a_clear_page_and_stores_nothing() {
 
 #[tokio::test]
 async fn a_hubspot_denial_stays_at_hubspot_or_comes_back_as_access_denied() {
-    let server = PortalServer::start().await;
-    workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
 
     // HubSpot documents no redirect when the user declines.
     let authorize = ada.connect("ada", "hubspot").await;
@@ -569,12 +532,8 @@ async fn a_hubspot_denial_stays_at_hubspot_or_comes_back_as_access_denied() {
 
 #[tokio::test]
 async fn a_code_used_twice_is_refused_by_the_provider_and_stores_nothing_new() {
-    let server = PortalServer::start().await;
-    workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
-    let first = ada.connect("ada", "hubspot").await;
-    let approved = ada.decide(&first, "approve", "ada@hs.example").await;
-    let callback = approved.location.expect("callback");
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
+    let (_, callback) = ada.approved("ada", "hubspot", "ada@hs.example").await;
     let code = query_param(&callback, "code").expect("code");
     assert_eq!(ada.get(&callback).await.status, 303);
     let connected = server.connections("ada").await;
@@ -582,11 +541,7 @@ async fn a_code_used_twice_is_refused_by_the_provider_and_stores_nothing_new() {
     let second = ada.connect("ada", "hubspot").await;
 
     let answer = ada
-        .get(&format!(
-            "/portal/oauth/hubspot/callback?code={}&state={}",
-            urlencode(&code),
-            urlencode(&state_of(&second))
-        ))
+        .get(&callback_url("hubspot", &code, &state_of(&second)))
         .await;
 
     assert_eq!(answer.status, 502);
@@ -609,9 +564,7 @@ async fn a_code_used_twice_is_refused_by_the_provider_and_stores_nothing_new() {
 async fn a_redirect_uri_that_does_not_match_is_refused_at_both_ends() {
     // The app's registered callback is not the one the server is configured with: the
     // provider's page says so and sends the browser nowhere.
-    let server = PortalServer::start().await;
-    workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
     let authorize = ada.connect("ada", "salesforce").await;
     let mut wrong = Url::parse(&authorize).expect("URL");
     let pairs: Vec<(String, String)> = wrong
@@ -672,7 +625,7 @@ async fn a_redirect_uri_that_does_not_match_is_refused_at_both_ends() {
 #[tokio::test]
 async fn a_salesforce_answer_without_instance_url_is_refused_and_stores_nothing() {
     let server = PortalServer::start().await;
-    workflows(&server).await;
+    server.workflow_ids().await;
     server.crm.standin.set_oauth(OAuthSettings {
         omit_instance_url: true,
         ..oauth_clients(&server)
@@ -705,7 +658,7 @@ fn user_token(key: &str, kid: &str, claims: serde_json::Value) -> String {
 #[tokio::test]
 async fn expired_and_forged_user_tokens_open_nothing() {
     let server = PortalServer::start().await;
-    workflows(&server).await;
+    server.workflow_ids().await;
     let expired = user_token(
         TOKEN_KEY,
         TOKEN_KID,
@@ -752,7 +705,7 @@ async fn expired_and_forged_user_tokens_open_nothing() {
 #[tokio::test]
 async fn a_token_or_session_of_one_user_opens_nothing_of_another() {
     let server = PortalServer::start().await;
-    workflows(&server).await;
+    server.workflow_ids().await;
     let ada_token = server.token("ada");
     let mut visitor = server.visitor();
 
@@ -782,7 +735,7 @@ async fn a_token_or_session_of_one_user_opens_nothing_of_another() {
 #[tokio::test]
 async fn a_user_token_opens_one_session_only() {
     let server = PortalServer::start().await;
-    workflows(&server).await;
+    server.workflow_ids().await;
     let token = server.token("ada");
     let mut first = server.visitor();
     assert_eq!(first.enter("ada", &token).await.status, 200);
@@ -799,9 +752,8 @@ async fn a_user_token_opens_one_session_only() {
 
 #[tokio::test]
 async fn a_form_without_the_sessions_csrf_token_changes_nothing() {
-    let server = PortalServer::start().await;
-    let (_, hubspot) = workflows(&server).await;
-    let mut ada = signed_in(&server, "ada").await;
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
+    let hubspot = server.workflow_of(Provider::Hubspot).await;
     ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
         .await;
     let connection = server.connections("ada").await.remove(0);
@@ -845,7 +797,7 @@ async fn the_pages_send_their_security_headers_and_no_secret() {
         s.portal.frame_ancestors = vec!["https://app.example.com".into()];
     })
     .await;
-    workflows(&server).await;
+    server.workflow_ids().await;
     let token = server.token("ada");
     let mut ada = server.visitor();
 
@@ -879,19 +831,4 @@ async fn the_pages_send_their_security_headers_and_no_secret() {
     }
     assert!(!page.body.contains("<script"), "no script needed");
     server.stop().await;
-}
-
-fn urlencode(text: &str) -> String {
-    url_escape(text)
-}
-
-fn url_escape(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use appevents::core::provider::Provider;
 use appevents::pipeline::runs::RunStatus;
 use fantoccini::Locator;
 use serde_json::json;
@@ -17,27 +16,7 @@ use crate::support::{CONTACT_CREATED, browser, eventually};
 #[tokio::test]
 async fn an_end_user_connects_hubspot_and_switches_a_workflow_on_in_a_real_browser() {
     let mut server = PortalServer::start().await;
-    let app = &server.app;
-    app.app_event(CONTACT_CREATED).await;
-    let hubspot = app
-        .workflow(
-            "New contacts to HubSpot",
-            CONTACT_CREATED,
-            Provider::Hubspot,
-            "create-contact",
-            json!({}),
-            json!({"email": "{{payload.email}}", "firstname": "{{payload.first_name}}"}),
-        )
-        .await;
-    app.workflow(
-        "New contacts to Salesforce",
-        CONTACT_CREATED,
-        Provider::Salesforce,
-        "create",
-        json!({}),
-        json!({"Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}),
-    )
-    .await;
+    let (_, hubspot) = server.workflow_ids().await;
     server.app.start_worker().await;
     let browser = browser::session("portal").await;
 
@@ -105,7 +84,7 @@ async fn an_end_user_connects_hubspot_and_switches_a_workflow_on_in_a_real_brows
     );
 
     // 5. Switch the workflow on.
-    let switch = format!("#workflow-{}", hubspot.id);
+    let switch = format!("#workflow-{hubspot}");
     assert_eq!(browser.text_of(&format!("{switch} .label")).await, "Off");
     browser.click(&switch).await;
     let on = eventually(Duration::from_secs(10), || async {

@@ -130,6 +130,30 @@ impl OAuth {
             .find(|c| c.provider == provider && c.client_id == client_id)
     }
 
+    /// The client an authorize request names, if its redirect URI is one the client
+    /// registered; else the provider's error page (it sends the browser nowhere).
+    fn registered(
+        &self,
+        provider: &str,
+        request: &Authorize,
+    ) -> Result<OAuthClient, Box<Response>> {
+        let Some(client) = self.client(provider, &request.client_id) else {
+            return Err(Box::new(error_page(
+                provider,
+                "invalid_client_id",
+                "client identifier invalid",
+            )));
+        };
+        if !client.redirect_uris.contains(&request.redirect_uri) {
+            return Err(Box::new(error_page(
+                provider,
+                "redirect_uri_mismatch",
+                "redirect_uri must match configuration",
+            )));
+        }
+        Ok(client)
+    }
+
     fn account(&mut self, provider: &str, login: &str) -> Account {
         let next = self.accounts.len() as u64 + 1;
         self.accounts
@@ -241,17 +265,10 @@ pub(crate) async fn authorize_page(
     Query(request): Query<Authorize>,
 ) -> Response {
     let provider = provider.to_owned();
-    let oauth = &standin.lock().oauth;
-    let Some(client) = oauth.client(&provider, &request.client_id) else {
-        return error_page(&provider, "invalid_client_id", "client identifier invalid");
+    let client = match standin.lock().oauth.registered(&provider, &request) {
+        Ok(client) => client,
+        Err(page) => return *page,
     };
-    if !client.redirect_uris.contains(&request.redirect_uri) {
-        return error_page(
-            &provider,
-            "redirect_uri_mismatch",
-            "redirect_uri must match configuration",
-        );
-    }
     let hidden = |name: &str, value: &str| {
         format!(
             "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
@@ -301,15 +318,8 @@ pub(crate) async fn decide(
     let provider = provider.to_owned();
     let mut inner = standin.lock();
     let oauth = &mut inner.oauth;
-    let Some(client) = oauth.client(&provider, &request.client_id) else {
-        return error_page(&provider, "invalid_client_id", "client identifier invalid");
-    };
-    if !client.redirect_uris.contains(&request.redirect_uri) {
-        return error_page(
-            &provider,
-            "redirect_uri_mismatch",
-            "redirect_uri must match configuration",
-        );
+    if let Err(page) = oauth.registered(&provider, &request) {
+        return *page;
     }
     let mut back = vec![];
     if request.decision.as_deref() != Some("approve") {

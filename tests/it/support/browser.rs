@@ -178,27 +178,25 @@ impl Session {
         [desktop, phone]
     }
 
-    /// The text of the first element matching `css`, waited for up to 10 s.
-    pub async fn text_of(&self, css: &str) -> String {
+    /// The first element matching `css`, waited for up to 10 s.
+    pub async fn element(&self, css: &str) -> fantoccini::elements::Element {
         self.client
             .wait()
             .at_most(Duration::from_secs(10))
             .for_element(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("no {css}: {e}"))
-            .text()
-            .await
-            .expect("text")
     }
 
-    /// Clicks the first element matching `css`, waited for up to 10 s.
+    /// The text of the first element matching `css`, waited for.
+    pub async fn text_of(&self, css: &str) -> String {
+        self.element(css).await.text().await.expect("text")
+    }
+
+    /// Clicks the first element matching `css`, waited for.
     pub async fn click(&self, css: &str) {
-        self.client
-            .wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Css(css))
+        self.element(css)
             .await
-            .unwrap_or_else(|e| panic!("no {css}: {e}"))
             .click()
             .await
             .unwrap_or_else(|e| panic!("click {css}: {e}"));

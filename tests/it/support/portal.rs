@@ -17,7 +17,10 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::AsyncBufReadExt;
 
-use super::{TestApp, appevents_command, eventually, http_client};
+use appevents::core::provider::Provider;
+use serde_json::json;
+
+use super::{CONTACT_CREATED, TestApp, appevents_command, eventually, http_client};
 
 /// The user-token key of the tests, and its kid.
 pub const TOKEN_KID: &str = "portal-test";
@@ -120,6 +123,44 @@ impl PortalServer {
             logs,
             _config_dir: TempDir(dir),
         }
+    }
+
+    /// `Contact Created` with a workflow for each provider; returns (salesforce, hubspot).
+    pub async fn workflow_ids(&self) -> (uuid::Uuid, uuid::Uuid) {
+        let app = &self.app;
+        app.app_event(CONTACT_CREATED).await;
+        let salesforce = app
+            .workflow(
+                "New contacts to Salesforce",
+                CONTACT_CREATED,
+                Provider::Salesforce,
+                "create",
+                json!({}),
+                json!({"Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}),
+            )
+            .await;
+        let hubspot = app
+            .workflow(
+                "New contacts to HubSpot",
+                CONTACT_CREATED,
+                Provider::Hubspot,
+                "create-contact",
+                json!({}),
+                json!({"email": "{{payload.email}}", "firstname": "{{payload.first_name}}"}),
+            )
+            .await;
+        (salesforce.id, hubspot.id)
+    }
+
+    /// The id of the workflow of `provider` that [`PortalServer::workflow_ids`] made.
+    pub async fn workflow_of(&self, provider: Provider) -> uuid::Uuid {
+        appevents::catalog::workflows::list(&self.app.pool, Some(CONTACT_CREATED))
+            .await
+            .expect("workflows")
+            .into_iter()
+            .find(|w| w.provider == provider)
+            .expect("a workflow of that provider")
+            .id
     }
 
     /// A user token for `user`, as the product's backend mints one.
@@ -405,11 +446,18 @@ impl Visitor {
         self.post(&target, &form).await
     }
 
-    /// Connects `provider` for `user` all the way: returns the callback's answer.
-    pub async fn connect_and_approve(&mut self, user: &str, provider: &str, login: &str) -> Answer {
+    /// Connects and approves as `login`: returns the authorize URL and the callback the
+    /// provider redirected to, not yet followed.
+    pub async fn approved(&mut self, user: &str, provider: &str, login: &str) -> (String, String) {
         let authorize = self.connect(user, provider).await;
         let approved = self.decide(&authorize, "approve", login).await;
         let callback = approved.location.expect("a redirect back with a code");
+        (authorize, callback)
+    }
+
+    /// Connects `provider` for `user` all the way: returns the callback's answer.
+    pub async fn connect_and_approve(&mut self, user: &str, provider: &str, login: &str) -> Answer {
+        let (_, callback) = self.approved(user, provider, login).await;
         self.get(&callback).await
     }
 }
