@@ -9,12 +9,10 @@ use appevents::catalog::connections;
 use appevents::core::authorization::State;
 use appevents::core::connection::ConnectionStatus;
 use appevents::core::provider::Provider;
-use appevents::pipeline::runs::RunStatus;
 use appevents_standin::oauth::OAuthSettings;
 use reqwest::Url;
 use serde_json::json;
 
-use crate::support::CONTACT_CREATED;
 use crate::support::portal::{
     CLIENT_SECRET, OTHER_REDIRECT, PortalServer, TOKEN_KEY, TOKEN_KID, Visitor,
 };
@@ -97,33 +95,14 @@ async fn hubspot_connects_a_workflow_switches_on_and_an_event_lands_in_that_acco
         )
         .await;
     assert_eq!(switched.status, 303, "{}", switched.body);
-    let event = server
-        .app
-        .publish(
-            CONTACT_CREATED,
-            "ada",
-            json!({"email": "ada@example.com"}),
-            None,
-        )
-        .await;
-    server
-        .app
-        .wait_for_runs(&event, 1, RunStatus::Succeeded)
+    let (contact, hub) = server
+        .publish_and_find_contact("ada", json!({"email": "ada@example.com"}))
         .await;
 
     let stored = server.connections("ada").await;
     assert_eq!(stored.len(), 1);
-    let hub = stored[0].settings["account_id"]
-        .as_str()
-        .expect("hub id")
-        .to_owned();
     assert_eq!(stored[0].base_url, server.crm.url());
     assert!(stored[0].has_refresh_token && stored[0].token_url.is_some());
-    let records = server.crm.standin.records();
-    let contact = records
-        .iter()
-        .find(|r| r.fields.get("email") == Some(&json!("ada@example.com")))
-        .expect("the contact");
     assert_eq!(
         contact.account.as_deref(),
         Some(hub.as_str()),

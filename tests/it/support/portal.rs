@@ -163,6 +163,39 @@ impl PortalServer {
             .id
     }
 
+    /// Publishes `Contact Created` for `user` with `payload` and waits for its one run to
+    /// succeed; returns the contact the stand-in then holds for the payload's email, and the
+    /// account id of the user's connection of its provider.
+    pub async fn publish_and_find_contact(
+        &self,
+        user: &str,
+        payload: serde_json::Value,
+    ) -> (standin::Record, String) {
+        let email = payload["email"].clone();
+        let event = self.app.publish(CONTACT_CREATED, user, payload, None).await;
+        self.app
+            .wait_for_runs(&event, 1, appevents::pipeline::runs::RunStatus::Succeeded)
+            .await;
+        let contact = self
+            .crm
+            .standin
+            .records()
+            .into_iter()
+            .find(|r| r.fields.get("email") == Some(&email))
+            .expect("the contact");
+        let connection = self
+            .connections(user)
+            .await
+            .into_iter()
+            .find(|c| c.provider.as_str() == contact.provider)
+            .expect("the user's connection of that provider");
+        let account = connection.settings["account_id"]
+            .as_str()
+            .expect("an account id")
+            .to_owned();
+        (contact, account)
+    }
+
     /// A user token for `user`, as the product's backend mints one.
     pub fn token(&self, user: &str) -> String {
         KeyRing::from_settings(&self.app.settings.user_tokens)
