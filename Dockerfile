@@ -48,12 +48,15 @@ RUN mkdir -p src crates/standin/src crates/bench/src \
         target/release/libappevents.* \
         target/release/libappevents_standin.*
 
-# 2. The workspace itself. config/default.toml (include_str!) and migrations/ (refinery's
-#    embed_migrations!) are read at compile time, so both must be here for the build.
+# 2. The workspace itself. config/default.toml (include_str!), migrations/ (refinery's
+#    embed_migrations!), the pages' templates/ (askama) and assets/ (include_str!) are read at
+#    compile time, so all of them must be here for the build.
 COPY src ./src
 COPY crates ./crates
 COPY migrations ./migrations
 COPY config ./config
+COPY templates ./templates
+COPY assets ./assets
 RUN cargo build --release --locked --bin appevents --bin appevents-standin
 
 # ---------------------------------------------------------------------------------------------

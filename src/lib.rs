@@ -10,14 +10,18 @@
 //! - [`observe`]: logs, Prometheus metrics, the health readiness reads.
 //! - [`core`]: the domain, free of I/O: the event contract ([`core::event`]), step
 //!   failures and their kinds, providers, a connection's credentials, field mappings, payload
-//!   checks.
-//! - [`store`]: Postgres (pool, migrations, TLS) and the vault that seals secrets.
+//!   checks, user tokens ([`core::user_token`]) and the signed OAuth state with PKCE
+//!   ([`core::authorization`]).
+//! - [`store`]: Postgres (pool, migrations, TLS), the vault that seals secrets, the pages'
+//!   browser sessions.
 //! - [`transport`]: RabbitMQ: connections, the topology, our headers and the routing they
 //!   carry, confirmed publishing, events published by the CLI and ingest, dead letters.
 //! - `integrations`: the steps (Salesforce, HubSpot, generic HTTP), the classification of
-//!   every provider response, OAuth refresh, the outbound rules.
+//!   every provider response, OAuth refresh, connecting an account (authorize URL, code
+//!   exchange, identity, revoke), the outbound rules.
 //! - [`catalog`]: what an integration engineer manages: app events (with aliases kept on
-//!   rename), workflows, connections (secrets sealed), subscriptions.
+//!   rename), workflows, connections (secrets sealed), subscriptions; and how an end user
+//!   connects and disconnects an account ([`catalog::connect`]).
 //! - [`pipeline`]: what happens to one message, in order: `resolve` the
 //!   workflows its user has on, claim each of [`pipeline::runs`] (claims and records are
 //!   coalesced by `batch`), execute the step (`step`, refreshing credentials with
@@ -28,11 +32,13 @@
 //! - [`interfaces`]: how people and programs reach it: the command line
 //!   ([`interfaces::cli`]), the worker process ([`interfaces::worker`]: migrations, ops
 //!   endpoints and the consume loop wired together), the HTTP API ([`interfaces::http`]:
-//!   ingest and management, a file per route group) and the ops endpoints.
+//!   ingest, management and the Connect Portal's pages, a file per route group, with what
+//!   every page group shares in `pages`) and the ops endpoints.
 //!
 //! Where new things go: a workflow's definition (steps, conditions) in `catalog`, running
 //! it step by step in `pipeline`, a provider's limits and batch calls in `integrations`, and
-//! pages (a connect portal, an operator console) as route groups of `interfaces::http`.
+//! pages (an operator console, beside the portal) as route groups of `interfaces::http`,
+//! their templates in `templates/`.
 //!
 //! `src/main.rs` only calls [`interfaces::cli::main`].
 
