@@ -811,3 +811,30 @@ async fn the_pages_send_their_security_headers_and_no_secret() {
     assert!(!page.body.contains("<script"), "no script needed");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_users_token_command_prints_a_token_the_portal_accepts() {
+    let server = PortalServer::start().await;
+    let config = server.config.to_str().expect("utf-8 path").to_owned();
+    let run = |args: &'static [&'static str]| {
+        let mut all = vec!["--config", config.as_str(), "users", "token"];
+        all.extend_from_slice(args);
+        crate::support::appevents_command(&server.app.settings, &all).output()
+    };
+
+    let printed = run(&["--user", "ada", "--ttl", "2m"]).await.expect("run");
+    let too_long = run(&["--user", "ada", "--ttl", "2h"]).await.expect("run");
+    let bad_ttl = run(&["--user", "ada", "--ttl", "soon"]).await.expect("run");
+
+    assert!(printed.status.success(), "{printed:?}");
+    let token = String::from_utf8_lossy(&printed.stdout).trim().to_owned();
+    let page = server.visitor().enter("ada", &token).await;
+    assert_eq!(page.status, 200);
+    assert_eq!(too_long.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&too_long.stderr);
+    assert_eq!(error.lines().count(), 1, "{error}");
+    assert!(error.contains("max_lifetime"), "{error}");
+    assert_eq!(bad_ttl.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&bad_ttl.stderr).lines().count(), 1);
+    server.stop().await;
+}

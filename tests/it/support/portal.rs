@@ -45,6 +45,8 @@ pub struct PortalServer {
     pub url: String,
     child: tokio::process::Child,
     logs: Arc<Mutex<String>>,
+    /// The `--config` file `serve` runs with.
+    pub config: std::path::PathBuf,
     _config_dir: TempDir,
 }
 
@@ -121,6 +123,7 @@ impl PortalServer {
             url,
             child,
             logs,
+            config,
             _config_dir: TempDir(dir),
         }
     }
