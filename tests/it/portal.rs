@@ -838,3 +838,50 @@ async fn the_users_token_command_prints_a_token_the_portal_accepts() {
     assert_eq!(String::from_utf8_lossy(&bad_ttl.stderr).lines().count(), 1);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn two_callbacks_racing_for_one_user_leave_one_connection() {
+    let (server, mut ada) = ada_signed_in(|_| {}).await;
+    let (_, first) = ada.approved("ada", "hubspot", "ada@one.example").await;
+    let (_, second) = ada.approved("ada", "hubspot", "ada@two.example").await;
+    let mut other_tab = server.visitor();
+    other_tab.cookie = ada.cookie.clone();
+
+    let (a, b) = tokio::join!(ada.get(&first), other_tab.get(&second));
+
+    assert_eq!((a.status, b.status), (303, 303), "{} {}", a.body, b.body);
+    let stored = server.connections("ada").await;
+    assert_eq!(stored.len(), 1, "{stored:#?}");
+    let account = stored[0].settings["account"].as_str().expect("account");
+    assert!(account.starts_with("ada@one.example") || account.starts_with("ada@two.example"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_made_in_the_portal_is_refreshed_by_the_worker_through_the_provider() {
+    let (mut server, mut ada) = ada_signed_in(|_| {}).await;
+    let hubspot = server.workflow_of(Provider::Hubspot).await;
+    ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
+        .await;
+    let page = ada.get("/portal/ada").await;
+    ada.post(
+        &format!("/portal/ada/workflows/{hubspot}"),
+        &[("csrf", &page.csrf()), ("on", "true")],
+    )
+    .await;
+    // The access token the flow obtained expires: only tokens issued from now on pass.
+    server.crm.standin.set_tokens(appevents_standin::Tokens {
+        valid_access: Some(Vec::new()),
+        ..appevents_standin::Tokens::default()
+    });
+    server.app.start_worker().await;
+
+    let (contact, hub) = server
+        .publish_and_find_contact("ada", json!({"email": "refreshed@example.com"}))
+        .await;
+
+    assert_eq!(contact.account.as_deref(), Some(hub.as_str()));
+    let stored = server.connections("ada").await;
+    assert!(stored[0].token_refreshed_at.is_some(), "refreshed");
+    server.stop().await;
+}
