@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::core::provider::Provider;
 use crate::store::db::StoreError;
-use crate::store::vault::{Keyring, VaultError};
+use crate::store::vault::Keyring;
 
 /// An authorization about to start.
 pub struct NewAuthorization<'a> {
@@ -45,7 +45,7 @@ pub async fn store(
 ) -> Result<(), StoreError> {
     let verifier = new
         .verifier
-        .map(|v| keyring.seal(secrecy::ExposeSecret::expose_secret(v), &context(new.nonce)))
+        .map(|v| keyring.seal(v.expose_secret(), &context(new.nonce)))
         .transpose()?;
     let ttl_ms = new.ttl.as_millis() as f64;
     let client = pool.get().await?;
@@ -96,8 +96,7 @@ pub async fn take(
         let sealed: Option<Vec<u8>> = row.try_get(0)?;
         let verifier = sealed
             .map(|blob| keyring.open(&blob, &context(nonce)))
-            .transpose()
-            .map_err(|e: VaultError| StoreError::from(e))?;
+            .transpose()?;
         return Ok(Taken::Found { verifier });
     }
     let elsewhere = client

@@ -23,7 +23,6 @@ use crate::catalog::authorizations::{self, NewAuthorization, Taken};
 use crate::catalog::connections::{self, NewConnection, Stored};
 use crate::config::Settings;
 use crate::core::authorization::{Pkce, RandomError, State, StateError, random_token};
-use crate::core::failure::Failure;
 use crate::core::provider::Provider;
 use crate::integrations::connect::{Account, OAuthProviders, Revocation};
 use crate::integrations::{Integrations, SetupError};
@@ -235,6 +234,12 @@ impl Connector {
             .providers
             .app(provider)
             .ok_or(ConnectError::NotConfigured(provider))?;
+        // What the worker's refresh needs, exactly as for a connection posted by the API;
+        // without a refresh token there is nothing to refresh with.
+        let token_url = grant
+            .refresh_token
+            .as_ref()
+            .map(|_| self.providers.token_url(provider));
         let new = NewConnection {
             user_id: state.user.clone(),
             provider,
@@ -242,15 +247,9 @@ impl Connector {
             settings: json!({"account": account.label, "account_id": account.id}),
             access_token: Some(grant.access_token),
             refresh_token: grant.refresh_token,
-            // What the worker's refresh needs, exactly as for a connection posted by the API.
-            token_url: Some(self.providers.token_url(provider)),
+            token_url,
             client_id: Some(app.client_id.clone()),
             client_secret: Some(app.client_secret.clone()),
-        };
-        let new = NewConnection {
-            // Without a refresh token there is nothing to refresh with (check() wants both).
-            token_url: new.refresh_token.as_ref().and(new.token_url),
-            ..new
         };
         let (connection_id, stored) =
             connections::connect_account(&self.pool, &self.keyring, &new).await?;
@@ -280,7 +279,7 @@ impl Connector {
             .providers
             .revoke(&self.integrations, &connection)
             .await
-            .map_err(|failure: Failure| {
+            .map_err(|failure| {
                 tracing::warn!(error = %failure.summary(), "revoking failed; the connection is kept");
                 ConnectError::Revoke {
                     provider,

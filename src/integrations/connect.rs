@@ -98,7 +98,7 @@ impl OAuthProviders {
                 &self.settings.salesforce.login_url,
                 "/services/oauth2/authorize",
             ),
-            _ => self.settings.hubspot.authorize_url.clone(),
+            Provider::Hubspot | Provider::Http => self.settings.hubspot.authorize_url.clone(),
         };
         let mut url = Url::parse(&endpoint).map_err(|e| {
             Failure::new(
@@ -157,7 +157,9 @@ impl OAuthProviders {
                 &self.settings.salesforce.login_url,
                 "/services/oauth2/token",
             ),
-            _ => join_url(&self.settings.hubspot.api_url, "/oauth/v1/token"),
+            Provider::Hubspot | Provider::Http => {
+                join_url(&self.settings.hubspot.api_url, "/oauth/v1/token")
+            }
         }
     }
 
@@ -214,7 +216,7 @@ impl OAuthProviders {
     ) -> Result<Account, Failure> {
         match provider {
             Provider::Salesforce => salesforce_identity(integrations, grant).await,
-            _ => {
+            Provider::Hubspot | Provider::Http => {
                 self.hubspot_identity(integrations, &grant.access_token)
                     .await
             }

@@ -26,7 +26,7 @@ use axum::middleware;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use deadpool_postgres::Pool;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -222,20 +222,19 @@ async fn page(
 
 /// The way in: a user token for this user becomes a session, once.
 async fn enter(portal: &Portal, user: &str, token: SecretString) -> Result<Response, Refusal> {
-    let claims = portal
-        .tokens
-        .verify(secrecy::ExposeSecret::expose_secret(&token))
-        .map_err(|err| {
-            tracing::warn!(reason = %err, "portal: user token refused");
-            let message = match err {
-                TokenError::NoKeys => "The integrations page is not set up on this server.",
-                _ => "This link is invalid or has expired. Open the integrations page again from the app.",
-            };
-            Refusal::Page(
-                StatusCode::UNAUTHORIZED,
-                ErrorPage::new("This link does not work", message),
-            )
-        })?;
+    let claims = portal.tokens.verify(token.expose_secret()).map_err(|err| {
+        tracing::warn!(reason = %err, "portal: user token refused");
+        // The page says only "invalid or expired": which check failed is for the log.
+        let message = if err == TokenError::NoKeys {
+            "The integrations page is not set up on this server."
+        } else {
+            "This link is invalid or has expired. Open the integrations page again from the app."
+        };
+        Refusal::Page(
+            StatusCode::UNAUTHORIZED,
+            ErrorPage::new("This link does not work", message),
+        )
+    })?;
     if claims.sub != user {
         tracing::warn!("portal: a user token for another user");
         return Err(Refusal::Page(
@@ -423,9 +422,10 @@ fn connect_refusal(err: ConnectError, user: &str) -> Refusal {
         | ConnectError::ProviderError { .. }
         | ConnectError::NoCode(_) => StatusCode::BAD_REQUEST,
     };
-    let title = match &err {
-        ConnectError::Denied { .. } => "Not connected",
-        _ => "The account could not be connected",
+    let title = if matches!(err, ConnectError::Denied { .. }) {
+        "Not connected"
+    } else {
+        "The account could not be connected"
     };
     tracing::warn!(reason = %err, "portal: connecting failed");
     Refusal::Page(
