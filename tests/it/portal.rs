@@ -88,12 +88,7 @@ async fn hubspot_connects_a_workflow_switches_on_and_an_event_lands_in_that_acco
         "{}",
         page.body
     );
-    let switched = ada
-        .post(
-            &format!("/portal/ada/workflows/{hubspot}"),
-            &[("csrf", &page.csrf()), ("on", "true")],
-        )
-        .await;
+    let switched = ada.switch_on("ada", hubspot).await;
     assert_eq!(switched.status, 303, "{}", switched.body);
     let (contact, hub) = server
         .publish_and_find_contact("ada", json!({"email": "ada@example.com"}))
@@ -178,12 +173,7 @@ async fn reconnecting_a_connection_that_needs_reauth_replaces_it_in_place_and_ke
     ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
         .await;
     let first = server.connections("ada").await.remove(0);
-    let page = ada.get("/portal/ada").await;
-    ada.post(
-        &format!("/portal/ada/workflows/{hubspot}"),
-        &[("csrf", &page.csrf()), ("on", "true")],
-    )
-    .await;
+    ada.switch_on("ada", hubspot).await;
     let (_, version) = connections::get_versioned(&server.app.pool, &server.app.keyring, first.id)
         .await
         .expect("connection");
@@ -241,11 +231,7 @@ async fn disconnect_revokes_at_the_provider_then_deletes_the_connection_and_its_
         .await;
     let page = ada.get("/portal/ada").await;
     for workflow in [salesforce, hubspot] {
-        ada.post(
-            &format!("/portal/ada/workflows/{workflow}"),
-            &[("csrf", &page.csrf()), ("on", "true")],
-        )
-        .await;
+        ada.switch_on("ada", workflow).await;
     }
     let stored = server.connections("ada").await;
     let mut secrets = Vec::new();
@@ -315,11 +301,7 @@ async fn a_revoke_that_fails_keeps_the_connection_says_why_and_can_be_retried() 
     ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
         .await;
     let page = ada.get("/portal/ada").await;
-    ada.post(
-        &format!("/portal/ada/workflows/{hubspot}"),
-        &[("csrf", &page.csrf()), ("on", "true")],
-    )
-    .await;
+    ada.switch_on("ada", hubspot).await;
     let connection = server.connections("ada").await.remove(0);
     server.crm.standin.set_oauth(OAuthSettings {
         fail_revoke: Some(503),
@@ -863,12 +845,7 @@ async fn a_connection_made_in_the_portal_is_refreshed_by_the_worker_through_the_
     let hubspot = server.workflow_of(Provider::Hubspot).await;
     ada.connect_and_approve("ada", "hubspot", "ada@hs.example")
         .await;
-    let page = ada.get("/portal/ada").await;
-    ada.post(
-        &format!("/portal/ada/workflows/{hubspot}"),
-        &[("csrf", &page.csrf()), ("on", "true")],
-    )
-    .await;
+    ada.switch_on("ada", hubspot).await;
     // The access token the flow obtained expires: only tokens issued from now on pass.
     server.crm.standin.set_tokens(appevents_standin::Tokens {
         valid_access: Some(Vec::new()),

@@ -491,6 +491,16 @@ impl Visitor {
         (authorize, callback)
     }
 
+    /// Switches a workflow on from the portal page, as its switch does.
+    pub async fn switch_on(&mut self, user: &str, workflow: uuid::Uuid) -> Answer {
+        let page = self.get(&format!("/portal/{user}")).await;
+        self.post(
+            &format!("/portal/{user}/workflows/{workflow}"),
+            &[("csrf", &page.csrf()), ("on", "true")],
+        )
+        .await
+    }
+
     /// Connects `provider` for `user` all the way: returns the callback's answer.
     pub async fn connect_and_approve(&mut self, user: &str, provider: &str, login: &str) -> Answer {
         let (_, callback) = self.approved(user, provider, login).await;
