@@ -15,8 +15,11 @@ use crate::support::{CONTACT_CREATED, ServerHandle, TestApp, record_emails};
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 /// A Python that can import `module`: the system's when it can, else a virtualenv made once
-/// under target/ with `requirements` installed.
+/// under target/ with `requirements` installed. Tests run in parallel, so one at a time makes
+/// or fills the virtualenv: another must not find it half made, without pip.
 async fn python_with(module: &str, requirements: &str) -> PathBuf {
+    static VENV: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = VENV.lock().await;
     let system = Command::new("python3")
         .args(["-c", &format!("import {module}")])
         .status()
