@@ -59,6 +59,8 @@ pub struct WorkerSettings {
     #[serde(with = "humantime_serde")]
     pub claim_lease: Duration,
     #[serde(with = "humantime_serde")]
+    pub run_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub ops_listen: String,
 }
@@ -260,6 +262,14 @@ impl Settings {
         }
         if self.amqp.prefetch == 0 {
             return fail("amqp.prefetch must be at least 1");
+        }
+        if self.worker.claim_lease < Duration::from_secs(1) {
+            return fail(
+                "worker.claim_lease must be at least 1s (it is renewed every third of it)",
+            );
+        }
+        if self.worker.run_timeout.is_zero() {
+            return fail("worker.run_timeout must be longer than zero");
         }
         if self.retry.in_process_tries == 0 {
             return fail("retry.attempts must be at least 1 (the first try counts)");

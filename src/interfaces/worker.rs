@@ -43,6 +43,11 @@ pub async fn run(
     db::migrate_when_ready(&settings.database, &stop).await?;
     let metrics = Arc::new(Metrics::new());
     let context = Arc::new(Context::new(&settings, pool, keyring, metrics.clone())?);
+    // Alive before the first claim, renewed until everything in flight is finished or
+    // handed back.
+    let liveness = context.liveness.clone();
+    let liveness_stop = abort.clone();
+    let liveness_task = tokio::spawn(async move { liveness.keep_alive(liveness_stop).await });
 
     let listener = tokio::net::TcpListener::bind(&settings.worker.ops_listen).await?;
     let ops_addr = listener.local_addr()?;
@@ -69,10 +74,15 @@ pub async fn run(
             ops_addr,
         });
     }
-    tracing::info!(queue = %context.topology.queue, %ops_addr, "worker started");
+    tracing::info!(queue = %context.topology.queue, %ops_addr, worker_id = %context.liveness.worker_id, "worker started");
 
     consume::consume(&context, &settings, &stop, &abort).await;
     abort.cancel();
+    let _ = liveness_task.await;
+    // What this worker handed back may be taken over at once, without waiting for the lease.
+    if let Err(err) = context.liveness.retire().await {
+        tracing::warn!(error = %err, "could not end the worker's claims; they lapse with the lease");
+    }
     let _ = listener_task.await;
     let _ = ops_task.await;
     tracing::info!("worker stopped");

@@ -17,7 +17,8 @@ pub struct Metrics {
     pub events: Family<Labels, Counter>,
     /// Unmatched events by reason: unknown_event, no_subscription.
     pub unmatched: Family<Labels, Counter>,
-    /// Runs finished by provider and outcome: succeeded, retry, dead, skipped.
+    /// Runs by provider and outcome: succeeded, retry, dead, skipped, deferred (held by another
+    /// worker, waiting for its lease).
     pub runs: Family<Labels, Counter>,
     /// Broker-level retries scheduled, by failure kind.
     pub retries: Family<Labels, Counter>,

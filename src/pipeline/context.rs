@@ -13,6 +13,7 @@ use crate::integrations::Integrations;
 use crate::observe::health::Health;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::batch::Batcher;
+use crate::pipeline::liveness::Liveness;
 use crate::pipeline::refresh::Refresher;
 use crate::pipeline::resolve::Resolver;
 use crate::pipeline::retry::RetryPolicy;
@@ -42,8 +43,13 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub limits: Limits,
+    /// How long a claim outlives its worker's last renewal.
     pub claim_lease: Duration,
+    /// Longest a run may take before it is given up as timed out.
+    pub run_timeout: Duration,
     pub max_deliveries: u32,
+    /// This worker's liveness, which keeps its claims.
+    pub liveness: Arc<Liveness>,
     /// Claims of many events in one statement.
     pub claims: Batcher<ClaimRequest, Claimed, StoreError>,
     /// Outcomes of many runs in one statement; `false` when the claim was lost.
@@ -58,6 +64,8 @@ impl Context {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Context> {
         let lease = settings.worker.claim_lease;
+        let liveness = Arc::new(Liveness::new(db::own_pool(&settings.database, 1)?, lease));
+        let worker_id = liveness.worker_id;
         let claim_pool = db::claims_pool(&settings.database)?;
         let claims = Batcher::spawn(
             BATCH,
@@ -66,7 +74,7 @@ impl Context {
                 let pool = claim_pool.clone();
                 async move {
                     let client = pool.get().await.map_err(StoreError::from)?;
-                    runs::claim(&client, &requests, lease).await
+                    runs::claim(&client, &requests, worker_id, lease).await
                 }
             },
         );
@@ -96,6 +104,8 @@ impl Context {
                 max_depth: settings.worker.max_json_depth,
             },
             claim_lease: settings.worker.claim_lease,
+            run_timeout: settings.worker.run_timeout,
+            liveness,
             max_deliveries: settings.worker.max_deliveries,
         })
     }

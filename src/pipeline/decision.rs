@@ -22,8 +22,8 @@ use crate::pipeline::runs::{Claimed, RunClaim, RunRecord, RunStatus};
 pub enum Decision {
     /// Succeeded or dead-lettered before: not run again.
     Skipped,
-    /// Held by another worker: looked at again after `delay` (a retry queue's), without
-    /// using a retry.
+    /// Held by another worker: looked at again after `delay` (what is left of the holder's
+    /// lease), through the held queue, without using a retry.
     Deferred { delay: Duration },
     Succeeded {
         claim: RunClaim,
@@ -54,19 +54,15 @@ pub enum BeforeRun {
     Execute(RunClaim),
     /// Nothing is executed.
     Decided(Decision),
-    /// Held by another worker, and the retry policy has no queue to wait in (an empty
-    /// `retry.schedule`): the message is handed back to the broker.
-    HandBack,
 }
 
+/// A held run comes back this long after its holder's lease has lapsed, so that it finds the
+/// run free even if the clocks of the database and the broker differ a little.
+pub const HOLD_MARGIN: Duration = Duration::from_millis(250);
+
 /// Decides what it can from the claim. `max_abandoned`: takeovers from workers that
-/// vanished mid-run after which a run is poison.
-pub fn before_run(
-    claimed: Claimed,
-    policy: &RetryPolicy,
-    max_abandoned: u32,
-    now: OffsetDateTime,
-) -> BeforeRun {
+/// vanished mid-run after which a run is poison; `lease`: the longest a hold can last.
+pub fn before_run(claimed: Claimed, max_abandoned: u32, lease: Duration) -> BeforeRun {
     match claimed {
         Claimed::Run(claim) if i64::from(claim.abandoned) >= i64::from(max_abandoned) => {
             let failure = Failure::new(
@@ -86,14 +82,11 @@ pub fn before_run(
         }
         Claimed::Run(claim) => BeforeRun::Execute(claim),
         Claimed::AlreadySucceeded | Claimed::Dead => BeforeRun::Decided(Decision::Skipped),
-        Claimed::Held { until } => {
-            // A hold that already ran out waits the shortest queue's delay.
-            let wanted = Duration::try_from(until - now).unwrap_or_default();
-            match policy.queue_delay_for(wanted) {
-                Some(delay) => BeforeRun::Decided(Decision::Deferred { delay }),
-                None => BeforeRun::HandBack,
-            }
-        }
+        // The holder renews a lease at a time: what is left of it is the most it can hold
+        // the run without renewing, whatever an older claim's own expiry says.
+        Claimed::Held { remaining } => BeforeRun::Decided(Decision::Deferred {
+            delay: remaining.min(lease) + HOLD_MARGIN,
+        }),
     }
 }
 
@@ -250,8 +243,12 @@ mod tests {
             token: Uuid::from_u128(2),
             abandoned,
             calls_before: 4,
+            claims_before: 0,
+            first_claimed_at: now(),
         }
     }
+
+    const LEASE: Duration = Duration::from_secs(15);
 
     fn event() -> Event {
         Event {
@@ -283,7 +280,7 @@ mod tests {
     #[test]
     fn a_run_that_succeeded_or_died_before_is_skipped_and_recorded_nowhere() {
         for claimed in [Claimed::AlreadySucceeded, Claimed::Dead] {
-            let decided = before_run(claimed, &policy(&[10]), 10, now());
+            let decided = before_run(claimed, 10, LEASE);
 
             assert_eq!(decided, BeforeRun::Decided(Decision::Skipped));
             assert_eq!(Decision::Skipped.record(run(&event()), now()), None);
@@ -291,27 +288,24 @@ mod tests {
     }
 
     #[test]
-    fn a_held_run_waits_in_the_retry_queue_the_policy_picks_for_the_hold() {
-        let p = policy(&[10, 60, 300]);
-        let held_for = |secs: i64| Claimed::Held {
-            until: now() + time::Duration::seconds(secs),
-        };
-
-        let deferred = |claimed| match before_run(claimed, &p, 10, now()) {
+    fn a_held_run_waits_what_is_left_of_its_holder_s_lease_and_no_longer() {
+        let deferred = |remaining: u64| match before_run(
+            Claimed::Held {
+                remaining: Duration::from_secs(remaining),
+            },
+            10,
+            LEASE,
+        ) {
             BeforeRun::Decided(Decision::Deferred { delay }) => delay,
             other => panic!("not deferred: {other:?}"),
         };
 
-        assert_eq!(deferred(held_for(30)), Duration::from_secs(60));
+        assert_eq!(deferred(7), Duration::from_secs(7) + HOLD_MARGIN);
+        assert_eq!(deferred(0), HOLD_MARGIN, "hold ran out");
         assert_eq!(
-            deferred(held_for(-5)),
-            Duration::from_secs(10),
-            "hold ran out"
-        );
-        assert_eq!(
-            deferred(held_for(7200)),
-            Duration::from_secs(300),
-            "longest"
+            deferred(7200),
+            LEASE + HOLD_MARGIN,
+            "an older claim's own expiry is capped at one lease"
         );
         assert_eq!(
             Decision::Deferred {
@@ -324,20 +318,8 @@ mod tests {
     }
 
     #[test]
-    fn without_retry_queues_a_held_run_hands_its_message_back() {
-        let held = Claimed::Held {
-            until: now() + time::Duration::seconds(30),
-        };
-
-        assert_eq!(
-            before_run(held, &policy(&[]), 10, now()),
-            BeforeRun::HandBack
-        );
-    }
-
-    #[test]
     fn a_run_abandoned_too_often_is_dead_as_poison_without_running() {
-        let decided = before_run(Claimed::Run(claim(10)), &policy(&[10]), 10, now());
+        let decided = before_run(Claimed::Run(claim(10)), 10, LEASE);
 
         let BeforeRun::Decided(Decision::Dead {
             calls,
@@ -351,7 +333,7 @@ mod tests {
         assert_eq!((calls, reason), (0, DeadReason::Poison));
         assert_eq!(failure.code.as_deref(), Some("POISON"));
         assert_eq!(
-            before_run(Claimed::Run(claim(9)), &policy(&[10]), 10, now()),
+            before_run(Claimed::Run(claim(9)), 10, LEASE),
             BeforeRun::Execute(claim(9)),
             "below the limit it runs"
         );

@@ -3,7 +3,7 @@
 //! expired), decide the run's fate once, settle it (republish, record, count), acknowledge.
 //! Around it the consume loop; beside it the dry run.
 //!
-//! Lowest first: `batch`, `runs`, `resolve`, `retry`, `refresh`; `decision` (pure); the
+//! Lowest first: `batch`, `runs`, `liveness` (keeps a worker's claims), `resolve`, `retry`, `refresh`; `decision` (pure); the
 //! shared `context`; `step` (executing a claimed run); `settle`; the unit of work `work`;
 //! `consume`. `dry_run` shows a workflow's request without any of it.
 
@@ -12,6 +12,7 @@ pub(crate) mod consume;
 pub mod context;
 pub(crate) mod decision;
 pub(crate) mod dry_run;
+pub mod liveness;
 pub(crate) mod refresh;
 pub(crate) mod resolve;
 pub(crate) mod retry;

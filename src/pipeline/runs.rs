@@ -2,9 +2,10 @@
 //!
 //! A worker *claims* a run before calling the provider and *records* its outcome after.
 //! The claim is an insert-or-update on the unique (user, event id, workflow) row that only
-//! succeeds when the run is new, waiting for a retry, or held by a worker whose lease ran
-//! out; so two workers never execute the same run at once, and a succeeded run is never
-//! executed again. Both statements take many runs at once (`unnest`), one round trip each.
+//! succeeds when the run is new, waiting for a retry, or held by a worker that is no longer
+//! alive (its row in `workers`, renewed by [`crate::pipeline::liveness`], has lapsed); so
+//! two workers never execute the same run at once, and a succeeded run is never executed
+//! again. Both statements take many runs at once (`unnest`), one round trip each.
 
 use std::time::Duration;
 
@@ -66,9 +67,9 @@ pub enum Claimed {
     /// This worker holds the run until `lease` runs out or it records an outcome.
     Run(RunClaim),
     AlreadySucceeded,
-    /// Another worker holds it.
+    /// Another worker holds it, alive for `remaining` more unless it renews.
     Held {
-        until: OffsetDateTime,
+        remaining: Duration,
     },
     /// Dead-lettered already; only a replay runs it again.
     Dead,
@@ -82,6 +83,11 @@ pub struct RunClaim {
     pub abandoned: i32,
     /// Provider calls recorded for the run before this claim.
     pub calls_before: u32,
+    /// Times the run was claimed before this claim: when any, an earlier attempt may have
+    /// reached the provider without its outcome being recorded.
+    pub claims_before: u32,
+    /// When the run was first claimed: nothing an earlier attempt made is older.
+    pub first_claimed_at: OffsetDateTime,
 }
 
 /// The outcome of a claimed run.
@@ -102,28 +108,36 @@ pub struct RunRecord {
     pub next_attempt_at: Option<OffsetDateTime>,
 }
 
+/// A running run may be taken over once its worker's liveness has lapsed; a run whose worker
+/// row is gone (or that has no worker) falls back to the lease it was claimed with.
 const CLAIM: &str = "insert into runs as r (id, user_id, event_id, event_name, workflow_id, \
-     connection_id, status, claims, claim_token, claimed_until) \
+     connection_id, status, claims, claim_token, claimed_until, claimed_by) \
      select q.run_id, q.user_id, q.event_id, q.event_name, q.workflow_id, q.connection_id, \
-     'running', 1, q.token, now() + make_interval(secs => $8) \
+     'running', 1, q.token, now() + make_interval(secs => $8), $9 \
      from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::uuid[]) \
      as q(run_id, user_id, event_id, event_name, workflow_id, connection_id, token) \
      on conflict (user_id, event_id, workflow_id) do update set \
      status = 'running', claims = r.claims + 1, \
      abandoned = r.abandoned + case when r.status = 'running' then 1 else 0 end, \
      claim_token = excluded.claim_token, claimed_until = excluded.claimed_until, \
-     connection_id = excluded.connection_id, updated_at = now() \
-     where r.status = 'retrying' or (r.status = 'running' and r.claimed_until < now()) \
-     returning r.user_id, r.event_id, r.workflow_id, r.id, r.claim_token, r.abandoned, r.attempts";
+     claimed_by = excluded.claimed_by, connection_id = excluded.connection_id, updated_at = now() \
+     where r.status = 'retrying' or (r.status = 'running' and coalesce( \
+     (select w.alive_until from workers w where w.id = r.claimed_by), r.claimed_until) < now()) \
+     returning r.user_id, r.event_id, r.workflow_id, r.id, r.claim_token, r.abandoned, r.attempts, \
+     r.claims, r.created_at";
 
 const REVIVE: &str = "update runs r set status = 'retrying', updated_at = now() \
      from unnest($1::text[], $2::text[], $3::uuid[]) as q(user_id, event_id, workflow_id) \
      where r.user_id = q.user_id and r.event_id = q.event_id and r.workflow_id = q.workflow_id \
      and r.status = 'dead'";
 
-const STATUS: &str = "select r.user_id, r.event_id, r.workflow_id, r.status, r.claimed_until \
+/// Seconds left of a held run's hold, as the database's clock sees it (workers' clocks may
+/// differ from it and from each other).
+const STATUS: &str = "select r.user_id, r.event_id, r.workflow_id, r.status, \
+     greatest(extract(epoch from coalesce(w.alive_until, r.claimed_until, now()) - now()), 0)::float8 \
      from runs r join unnest($1::text[], $2::text[], $3::uuid[]) as q(user_id, event_id, workflow_id) \
-     on r.user_id = q.user_id and r.event_id = q.event_id and r.workflow_id = q.workflow_id";
+     on r.user_id = q.user_id and r.event_id = q.event_id and r.workflow_id = q.workflow_id \
+     left join workers w on w.id = r.claimed_by";
 
 /// Writes an outcome where the claim is still this worker's. An upsert, not an update: the
 /// outcome is durable even if the claim itself was lost (claims are committed without
@@ -142,16 +156,19 @@ const RECORD: &str = "insert into runs as r (id, user_id, event_id, event_name, 
      attempts = r.attempts + excluded.attempts, \
      provider_id = coalesce(excluded.provider_id, r.provider_id), last_error = excluded.last_error, \
      next_attempt_at = excluded.next_attempt_at, claim_token = null, claimed_until = null, \
+     claimed_by = null, \
      finished_at = excluded.finished_at, updated_at = now() \
      where r.claim_token = excluded.claim_token \
      returning r.id";
 
 type Key = (String, String, Uuid);
 
-/// Claims runs; the answer is in the order of `requests`.
+/// Claims runs for the worker `worker_id`; the answer is in the order of `requests`. `lease`
+/// is how long the claim lasts should the worker never renew its liveness.
 pub async fn claim(
     client: &impl GenericClient,
     requests: &[ClaimRequest],
+    worker_id: Uuid,
     lease: Duration,
 ) -> Result<Vec<Claimed>, StoreError> {
     if requests.is_empty() {
@@ -196,6 +213,7 @@ pub async fn claim(
                 &connections,
                 &tokens,
                 &lease_secs,
+                &worker_id,
             ],
         )
         .await?;
@@ -209,6 +227,8 @@ pub async fn claim(
                 token: row.try_get(4)?,
                 abandoned: row.try_get(5)?,
                 calls_before: u32::try_from(row.try_get::<_, i32>(6)?).unwrap_or(0),
+                claims_before: u32::try_from(row.try_get::<_, i32>(7)? - 1).unwrap_or(0),
+                first_claimed_at: row.try_get(8)?,
             }),
         );
     }
@@ -227,9 +247,8 @@ pub async fn claim(
                 "succeeded" => Claimed::AlreadySucceeded,
                 "dead" => Claimed::Dead,
                 _ => Claimed::Held {
-                    until: row
-                        .try_get::<_, Option<OffsetDateTime>>(4)?
-                        .unwrap_or_else(OffsetDateTime::now_utc),
+                    remaining: Duration::try_from_secs_f64(row.try_get::<_, f64>(4)?)
+                        .unwrap_or_default(),
                 },
             };
             claimed.insert(key, state);
@@ -241,9 +260,9 @@ pub async fn claim(
             let key = (r.user_id.clone(), r.event_id.clone(), r.workflow_id);
             // A later copy of a run claimed above, or a row that vanished between the two
             // statements (its workflow was deleted), is held: looked at again later.
-            Ok(claimed.remove(&key).unwrap_or(Claimed::Held {
-                until: OffsetDateTime::now_utc() + lease,
-            }))
+            Ok(claimed
+                .remove(&key)
+                .unwrap_or(Claimed::Held { remaining: lease }))
         })
         .collect()
 }

@@ -77,9 +77,9 @@ impl Session {
         match decision {
             Decision::Skipped => count_run("skipped"),
             Decision::Deferred { delay } => {
-                let retries_done = message.retries_done;
-                self.publish_retry(message, target, *delay, retries_done, now, abort)
-                    .await?;
+                tracing::debug!(wait = ?delay, "run held by another worker; waiting for its lease");
+                self.publish_held(message, target, *delay, abort).await?;
+                count_run("deferred");
             }
             Decision::Succeeded { output, .. } => {
                 tracing::info!(provider_id = ?output.provider_id, status = output.status, "run succeeded");
@@ -179,6 +179,36 @@ impl Session {
         }
         let props = republished(message.properties, headers, &message.event.id);
         self.persist(abort, "publish retry", || {
+            self.publisher
+                .publish("", queue, message.body, props.clone())
+        })
+        .await
+    }
+
+    /// Sends the message, for this workflow only, to the held queue, where it waits `delay`
+    /// (its own expiration) before going back to the work queue. It uses no retry.
+    async fn publish_held(
+        &self,
+        message: &Message<'_>,
+        target: &Target,
+        delay: Duration,
+        abort: &CancellationToken,
+    ) -> Result<(), Unsettled> {
+        let mut headers = dead_letter::carried_headers(message.properties.headers().as_ref());
+        headers::set_int(
+            &mut headers,
+            headers::RETRIES_DONE,
+            i64::from(message.retries_done),
+        );
+        headers::set_strings(
+            &mut headers,
+            headers::WORKFLOWS,
+            &[target.workflow_id.to_string()],
+        );
+        let props = republished(message.properties, headers, &message.event.id)
+            .with_expiration(delay.as_millis().to_string().into());
+        let queue = self.context.topology.held_queue.as_str();
+        self.persist(abort, "publish held", || {
             self.publisher
                 .publish("", queue, message.body, props.clone())
         })

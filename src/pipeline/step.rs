@@ -18,15 +18,14 @@ use crate::pipeline::resolve::Target;
 
 impl Context {
     /// Runs the target's step for the event. Returns its result and the provider calls
-    /// made. A run must end well inside its claim's lease, or another worker could take it
-    /// over while it is still calling the provider: it is given three quarters of it.
+    /// made, within `worker.run_timeout`.
     pub(crate) async fn run_step(
         &self,
         target: &Target,
         event: &Event,
     ) -> (Result<StepOutput, Failure>, u32) {
         let calls = AtomicU32::new(0);
-        let run_timeout = self.claim_lease * 3 / 4;
+        let run_timeout = self.run_timeout;
         let result = tokio::time::timeout(run_timeout, self.execute(target, event, &calls))
             .await
             .unwrap_or_else(|_| {

@@ -16,7 +16,6 @@
 //! retried with backoff while the message stays unacknowledged.
 
 use lapin::BasicProperties;
-use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -236,16 +235,9 @@ impl Session {
             workflow_id = %target.workflow_id,
             run_id = tracing::field::Empty
         );
-        let now = OffsetDateTime::now_utc();
         let decision =
-            match decision::before_run(claimed, &context.policy, context.max_deliveries, now) {
+            match decision::before_run(claimed, context.max_deliveries, context.claim_lease) {
                 BeforeRun::Decided(decision) => decision,
-                BeforeRun::HandBack => {
-                    return Err(Unsettled::HandBack(
-                        "the run is held by another worker and there is no retry queue to wait in"
-                            .to_owned(),
-                    ));
-                }
                 BeforeRun::Execute(claim) => {
                     span.record("run_id", tracing::field::display(claim.run_id));
                     let (result, calls) = context

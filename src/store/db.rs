@@ -111,6 +111,12 @@ pub fn claims_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
     build_pool(config, settings, 4)
 }
 
+/// A pool of `size` connections of its own, for what must not queue behind the main pool
+/// (the worker's liveness renewals).
+pub fn own_pool(settings: &DatabaseSettings, size: usize) -> Result<Pool, DbError> {
+    build_pool(pg_config(settings.url.expose_secret())?, settings, size)
+}
+
 fn build_pool(
     config: tokio_postgres::Config,
     settings: &DatabaseSettings,

@@ -3,6 +3,9 @@
 //! - `appevents.work`: durable quorum queue bound with `#`, what workers consume;
 //! - `appevents.work.retry.<delay>`: one durable quorum queue per delay of the retry
 //!   schedule, whose message TTL dead-letters messages back into the work queue;
+//! - `appevents.work.held`: durable quorum queue where a message whose run another worker
+//!   holds waits what is left of that worker's lease (each message's own expiration), then
+//!   goes back to the work queue;
 //! - `appevents.dead`: durable classic queue of what could not be processed.
 
 use std::time::Duration;
@@ -18,6 +21,8 @@ pub struct Topology {
     pub exchange: String,
     pub queue: String,
     pub dead_letter_queue: String,
+    /// Where a held run's message waits for its holder's lease to lapse.
+    pub held_queue: String,
     /// (delay, queue name), ascending.
     pub retry_queues: Vec<(Duration, String)>,
     pub delivery_limit: u32,
@@ -42,6 +47,7 @@ impl Topology {
             exchange: amqp.exchange.clone(),
             queue: amqp.queue.clone(),
             dead_letter_queue: amqp.dead_letter_queue.clone(),
+            held_queue: format!("{}.held", amqp.queue),
             retry_queues,
             delivery_limit: amqp.delivery_limit,
         }
@@ -93,6 +99,12 @@ impl Topology {
         // their place (a quorum queue reorders them, and counts each browse as a delivery).
         // Its traffic is small; its messages are persistent.
         declare_queue(channel, &self.dead_letter_queue, FieldTable::default()).await?;
+        // Each message carries its own expiration (what is left of a lease, at most one
+        // lease): a later message's shorter wait can be held up behind an earlier one's by
+        // no more than that.
+        let mut held = quorum();
+        dead_letter_to(&mut held, &self.queue);
+        declare_queue(channel, &self.held_queue, held).await?;
         for (delay, name) in &self.retry_queues {
             let mut args = quorum();
             // Every message in this queue waits the same time, so expiry order is queue

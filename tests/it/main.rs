@@ -18,6 +18,7 @@ mod ingest;
 mod operations;
 mod portal;
 mod portal_browser;
+mod recovery;
 mod retries;
 mod security;
 mod settling;

@@ -1,24 +1,27 @@
 //! A message the worker cannot settle now is handed back to the broker (nacked), never left
 //! unacknowledged until the channel closes: its delivery is counted, and past
-//! `worker.max_deliveries` it is dead-lettered as poison. While a dependency is unavailable
-//! readiness says which.
+//! `worker.max_deliveries` it is dead-lettered as poison. A run another worker holds waits
+//! what is left of that hold. While a dependency is unavailable readiness says which.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use appevents::observe::health::{Dependency, Health};
+use appevents::pipeline::runs::RunStatus;
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::support::{CONTACT_CREATED, TestApp, eventually};
 
-/// Marks the run of (`user`, `event_id`, `workflow`) as held by another worker for an hour.
-async fn hold_run(app: &TestApp, user: &str, event_id: &str, workflow: Uuid) {
+/// Marks the run of (`user`, `event_id`, `workflow`) as held, for `hold` more, by a worker
+/// that claimed it before workers renewed their liveness (no worker row: the claim's own
+/// expiry counts).
+async fn hold_run(app: &TestApp, user: &str, event_id: &str, workflow: Uuid, hold: Duration) {
     let client = app.pool.get().await.expect("client");
     client
         .execute(
             "insert into runs (id, user_id, event_id, event_name, workflow_id, status, claims, \
              claim_token, claimed_until) \
-             values ($1, $2, $3, $4, $5, 'running', 1, $6, now() + interval '1 hour')",
+             values ($1, $2, $3, $4, $5, 'running', 1, $6, now() + make_interval(secs => $7))",
             &[
                 &Uuid::now_v7(),
                 &user,
@@ -26,6 +29,7 @@ async fn hold_run(app: &TestApp, user: &str, event_id: &str, workflow: Uuid) {
                 &CONTACT_CREATED,
                 &workflow,
                 &Uuid::new_v4(),
+                &hold.as_secs_f64(),
             ],
         )
         .await
@@ -33,16 +37,20 @@ async fn hold_run(app: &TestApp, user: &str, event_id: &str, workflow: Uuid) {
 }
 
 #[tokio::test]
-async fn without_retry_queues_a_held_run_hands_its_message_back_to_the_broker() {
-    // retry.schedule = []: there is no retry queue a held run could wait in.
+async fn a_held_run_waits_what_is_left_of_the_hold_not_a_retry_delay() {
+    let crm = appevents_standin::spawn("127.0.0.1:0")
+        .await
+        .expect("stand-in");
+    // The only retry queue waits five minutes: a held run that waited there would not finish
+    // within this test.
     let mut app = TestApp::with_settings(|s| {
-        s.retry.schedule = vec![];
-        s.worker.max_deliveries = 3;
+        s.retry.schedule = vec![Duration::from_secs(300)];
     })
     .await;
-    let workflow = app.hubspot_workflow("http://127.0.0.1:9").await;
-    hold_run(&app, "u", "evt-held", workflow).await;
+    let workflow = app.hubspot_workflow(&crm.url()).await;
+    hold_run(&app, "u", "evt-held", workflow, Duration::from_secs(2)).await;
     app.start_worker().await;
+    let started = Instant::now();
 
     app.publish(
         CONTACT_CREATED,
@@ -52,27 +60,22 @@ async fn without_retry_queues_a_held_run_hands_its_message_back_to_the_broker() 
     )
     .await;
 
-    // Handed back each time, the message comes back with its deliveries counted, until the
-    // worker gives up on it; left unacknowledged, it would sit in the worker forever.
-    let letters = app.dead_letters_until(1, Duration::from_secs(20)).await;
-    assert_eq!(
-        letters.len(),
-        1,
-        "dead-lettered once its deliveries ran out"
+    let runs = app.wait_for_runs("evt-held", 1, RunStatus::Succeeded).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "not run while held: {waited:?}"
     );
-    assert_eq!(
-        letters[0].header("x-appevents-reason-code").as_deref(),
-        Some("poison")
-    );
-    assert_eq!(
-        letters[0].header("x-appevents-event-id").as_deref(),
-        Some("evt-held")
-    );
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert_eq!(runs[0].claims, 2, "{runs:#?}");
+    assert_eq!(crm.standin.records().len(), 1);
+    assert!(app.take_dead_letters().await.is_empty());
     app.stop_worker().await;
+    assert_eq!(app.queue_depth(&app.settings.amqp.queue).await, 0);
     assert_eq!(
-        app.queue_depth(&app.settings.amqp.queue).await,
-        0,
-        "nothing left in the work queue once the worker stopped"
+        app.queue_depth(&format!("{}.held", app.settings.amqp.queue))
+            .await,
+        0
     );
     app.cleanup().await;
 }

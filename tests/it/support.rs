@@ -452,6 +452,7 @@ impl TestApp {
         self.stop_worker().await;
         let topology = worker_topology(&self.settings);
         let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
+        queues.push(topology.held_queue.clone());
         queues.extend(topology.retry_queues.iter().map(|(_, q)| q.clone()));
         for queue in queues {
             let _ = self

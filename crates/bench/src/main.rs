@@ -746,7 +746,11 @@ impl Bench {
         let channel = self.amqp.create_channel().await;
         if let Ok(channel) = channel {
             let topology = topology(&self.settings);
-            let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
+            let mut queues = vec![
+                topology.queue.clone(),
+                topology.dead_letter_queue.clone(),
+                topology.held_queue.clone(),
+            ];
             queues.extend(topology.retry_queues.iter().map(|(_, q)| q.clone()));
             for queue in queues {
                 let _ = channel
