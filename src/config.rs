@@ -60,6 +60,8 @@ pub struct WorkerSettings {
     pub claim_lease: Duration,
     #[serde(with = "humantime_serde")]
     pub run_timeout: Duration,
+    /// For fault-injection tests only: exit abruptly right after a provider's answer.
+    pub crash_after_provider_answer: bool,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub ops_listen: String,

@@ -49,8 +49,15 @@ impl CompiledWorkflow {
     ) -> Result<CompiledWorkflow, String> {
         let step = Action::parse(provider, action, options)?;
         let template = Template::compile(mapping).map_err(|e| format!("mapping: {e}"))?;
-        if !mapping.is_object() {
+        let Some(fields) = mapping.as_object() else {
             return Err("mapping must be a JSON object".into());
+        };
+        if let Action::SalesforceCreate { match_fields, .. } = &step
+            && let Some(missing) = match_fields.iter().find(|f| !fields.contains_key(*f))
+        {
+            return Err(format!(
+                "option match_fields names {missing}, which the mapping does not set"
+            ));
         }
         Ok(CompiledWorkflow {
             id,
@@ -227,4 +234,32 @@ pub async fn delete(pool: &Pool, id: Uuid) -> Result<(), StoreError> {
         return Err(StoreError::NotFound(format!("no workflow {id}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_create_s_match_fields_must_be_fields_its_mapping_sets() {
+        let compile = |mapping: Value| {
+            CompiledWorkflow::compile(
+                Uuid::nil(),
+                "w".into(),
+                Provider::Salesforce,
+                "create",
+                &json!({"match_fields": ["Email"]}),
+                &mapping,
+            )
+            .map(|_| ())
+        };
+
+        assert_eq!(compile(json!({"Email": "{{payload.email}}"})), Ok(()));
+        assert_eq!(
+            compile(json!({"LastName": "{{payload.last_name}}"})),
+            Err("option match_fields names Email, which the mapping does not set".into())
+        );
+    }
 }

@@ -52,6 +52,24 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection without credentials, to show or build a request against `base_url`.
+    pub fn without_credentials(user_id: &str, provider: Provider, base_url: &str) -> Connection {
+        Connection {
+            id: Uuid::nil(),
+            user_id: user_id.to_owned(),
+            provider,
+            base_url: base_url.to_owned(),
+            settings: Value::Object(serde_json::Map::new()),
+            access_token: None,
+            refresh_token: None,
+            token_url: None,
+            client_id: None,
+            client_secret: None,
+            status: ConnectionStatus::Active,
+            status_reason: None,
+        }
+    }
+
     /// The failure every run of a connection that needs re-authorisation ends with.
     pub fn needs_reauth(&self) -> Failure {
         let reason = self

@@ -21,6 +21,8 @@ use reqwest::header::HeaderMap;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
+use time::OffsetDateTime;
+
 use crate::config::{HttpSettings, SalesforceSettings};
 use crate::core::connection::Connection;
 use crate::core::event::Event;
@@ -31,8 +33,12 @@ use crate::core::provider::Provider;
 /// The step a workflow runs, parsed from its provider, action name and options.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// POST a new record of any sObject.
-    SalesforceCreate { sobject: String },
+    /// POST a new record of any sObject. `match_fields`: the mapped fields that identify the
+    /// record, looked up (SOQL) before a run that may have created it already runs again.
+    SalesforceCreate {
+        sobject: String,
+        match_fields: Vec<String>,
+    },
     /// PATCH by external id: creates or updates; the id value is the mapped field of that name.
     SalesforceUpsert {
         sobject: String,
@@ -55,7 +61,7 @@ pub const ACTIONS: &[(Provider, &str, &str)] = &[
     (
         Provider::Salesforce,
         "create",
-        "options: sobject (default Contact)",
+        "options: sobject (default Contact), match_fields (mapped fields that identify a record, e.g. [\"Email\"])",
     ),
     (
         Provider::Salesforce,
@@ -95,6 +101,7 @@ impl Action {
         match (provider, action) {
             (Provider::Salesforce, "create") => Ok(Action::SalesforceCreate {
                 sobject: sobject()?,
+                match_fields: match_fields(options.get("match_fields"))?,
             }),
             (Provider::Salesforce, "upsert") => {
                 let field = text("external_id_field")?
@@ -124,19 +131,41 @@ impl Action {
         }
     }
 
-    /// Whether running the step twice has the effect of running it once, so a crash
-    /// between the provider's answer and recording it cannot create a duplicate.
+    /// Whether running the step again after an attempt that may have reached the provider
+    /// has the effect of running it once, so a crash between the provider's answer and
+    /// recording it cannot create a duplicate.
     pub fn is_idempotent(&self) -> bool {
         match self {
             Action::SalesforceUpsert { .. } | Action::HubspotUpsertContact { .. } => true,
             // A second create meets 409 CONTACT_EXISTS and becomes an update.
             Action::HubspotCreateContact => true,
-            Action::SalesforceCreate { .. } => false,
+            // The record an earlier attempt made is looked up before creating another.
+            Action::SalesforceCreate { match_fields, .. } => !match_fields.is_empty(),
             Action::HttpRequest { method, .. } => {
                 matches!(*method, Method::PUT | Method::DELETE | Method::GET)
             }
         }
     }
+}
+
+/// `match_fields`: absent, or an array of Salesforce field API names.
+fn match_fields(option: Option<&Value>) -> Result<Vec<String>, String> {
+    let Some(option) = option.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let Some(items) = option.as_array() else {
+        return Err("option match_fields must be an array of field names".into());
+    };
+    items
+        .iter()
+        .map(|item| {
+            let name = item
+                .as_str()
+                .ok_or("option match_fields must be an array of field names")?;
+            check_api_name(name, "match_fields entry")?;
+            Ok(name.to_owned())
+        })
+        .collect()
 }
 
 fn check_api_name(name: &str, what: &str) -> Result<(), String> {
@@ -245,6 +274,15 @@ impl RawResponse {
     }
 }
 
+/// An earlier attempt of the same run may have reached the provider (its worker died before
+/// recording the outcome, or it failed without a clear answer): what it made is looked for
+/// before anything is created again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Earlier {
+    /// Nothing an earlier attempt made is older than this.
+    pub since: OffsetDateTime,
+}
+
 /// What a successful step reports.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StepOutput {
@@ -318,7 +356,7 @@ impl Integrations {
         event: &Event,
     ) -> Result<PreparedRequest, Failure> {
         match action {
-            Action::SalesforceCreate { sobject } => Ok(salesforce::create(
+            Action::SalesforceCreate { sobject, .. } => Ok(salesforce::create(
                 &self.salesforce,
                 connection,
                 sobject,
@@ -347,17 +385,62 @@ impl Integrations {
     }
 
     /// One attempt of the step: send, interpret, and follow up where the provider's answer
-    /// calls for it (HubSpot's 409 becomes an update).
+    /// calls for it (HubSpot's 409 becomes an update). After an `earlier` attempt, a
+    /// Salesforce create first looks for the record that attempt made.
     pub async fn execute(
         &self,
         action: &Action,
         connection: &Connection,
         body: Value,
         event: &Event,
+        earlier: Option<Earlier>,
     ) -> Result<StepOutput, Failure> {
         let request = self.prepare(action, connection, body, event)?;
         match action {
-            Action::SalesforceCreate { .. } | Action::SalesforceUpsert { .. } => {
+            Action::SalesforceCreate {
+                sobject,
+                match_fields,
+            } => {
+                if let Some(earlier) = earlier
+                    && !match_fields.is_empty()
+                {
+                    let query = salesforce::find_created(
+                        &self.salesforce,
+                        connection,
+                        sobject,
+                        match_fields,
+                        request.body.as_ref(),
+                        earlier.since,
+                    );
+                    let found = self.send(&query, Provider::Salesforce, &[]).await?;
+                    if let Some(output) = salesforce::interpret_found(&found) {
+                        tracing::info!(provider_id = ?output.provider_id, "found the record an earlier attempt created; not creating another");
+                        return Ok(output);
+                    }
+                }
+                let response = self.send(&request, Provider::Salesforce, &[400]).await?;
+                if response.status != 400 {
+                    return salesforce::interpret(&response);
+                }
+                // A duplicate rule matched: after an earlier attempt, the match is most likely
+                // what that attempt created.
+                match (earlier, salesforce::duplicate_of(&response)) {
+                    (Some(_), Some(id)) => {
+                        tracing::info!(provider_id = %id, "a duplicate rule matched after an earlier attempt; taking the match as the outcome");
+                        Ok(StepOutput {
+                            provider_id: Some(id),
+                            status: response.status,
+                        })
+                    }
+                    _ => Err(classify::response(
+                        Provider::Salesforce,
+                        response.status,
+                        &response.headers,
+                        &response.body,
+                    )),
+                }
+            }
+            Action::SalesforceUpsert { .. } => {
                 let response = self.send(&request, Provider::Salesforce, &[]).await?;
                 salesforce::interpret(&response)
             }
@@ -503,8 +586,37 @@ mod tests {
         assert_eq!(
             Action::parse(Provider::Salesforce, "create", &json!({})),
             Ok(Action::SalesforceCreate {
-                sobject: "Contact".into()
+                sobject: "Contact".into(),
+                match_fields: vec![],
             })
+        );
+        assert_eq!(
+            Action::parse(
+                Provider::Salesforce,
+                "create",
+                &json!({"match_fields": ["Email", "LastName"]})
+            ),
+            Ok(Action::SalesforceCreate {
+                sobject: "Contact".into(),
+                match_fields: vec!["Email".into(), "LastName".into()],
+            })
+        );
+        assert!(
+            Action::parse(
+                Provider::Salesforce,
+                "create",
+                &json!({"match_fields": "Email"})
+            )
+            .is_err()
+        );
+        assert!(
+            Action::parse(
+                Provider::Salesforce,
+                "create",
+                &json!({"match_fields": ["Email' OR Id != null"]})
+            )
+            .is_err(),
+            "only API names, nothing that could change the query"
         );
         assert_eq!(
             Action::parse(

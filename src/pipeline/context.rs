@@ -47,6 +47,8 @@ pub struct Context {
     pub claim_lease: Duration,
     /// Longest a run may take before it is given up as timed out.
     pub run_timeout: Duration,
+    /// Fault injection for tests: exit right after a provider's answer.
+    pub crash_after_provider_answer: bool,
     pub max_deliveries: u32,
     /// This worker's liveness, which keeps its claims.
     pub liveness: Arc<Liveness>,
@@ -105,6 +107,7 @@ impl Context {
             },
             claim_lease: settings.worker.claim_lease,
             run_timeout: settings.worker.run_timeout,
+            crash_after_provider_answer: settings.worker.crash_after_provider_answer,
             liveness,
             max_deliveries: settings.worker.max_deliveries,
         })

@@ -164,20 +164,7 @@ async fn choose_connection(
 }
 
 fn placeholder(workflow: &Workflow, user: &str) -> Connection {
-    Connection {
-        id: Uuid::nil(),
-        user_id: user.to_owned(),
-        provider: workflow.provider,
-        base_url: PLACEHOLDER_BASE_URL.to_owned(),
-        settings: json!({}),
-        access_token: None,
-        refresh_token: None,
-        token_url: None,
-        client_id: None,
-        client_secret: None,
-        status: ConnectionStatus::Active,
-        status_reason: None,
-    }
+    Connection::without_credentials(user, workflow.provider, PLACEHOLDER_BASE_URL)
 }
 
 fn payload_object(payload: &Value) -> Result<Map<String, Value>, TestError> {
@@ -220,6 +207,8 @@ impl WorkflowTest {
                 &self.connection,
                 self.body.clone(),
                 &self.event,
+                // A test send is a first attempt of its own.
+                None,
             )
             .await
     }

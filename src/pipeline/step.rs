@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -11,10 +11,15 @@ use crate::catalog::workflows::CompiledWorkflow;
 use crate::core::connection::{Connection, ConnectionStatus};
 use crate::core::event::Event;
 use crate::core::failure::{Failure, FailureKind};
-use crate::integrations::StepOutput;
+use crate::integrations::{Earlier, StepOutput};
 use crate::observe::metrics::label;
 use crate::pipeline::context::Context;
 use crate::pipeline::resolve::Target;
+use crate::pipeline::runs::RunClaim;
+
+/// How far the provider's clock may be behind the database's when looking for what an
+/// earlier attempt created "since the run was first claimed".
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 impl Context {
     /// Runs the target's step for the event. Returns its result and the provider calls
@@ -23,10 +28,16 @@ impl Context {
         &self,
         target: &Target,
         event: &Event,
+        claim: &RunClaim,
     ) -> (Result<StepOutput, Failure>, u32) {
         let calls = AtomicU32::new(0);
         let run_timeout = self.run_timeout;
-        let result = tokio::time::timeout(run_timeout, self.execute(target, event, &calls))
+        let attempt = Attempt {
+            calls: &calls,
+            claimed_before: claim.claims_before > 0,
+            since: claim.first_claimed_at - CLOCK_SKEW,
+        };
+        let result = tokio::time::timeout(run_timeout, self.execute(target, event, &attempt))
             .await
             .unwrap_or_else(|_| {
                 Err(Failure::new(
@@ -35,14 +46,14 @@ impl Context {
                 )
                 .with_code("TIMEOUT"))
             });
-        (result, calls.into_inner())
+        (result, calls.load(Ordering::Relaxed))
     }
 
     async fn execute(
         &self,
         target: &Target,
         event: &Event,
-        calls: &AtomicU32,
+        attempt: &Attempt<'_>,
     ) -> Result<StepOutput, Failure> {
         let workflow = target.workflow.as_ref().map_err(|e| {
             Failure::new(FailureKind::Permanent, format!("workflow cannot run: {e}"))
@@ -58,7 +69,7 @@ impl Context {
         let current = Mutex::new(connection.clone());
         let (result, _tries) = self
             .policy
-            .run_in_process(|| self.try_step(workflow, &current, &body, event, calls))
+            .run_in_process(|| self.try_step(workflow, &current, &body, event, attempt))
             .await;
         result
     }
@@ -70,10 +81,10 @@ impl Context {
         current: &Mutex<Arc<Connection>>,
         body: &Value,
         event: &Event,
-        calls: &AtomicU32,
+        attempt: &Attempt<'_>,
     ) -> Result<StepOutput, Failure> {
         let connection = lock(current).clone();
-        let first = self.call(workflow, &connection, body, event, calls).await;
+        let first = self.call(workflow, &connection, body, event, attempt).await;
         let Err(failure) = &first else { return first };
         if failure.kind != FailureKind::ExpiredCredentials {
             return first;
@@ -93,7 +104,7 @@ impl Context {
             .inc();
         let refreshed = Arc::new(refreshed?);
         *lock(current) = refreshed.clone();
-        match self.call(workflow, &refreshed, body, event, calls).await {
+        match self.call(workflow, &refreshed, body, event, attempt).await {
             Err(failure) if failure.kind == FailureKind::ExpiredCredentials => Err(Failure {
                 kind: FailureKind::Permanent,
                 message: format!(
@@ -112,19 +123,43 @@ impl Context {
         connection: &Connection,
         body: &Value,
         event: &Event,
-        calls: &AtomicU32,
+        attempt: &Attempt<'_>,
     ) -> Result<StepOutput, Failure> {
-        calls.fetch_add(1, Ordering::Relaxed);
+        let earlier = attempt.earlier();
+        attempt.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = self
             .integrations
-            .execute(&workflow.action, connection, body.clone(), event)
+            .execute(&workflow.action, connection, body.clone(), event, earlier)
             .await;
+        if self.crash_after_provider_answer && result.is_ok() {
+            // Fault injection (tests only): die as a SIGKILL would, before recording.
+            eprintln!("crash_after_provider_answer: exiting after the provider's answer");
+            std::process::exit(137);
+        }
         self.metrics
             .step_seconds
             .get_or_create(&label("provider", workflow.provider.as_str()))
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+}
+
+/// The attempts of one claim of a run.
+struct Attempt<'a> {
+    /// Provider calls made under this claim.
+    calls: &'a AtomicU32,
+    /// The run was claimed before this claim.
+    claimed_before: bool,
+    since: time::OffsetDateTime,
+}
+
+impl Attempt<'_> {
+    /// Whether an earlier attempt (an earlier claim's, or an earlier call of this claim's)
+    /// may have reached the provider.
+    fn earlier(&self) -> Option<Earlier> {
+        (self.claimed_before || self.calls.load(Ordering::Relaxed) > 0)
+            .then_some(Earlier { since: self.since })
     }
 }
 

@@ -241,7 +241,7 @@ impl Session {
                 BeforeRun::Execute(claim) => {
                     span.record("run_id", tracing::field::display(claim.run_id));
                     let (result, calls) = context
-                        .run_step(target, message.event)
+                        .run_step(target, message.event, &claim)
                         .instrument(span.clone())
                         .await;
                     decision::after_run(claim, calls, result, &context.policy, message.retries_done)

@@ -1,12 +1,15 @@
 //! Recovery from a worker killed with SIGKILL: its runs are taken over within seconds of its
-//! death (claims follow the worker's liveness, renewed every third of a lease), and the run
-//! it left is executed once.
+//! death (claims follow the worker's liveness, renewed every third of a lease), and a run it
+//! left is executed once: killed between the provider's answer and the record (the
+//! `worker.crash_after_provider_answer` failpoint), no action makes a second record.
 
 use std::time::{Duration, Instant};
 
-use appevents::pipeline::runs::RunStatus;
-use appevents_standin::{self as standin, Faults};
-use serde_json::json;
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::{Run, RunStatus};
+use appevents_standin::{self as standin, Faults, ScriptedAnswer};
+use serde_json::{Value, json};
+use uuid::Uuid;
 
 use crate::support::{CONTACT_CREATED, TestApp, appevents_command, eventually, signal};
 
@@ -69,5 +72,193 @@ async fn a_killed_worker_s_run_is_taken_over_within_seconds_and_runs_once() {
     let records = crm.standin.records();
     assert_eq!(records.len(), 1, "{records:#?}");
     assert_eq!(records[0].creates, 1, "no duplicate: {records:#?}");
+    app.cleanup().await;
+}
+
+/// A workflow of `action` on the stand-in for user "u", and the real worker run with the
+/// crash failpoint on until it exits right after the provider's answer to `event_id`, before
+/// recording it. Returns the stand-in, the app (no worker running) and the workflow id.
+async fn crash_between_answer_and_record(
+    provider: Provider,
+    action: &str,
+    options: Value,
+    mapping: Value,
+    event_id: &str,
+) -> (standin::Running, TestApp, Uuid) {
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let app = TestApp::new().await;
+    app.app_event(CONTACT_CREATED).await;
+    let workflow = app
+        .workflow("w", CONTACT_CREATED, provider, action, options, mapping)
+        .await;
+    let connection = app.connection("u", provider, &crm.url(), "token").await;
+    app.subscribe("u", workflow.id, connection).await;
+    app.publish(
+        CONTACT_CREATED,
+        "u",
+        json!({"email": "once@example.com", "last_name": "Once"}),
+        Some(event_id),
+    )
+    .await;
+
+    let mut worker = appevents_command(&app.settings, &["worker"])
+        .env("APPEVENTS__WORKER__CRASH_AFTER_PROVIDER_ANSWER", "true")
+        .spawn()
+        .expect("worker");
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker exits after the provider's answer")
+        .expect("exit status");
+
+    assert_eq!(status.code(), Some(137), "it exited at the failpoint");
+    assert_eq!(crm.standin.records().len(), 1, "the provider acted once");
+    let runs = app.runs(event_id).await;
+    assert_eq!(runs[0].status, RunStatus::Running, "nothing recorded");
+    (crm, app, workflow.id)
+}
+
+/// Takes the run over with a worker of its own and returns it once succeeded.
+async fn take_over(app: &mut TestApp, event_id: &str) -> Run {
+    app.start_worker().await;
+    let runs = app.wait_for_runs(event_id, 1, RunStatus::Succeeded).await;
+    runs[0].clone()
+}
+
+fn assert_one_record_and_it_is_the_outcome(crm: &standin::Running, run: &Run) {
+    let records = crm.standin.records();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0].creates, 1, "no duplicate: {records:#?}");
+    assert_eq!(run.provider_id.as_deref(), Some(records[0].id.as_str()));
+    assert_eq!(run.claims, 2, "{run:#?}");
+}
+
+#[tokio::test]
+async fn a_salesforce_create_killed_after_the_answer_finds_its_record_instead_of_creating_another()
+{
+    let (crm, mut app, _) = crash_between_answer_and_record(
+        Provider::Salesforce,
+        "create",
+        json!({"match_fields": ["Email"]}),
+        json!({"Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}),
+        "evt-sf-create",
+    )
+    .await;
+
+    let run = take_over(&mut app, "evt-sf-create").await;
+
+    assert_one_record_and_it_is_the_outcome(&crm, &run);
+    let requests = crm.standin.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "GET" && r.path.ends_with("/query") && r.status == 200),
+        "looked up with SOQL: {requests:#?}"
+    );
+    assert_eq!(
+        requests.iter().filter(|r| r.method == "POST").count(),
+        1,
+        "created once: {requests:#?}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_salesforce_create_whose_duplicate_rule_matches_after_a_crash_takes_the_match() {
+    // No match_fields: the org's duplicate rule is what prevents the second record.
+    let (crm, mut app, _) = crash_between_answer_and_record(
+        Provider::Salesforce,
+        "create",
+        json!({}),
+        json!({"Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}),
+        "evt-sf-duplicate",
+    )
+    .await;
+    let made = crm.standin.records()[0].id.clone();
+    crm.standin.set_faults(Faults {
+        script: vec![ScriptedAnswer {
+            status: 400,
+            retry_after: None,
+            body: Some(json!([{
+                "duplicateResult": {
+                    "allowSave": false,
+                    "duplicateRule": "Standard_Contact_Duplicate_Rule",
+                    "duplicateRuleEntityType": "Contact",
+                    "errorMessage": "You're creating a duplicate record.",
+                    "matchResults": [{
+                        "entityType": "Contact",
+                        "errors": [],
+                        "matchEngine": "ExactMatchEngine",
+                        "matchRecords": [{
+                            "additionalInformation": [],
+                            "fieldDiffs": [],
+                            "matchConfidence": 100.0,
+                            "record": {"attributes": {"type": "Contact"}, "Id": made}
+                        }],
+                        "rule": "Standard_Contact_Match_Rule_v1_1",
+                        "size": 1,
+                        "success": true
+                    }]
+                },
+                "errorCode": "DUPLICATES_DETECTED",
+                "message": "Use one of these records?"
+            }])),
+        }],
+        ..Faults::default()
+    });
+
+    let run = take_over(&mut app, "evt-sf-duplicate").await;
+
+    assert_one_record_and_it_is_the_outcome(&crm, &run);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_salesforce_upsert_killed_after_the_answer_updates_the_same_record() {
+    let (crm, mut app, _) = crash_between_answer_and_record(
+        Provider::Salesforce,
+        "upsert",
+        json!({"external_id_field": "External_Id__c"}),
+        json!({"External_Id__c": "{{id}}", "Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}),
+        "evt-sf-upsert",
+    )
+    .await;
+
+    let run = take_over(&mut app, "evt-sf-upsert").await;
+
+    assert_one_record_and_it_is_the_outcome(&crm, &run);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_hubspot_create_contact_killed_after_the_answer_updates_the_same_contact() {
+    let (crm, mut app, _) = crash_between_answer_and_record(
+        Provider::Hubspot,
+        "create-contact",
+        json!({}),
+        json!({"email": "{{payload.email}}", "lastname": "{{payload.last_name}}"}),
+        "evt-hs-create",
+    )
+    .await;
+
+    let run = take_over(&mut app, "evt-hs-create").await;
+
+    assert_one_record_and_it_is_the_outcome(&crm, &run);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_hubspot_upsert_killed_after_the_answer_updates_the_same_contact() {
+    let (crm, mut app, _) = crash_between_answer_and_record(
+        Provider::Hubspot,
+        "upsert-contact",
+        json!({}),
+        json!({"email": "{{payload.email}}", "lastname": "{{payload.last_name}}"}),
+        "evt-hs-upsert",
+    )
+    .await;
+
+    let run = take_over(&mut app, "evt-hs-upsert").await;
+
+    assert_one_record_and_it_is_the_outcome(&crm, &run);
     app.cleanup().await;
 }

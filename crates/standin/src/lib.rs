@@ -8,6 +8,12 @@
 //! - `GET records`: every record, per provider and object, with how many times each was
 //!   created and updated;
 //! - `GET requests`: the log of API requests (method, path, status);
+//!
+//! Salesforce's SOQL endpoint (`GET /services/data/{version}/query?q=`) understands the
+//! subset appevents sends: `SELECT Id FROM {sObject} WHERE {field} = {literal} [AND ...]`,
+//! with string literals in SOQL's escapes, `null`, numbers, booleans, and
+//! `CreatedDate >= {dateTime}` (`2026-12-07T11:00:00Z`); anything else is answered 400
+//! `MALFORMED_QUERY`, as Salesforce does.
 //! - `POST faults` `{"fail_rate": 0.1, "fail_status": 500, "latency_ms": 5, "script": [{"status": 429, "retry_after": 1}]}`;
 //! - `POST tokens` `{"valid_access": ["a"], "valid_refresh": ["r"], "rotate_refresh": true}`:
 //!   from then on only these access tokens are accepted (any is, until this is called);
@@ -19,6 +25,7 @@
 //! test can tell in whose account a contact was made, and with which grant.
 
 pub mod oauth;
+mod soql;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -45,6 +52,9 @@ pub struct Record {
     /// The account (Salesforce org, HubSpot hub) whose OAuth access token created it.
     #[serde(default)]
     pub account: Option<String>,
+    /// When it was created, in seconds since the Unix epoch (Salesforce's `CreatedDate`).
+    #[serde(default)]
+    pub created: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,6 +185,7 @@ impl Standin {
                 "/services/data/{version}/sobjects/{sobject}/{field}/{value}",
                 patch(salesforce_upsert),
             )
+            .route("/services/data/{version}/query", get(salesforce_query))
             .route("/crm/v3/objects/contacts", post(hubspot_create))
             .route(
                 "/crm/v3/objects/contacts/batch/upsert",
@@ -313,7 +324,8 @@ impl Inner {
         response
     }
 
-    fn keep(&mut self, record: Record) {
+    fn keep(&mut self, mut record: Record) {
+        record.created = now_unix();
         if !self.forget {
             self.records.push(record);
         }
@@ -469,6 +481,7 @@ async fn salesforce_create(
         creates: 1,
         updates: 0,
         account: account.clone(),
+        created: 0,
     });
     let response = reply(
         StatusCode::CREATED,
@@ -518,12 +531,64 @@ async fn salesforce_upsert(
         creates: 1,
         updates: 0,
         account: account.clone(),
+        created: 0,
     });
     let response = reply(
         StatusCode::CREATED,
         json!({"id": id, "success": true, "errors": [], "created": true}),
     );
     inner.log(&method, &uri, response)
+}
+
+async fn salesforce_query(
+    State(standin): State<Standin>,
+    axum::extract::Query(params): axum::extract::Query<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Salesforce, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let account = standin.account_of(&headers);
+    let mut inner = standin.lock();
+    let query = match soql::parse(params.get("q").map(String::as_str).unwrap_or_default()) {
+        Ok(query) => query,
+        Err(message) => {
+            let response = reply(
+                StatusCode::BAD_REQUEST,
+                json!([{"message": message, "errorCode": "MALFORMED_QUERY"}]),
+            );
+            return inner.log(&method, &uri, response);
+        }
+    };
+    let version = uri.path().split('/').nth(3).unwrap_or("v62.0").to_owned();
+    let found: Vec<Value> = inner
+        .records
+        .iter()
+        .filter(|r| r.provider == "salesforce" && r.account == account && query.matches(r))
+        .map(|r| {
+            json!({
+                "attributes": {"type": r.object, "url": format!("/services/data/{version}/sobjects/{}/{}", r.object, r.id)},
+                "Id": r.id,
+            })
+        })
+        .collect();
+    let response = reply(
+        StatusCode::OK,
+        json!({"totalSize": found.len(), "done": true, "records": found}),
+    );
+    inner.log(&method, &uri, response)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 fn properties(body: &Value) -> Map<String, Value> {
@@ -587,6 +652,7 @@ async fn hubspot_create(
         creates: 1,
         updates: 0,
         account: account.clone(),
+        created: 0,
     };
     let response = reply(StatusCode::CREATED, contact(&record, true));
     inner.keep(record);
@@ -675,6 +741,7 @@ async fn hubspot_upsert(
             creates: 1,
             updates: 0,
             account: account.clone(),
+            created: 0,
         };
         results.push(contact(&record, true));
         inner.keep(record);
@@ -743,6 +810,7 @@ async fn hook(
         creates: 1,
         updates: 0,
         account: account.clone(),
+        created: 0,
     });
     inner.log(&method, &uri, reply(StatusCode::OK, json!({"id": id})))
 }

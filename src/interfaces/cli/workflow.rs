@@ -101,6 +101,10 @@ pub(super) struct StepOptions {
     /// Salesforce upsert: the external id field.
     #[arg(long)]
     external_id_field: Option<String>,
+    /// Salesforce create: a mapped field that identifies the record (looked up before a run
+    /// that may have created it already runs again); repeatable.
+    #[arg(long = "match-field", value_name = "FIELD")]
+    match_fields: Vec<String>,
     /// HubSpot upsert: the property that identifies a contact (default email).
     #[arg(long)]
     id_property: Option<String>,
@@ -136,6 +140,9 @@ impl StepOptions {
             if let Some(value) = value {
                 options.insert(key.to_owned(), json!(value));
             }
+        }
+        if !self.match_fields.is_empty() {
+            options.insert("match_fields".to_owned(), json!(self.match_fields));
         }
         if !self.headers.is_empty() {
             let mut headers = serde_json::Map::new();
