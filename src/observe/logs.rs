@@ -5,7 +5,8 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogFormat, LogSettings};
 
 /// Installs the global subscriber: JSON lines (with the current span's fields, so every
-/// line of a run carries its event, workflow and user ids) or human-readable text.
+/// line of a run carries its event, workflow and user ids, and the spans it sits in) or
+/// human-readable text.
 /// `RUST_LOG` overrides the configured filter. Logs go to stderr; stdout is for results.
 pub fn init(settings: &LogSettings) {
     let filter =
@@ -19,7 +20,7 @@ pub fn init(settings: &LogSettings) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument;
 
 /// Why a batched request failed. A failed statement's error is shared by the whole batch,
 /// typed, so a caller can still tell an outage from a refusal.
@@ -61,6 +62,10 @@ where
             mpsc::channel::<Item<Req, Resp, E>>(max_batch * parallel.max(1));
         let execute = Arc::new(execute);
         let slots = Arc::new(Semaphore::new(parallel.max(1)));
+        // A batch serves many events: it runs in a span of its own, a root, never in the span
+        // of whichever caller happened to start it.
+        let batch_span =
+            || tracing::info_span!(parent: None, "batch", size = tracing::field::Empty);
         tokio::spawn(async move {
             while let Some(first) = receiver.recv().await {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -75,36 +80,41 @@ where
                     }
                 }
                 let execute = execute.clone();
-                tokio::spawn(async move {
-                    let (requests, replies): (Vec<Req>, Vec<_>) = batch
-                        .into_iter()
-                        .map(|item| (item.request, item.reply))
-                        .unzip();
-                    let expected = replies.len();
-                    match execute(requests).await {
-                        Ok(responses) if responses.len() == expected => {
-                            for (reply, response) in replies.into_iter().zip(responses) {
-                                let _ = reply.send(Ok(response));
+                let span = batch_span();
+                span.record("size", batch.len());
+                tokio::spawn(
+                    async move {
+                        let (requests, replies): (Vec<Req>, Vec<_>) = batch
+                            .into_iter()
+                            .map(|item| (item.request, item.reply))
+                            .unzip();
+                        let expected = replies.len();
+                        match execute(requests).await {
+                            Ok(responses) if responses.len() == expected => {
+                                for (reply, response) in replies.into_iter().zip(responses) {
+                                    let _ = reply.send(Ok(response));
+                                }
+                            }
+                            Ok(responses) => {
+                                let error = BatchError::Mismatch {
+                                    answered: responses.len(),
+                                    expected,
+                                };
+                                for reply in replies {
+                                    let _ = reply.send(Err(error.clone()));
+                                }
+                            }
+                            Err(err) => {
+                                let error = BatchError::Failed(Arc::new(err));
+                                for reply in replies {
+                                    let _ = reply.send(Err(error.clone()));
+                                }
                             }
                         }
-                        Ok(responses) => {
-                            let error = BatchError::Mismatch {
-                                answered: responses.len(),
-                                expected,
-                            };
-                            for reply in replies {
-                                let _ = reply.send(Err(error.clone()));
-                            }
-                        }
-                        Err(err) => {
-                            let error = BatchError::Failed(Arc::new(err));
-                            for reply in replies {
-                                let _ = reply.send(Err(error.clone()));
-                            }
-                        }
+                        drop(slot);
                     }
-                    drop(slot);
-                });
+                    .instrument(span),
+                );
             }
         });
         Batcher { sender }

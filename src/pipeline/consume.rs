@@ -158,24 +158,27 @@ async fn session(
 }
 
 impl Session {
-    /// Processes a delivery and acknowledges it when settled.
+    /// Processes a delivery and acknowledges it when settled. Everything it logs, the
+    /// acknowledgement's included, is in the event's span; the span is never entered across
+    /// an await, where it would become the span of whatever else that thread runs.
     async fn handle(&self, delivery: Delivery, abort: &CancellationToken) {
-        let metrics = &self.context.metrics;
-        metrics.events_in_flight.inc();
         let span = tracing::info_span!(
             "event",
             event_id = tracing::field::Empty,
             user_id = tracing::field::Empty,
             event_name = tracing::field::Empty
         );
-        let result = AssertUnwindSafe(
-            self.try_execute(&delivery.data, &delivery.properties, abort)
-                .instrument(span.clone()),
-        )
-        .catch_unwind()
-        .await;
+        self.handle_in_span(delivery, abort).instrument(span).await;
+    }
+
+    async fn handle_in_span(&self, delivery: Delivery, abort: &CancellationToken) {
+        let metrics = &self.context.metrics;
+        metrics.events_in_flight.inc();
+        let result =
+            AssertUnwindSafe(self.try_execute(&delivery.data, &delivery.properties, abort))
+                .catch_unwind()
+                .await;
         metrics.events_in_flight.dec();
-        let _entered = span.enter();
         let outcome = match result {
             Ok(Ok(outcome)) => outcome,
             Err(_panic) => {

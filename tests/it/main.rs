@@ -15,6 +15,7 @@ mod examples;
 mod faults;
 mod hostile;
 mod ingest;
+mod logs;
 mod operations;
 mod portal;
 mod portal_browser;
