@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Chaos run: thousands of events through several worker processes while workers are killed
-with SIGKILL, RabbitMQ is restarted and Postgres is restarted, with the stand-in CRM failing a
-fraction of calls. At the end it checks that every expected contact exists exactly once and
-that every failure is in the dead-letter queue, and prints the counts.
+with SIGKILL (six times), RabbitMQ is restarted and Postgres is restarted, with the stand-in
+CRM failing a fraction of calls. At the end it checks that every expected contact exists
+exactly once (zero duplicate records per provider), that every failure is in the dead-letter
+queue, and that everything settled within two minutes of the last fault, and prints the
+figures.
 
     ops/chaos.py --events 2000             # what CI runs
     ops/chaos.py --events 50000 --release  # a long run
@@ -12,8 +14,9 @@ Needs: a local RabbitMQ and PostgreSQL that this script may restart (it runs
 and the rights to do both (CI runs it as root). Everything it creates is named
 chaos.<tag>.* / appevents_chaos_<tag> and removed at the end.
 
-Each event runs two workflows: a Salesforce upsert by external id (the event id) and a HubSpot
-create-contact (409 becomes an update). A fraction of events carry an email HubSpot refuses
+Each event runs two workflows: a Salesforce create of a Contact with `match_fields` ["Email"]
+(after a crash, the record an earlier attempt made is looked up before creating another) and
+a HubSpot create-contact (409 becomes an update). A fraction of events carry an email HubSpot refuses
 (a permanent error: those HubSpot runs must end in the dead-letter queue, their Salesforce runs
 must succeed), and a fraction of messages are malformed (dead-lettered as invalid).
 """
@@ -47,12 +50,13 @@ def parse_args():
     parser.add_argument("--events", type=int, default=5000, help="valid events to publish")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--users", type=int, default=20)
-    parser.add_argument("--fail-rate", type=float, default=0.1, help="fraction of CRM calls answered 500")
+    parser.add_argument("--fail-rate", type=float, default=0.2, help="fraction of CRM calls answered 503")
     parser.add_argument("--bad-email-rate", type=float, default=0.02, help="fraction of events HubSpot refuses")
     parser.add_argument("--malformed", type=int, default=None, help="malformed messages (default: 1%% of events)")
     parser.add_argument("--latency-ms", type=int, default=20, help="stand-in CRM latency per call")
     parser.add_argument("--release", action="store_true", help="build and run the release binaries")
     parser.add_argument("--timeout", type=int, default=900, help="seconds to wait for everything to settle")
+    parser.add_argument("--settle-limit", type=int, default=120, help="seconds after the last fault by which everything must have settled")
     parser.add_argument("--no-broker-restart", action="store_true")
     parser.add_argument("--no-database-restart", action="store_true")
     parser.add_argument("--database-url", default=os.environ.get("CHAOS_DATABASE_URL", "postgres://postgres@127.0.0.1:5432"))
@@ -82,7 +86,6 @@ class Chaos:
             "APPEVENTS__AMQP__PREFETCH": "64",
             "APPEVENTS__WORKER__CONCURRENCY": "16",
             "APPEVENTS__WORKER__OPS_LISTEN": "127.0.0.1:0",
-            "APPEVENTS__WORKER__CLAIM_LEASE": "10s",
             "APPEVENTS__WORKER__SHUTDOWN_GRACE": "5s",
             "APPEVENTS__RETRY__SCHEDULE": "1s,2s,4s,8s",
             "APPEVENTS__RETRY__RATE_LIMITED_MIN_DELAY": "1s",
@@ -95,6 +98,7 @@ class Chaos:
         self.workers = []
         self.standin = None
         self.actions = Counter()
+        self.last_fault = None
         self.stop_chaos = threading.Event()
 
     # -- processes -----------------------------------------------------------------------
@@ -126,7 +130,7 @@ class Chaos:
         logfile = open(os.path.join(self.workdir, "standin.log"), "w")
         self.standin = subprocess.Popen([self.standin_bin, "--listen", f"127.0.0.1:{port}"], stdout=logfile, stderr=logfile)
         wait_until(lambda: http_ok(f"{self.standin_url}/_standin/requests"), 10, "stand-in CRM up")
-        http_post(f"{self.standin_url}/_standin/faults", {"fail_rate": self.args.fail_rate, "fail_status": 500, "latency_ms": self.args.latency_ms})
+        http_post(f"{self.standin_url}/_standin/faults", {"fail_rate": self.args.fail_rate, "fail_status": 503, "latency_ms": self.args.latency_ms})
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -135,8 +139,8 @@ class Chaos:
         self.cli("app-event", "create", "--name", EVENT, "--schema", json.dumps({"email": "ada@example.com", "last_name": "Lovelace"}))
         self.salesforce = self.cli(
             "workflow", "create", "--name", "chaos salesforce", "--event", EVENT, "--provider", "salesforce",
-            "--action", "upsert", "--sobject", "Contact", "--external-id-field", "External_Id__c",
-            "--mapping", json.dumps({"External_Id__c": "{{id}}", "Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}))
+            "--action", "create", "--sobject", "Contact", "--match-field", "Email",
+            "--mapping", json.dumps({"Email": "{{payload.email}}", "LastName": "{{payload.last_name}}"}))
         self.hubspot = self.cli(
             "workflow", "create", "--name", "chaos hubspot", "--event", EVENT, "--provider", "hubspot",
             "--action", "create-contact", "--mapping", json.dumps({"email": "{{payload.email}}", "lastname": "{{payload.last_name}}"}))
@@ -175,7 +179,8 @@ class Chaos:
 
     def chaos(self):
         """Kills workers, restarts the broker and the database, while events flow."""
-        steps = [("kill worker", 2), ("restart broker", 5), ("kill worker", 9), ("restart database", 13), ("kill worker", 17)]
+        steps = [("kill worker", 1), ("kill worker", 3), ("restart broker", 5), ("kill worker", 7), ("kill worker", 9),
+                 ("restart database", 11), ("kill worker", 13), ("kill worker", 15)]
         if self.args.no_broker_restart:
             steps = [s for s in steps if s[0] != "restart broker"]
         if self.args.no_database_restart:
@@ -188,6 +193,7 @@ class Chaos:
             try:
                 getattr(self, action.replace(" ", "_"))()
                 self.actions[action] += 1
+                self.last_fault = time.monotonic()
             except Exception as error:  # a failed chaos step is reported, not fatal
                 log(f"{action} failed: {error}")
 
@@ -233,7 +239,7 @@ class Chaos:
 
     def verify(self):
         records = json.loads(urllib.request.urlopen(f"{self.standin_url}/_standin/records").read())
-        salesforce = Counter(r["fields"].get("External_Id__c") for r in records if r["provider"] == "salesforce")
+        salesforce = Counter(r["fields"].get("Email") for r in records if r["provider"] == "salesforce")
         hubspot = Counter(r["fields"].get("email") for r in records if r["provider"] == "hubspot")
         creates = Counter((r["provider"], r["creates"]) for r in records)
         letters = json.loads(self.cli("dlq", "list", "--json", "--limit", "10000000"))["letters"]
@@ -244,8 +250,8 @@ class Chaos:
 
         problems = []
         for event_id, event in self.events.items():
-            if salesforce[event_id] != 1:
-                problems.append(f"{event_id}: {salesforce[event_id]} Salesforce contacts")
+            if salesforce[event["email"]] != 1:
+                problems.append(f"{event_id}: {salesforce[event['email']]} Salesforce contacts")
             if runs.get((event_id, self.salesforce)) != "succeeded":
                 problems.append(f"{event_id}: Salesforce run {runs.get((event_id, self.salesforce))}")
             if event["bad"]:
@@ -261,6 +267,8 @@ class Chaos:
                 made, lettered = hubspot[event["email"]], dead_for[(event_id, self.hubspot)]
                 if not ((made == 1 and lettered == 0) or (made == 0 and lettered >= 1)):
                     problems.append(f"{event_id}: {made} HubSpot contacts and {lettered} dead letters")
+        if self.settle_seconds > self.args.settle_limit:
+            problems.append(f"settled {self.settle_seconds:.1f}s after the last fault, more than {self.args.settle_limit}s")
         if len(invalid) < self.malformed:
             problems.append(f"{self.malformed} malformed messages published, {len(invalid)} dead-lettered as invalid")
         for record in records:
@@ -277,6 +285,8 @@ class Chaos:
         print(f"  chaos                       " + ", ".join(f"{n}x {a}" for a, n in sorted(self.actions.items())))
         print(f"  CRM calls                   {len(requests)} ({', '.join(f'{s}: {n}' for s, n in sorted(statuses.items()))})")
         print(f"  Salesforce contacts         {sum(1 for c in salesforce.values() if c)} for {len(self.events)} events (expected {len(self.events)}, each once)")
+        print(f"  duplicate records           Salesforce {sum(c - 1 for c in salesforce.values() if c > 1)}, HubSpot {sum(c - 1 for c in hubspot.values() if c > 1)}")
+        print(f"  settled after last fault    {self.settle_seconds:.1f}s (limit {self.args.settle_limit}s)")
         print(f"  HubSpot contacts            {sum(1 for e in self.events.values() if hubspot[e['email']])} for {good} valid emails")
         print(f"  records created twice       {sum(1 for r in records if r['creates'] != 1)}")
         print(f"  dead letters                {len(letters)}: {dict(Counter(l['reason_code'] for l in letters))}")
@@ -313,6 +323,7 @@ class Chaos:
                 log(f"worker {slot} had exited ({worker.returncode}); restarting it")
                 self.start_worker(slot)
         wait_until(self.settled, self.args.timeout, "every run finished and the queues drained")
+        self.settle_seconds = time.monotonic() - (self.last_fault or time.monotonic())
         return self.verify()
 
     def cleanup(self):
@@ -327,7 +338,7 @@ class Chaos:
                 worker.kill()
         if self.standin and self.standin.poll() is None:
             self.standin.terminate()
-        for queue in [self.queue, self.dead] + [f"{self.queue}.retry.{d}" for d in ("1s", "2s", "4s", "8s")]:
+        for queue in [self.queue, self.dead, f"{self.queue}.held"] + [f"{self.queue}.retry.{d}" for d in ("1s", "2s", "4s", "8s")]:
             subprocess.run(["rabbitmqctl", "-q", "delete_queue", queue], capture_output=True)
         subprocess.run(["psql", f"{self.args.database_url}/postgres", "-qc", f'drop database if exists "{self.database}" with (force)'], capture_output=True)
         log(f"logs kept in {self.workdir}")
@@ -357,7 +368,7 @@ def queue_depth(name):
     total = 0
     for line in result.stdout.splitlines():
         parts = line.split()
-        if len(parts) == 2 and (parts[0] == name or parts[0].startswith(name + ".retry.")):
+        if len(parts) == 2 and (parts[0] in (name, name + ".held") or parts[0].startswith(name + ".retry.")):
             total += int(parts[1])
     return total if result.returncode == 0 else -1
 
