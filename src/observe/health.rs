@@ -80,23 +80,35 @@ impl Health {
         }
     }
 
-    /// A probe first; with it answered, what a unit of work last met.
+    /// A probe first; with it answered, what a unit of work last met. A database that
+    /// accepts no writes (a standby after a failover, or `default_transaction_read_only`)
+    /// answers the probe but could not record a run: it is not ready.
     async fn database_problem(&self) -> Option<String> {
         let probe = async {
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
-            client
-                .simple_query("select 1")
+            let row = client
+                .query_one(READ_ONLY, &[])
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok::<(), String>(())
+            let read_only: bool = row.try_get(0).map_err(|e| e.to_string())?;
+            Ok::<bool, String>(read_only)
         };
         match tokio::time::timeout(Duration::from_secs(2), probe).await {
-            Ok(Ok(())) => lock(&self.database_failure).clone(),
+            Ok(Ok(false)) => lock(&self.database_failure).clone(),
+            Ok(Ok(true)) => Some(
+                "read-only: the server accepts no writes (a standby, or \
+                 default_transaction_read_only); point the URL at the primary"
+                    .to_owned(),
+            ),
             Ok(Err(err)) => Some(err),
             Err(_) => Some("no answer within 2s".to_owned()),
         }
     }
 }
+
+/// Whether this session can write: not on a standby, not read-only by default.
+const READ_ONLY: &str =
+    "select pg_is_in_recovery() or current_setting('transaction_read_only') = 'on'";
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex

@@ -204,3 +204,26 @@ async fn a_message_that_keeps_killing_its_worker_is_dead_lettered_as_poison() {
     assert!(crm.standin.records().is_empty(), "no call ever completed");
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_database_url_naming_several_hosts_uses_the_one_that_takes_writes() {
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    // The first host refuses connections, as a failed primary would; the second is the one.
+    let mut app = TestApp::with_settings(|s| {
+        let url = s
+            .database_url()
+            .replacen("@127.0.0.1:5432/", "@127.0.0.1:1,127.0.0.1:5432/", 1);
+        s.database.url = SecretString::from(format!("{url}?target_session_attrs=read-write"));
+    })
+    .await;
+    app.hubspot_workflow(&crm.url()).await;
+    app.start_worker().await;
+
+    let id = app
+        .publish(EVENT, "u", json!({"email": "failover@example.com"}), None)
+        .await;
+
+    app.wait_for_runs(&id, 1, RunStatus::Succeeded).await;
+    assert_eq!(readiness(&app).await.0, 200);
+    app.cleanup().await;
+}

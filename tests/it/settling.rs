@@ -169,3 +169,45 @@ async fn readiness_names_each_dependency_a_unit_of_work_found_unavailable() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn readiness_says_when_the_database_accepts_no_writes() {
+    let app = TestApp::new().await;
+    let name = appevents::store::db::pg_config(app.settings.database_url())
+        .expect("url")
+        .get_dbname()
+        .unwrap_or_default()
+        .to_owned();
+    let client = app.pool.get().await.expect("client");
+    let set_read_only = |on: bool| {
+        format!(
+            "alter database \"{name}\" set default_transaction_read_only = {}",
+            if on { "on" } else { "off" }
+        )
+    };
+    // Sessions opened from now on are read-only, as on a standby.
+    client
+        .batch_execute(&set_read_only(true))
+        .await
+        .expect("read-only");
+    let fresh = appevents::store::db::pool(&app.settings.database).expect("pool");
+    let health = Health::new(fresh);
+    health.set_broker(Some(app.amqp.status().clone()));
+
+    let answer = health.check().await;
+
+    client
+        .batch_execute(&set_read_only(false))
+        .await
+        .expect("writable again");
+    let problems = answer.expect_err("not ready");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with("database: read-only"),
+        "{problems:?}"
+    );
+    let writable = Health::new(appevents::store::db::pool(&app.settings.database).expect("pool"));
+    writable.set_broker(Some(app.amqp.status().clone()));
+    assert_eq!(writable.check().await, Ok(()));
+    app.cleanup().await;
+}
