@@ -84,7 +84,7 @@ pub(super) async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Resul
         "Contact to Salesforce",
         Provider::Salesforce,
         "create",
-        json!({"sobject": "Contact"}),
+        json!({"sobject": "Contact", "match_fields": ["Email"]}),
         json!({"Email": "{{payload.email}}", "FirstName": "{{payload.first_name}}", "LastName": "{{payload.last_name}}", "Description": "Created by appevents from event {{id}}"}),
     )
     .await?;
