@@ -212,6 +212,96 @@ async fn update(
     Ok(())
 }
 
+/// Changes to a stored connection: what is `None` stays as it is. New credentials (an
+/// access or refresh token) make a connection that needs re-authorisation active again.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionPatch {
+    pub base_url: Option<String>,
+    pub api_version: Option<String>,
+    pub access_token: Option<SecretString>,
+    pub refresh_token: Option<SecretString>,
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretString>,
+}
+
+impl ConnectionPatch {
+    pub fn is_empty(&self) -> bool {
+        self.base_url.is_none()
+            && self.api_version.is_none()
+            && self.access_token.is_none()
+            && self.refresh_token.is_none()
+            && self.token_url.is_none()
+            && self.client_id.is_none()
+            && self.client_secret.is_none()
+    }
+
+    fn renews_credentials(&self) -> bool {
+        self.access_token.is_some() || self.refresh_token.is_some()
+    }
+
+    /// The connection with these changes applied.
+    fn apply(self, current: Connection) -> NewConnection {
+        let mut settings = current.settings;
+        if let (Some(version), Some(map)) = (self.api_version, settings.as_object_mut()) {
+            map.insert("api_version".into(), Value::String(version));
+        }
+        NewConnection {
+            user_id: current.user_id,
+            provider: current.provider,
+            base_url: self.base_url.unwrap_or(current.base_url),
+            settings,
+            access_token: self.access_token.or(current.access_token),
+            refresh_token: self.refresh_token.or(current.refresh_token),
+            token_url: self.token_url.or(current.token_url),
+            client_id: self.client_id.or(current.client_id),
+            client_secret: self.client_secret.or(current.client_secret),
+        }
+    }
+}
+
+/// Applies `patch` to a connection: the fields given change, the others (a stored access
+/// token above all) stay. One writer at a time (the row is locked while it is read).
+pub async fn patch(
+    pool: &Pool,
+    keyring: &Keyring,
+    id: Uuid,
+    patch: ConnectionPatch,
+) -> Result<(), StoreError> {
+    if patch.is_empty() {
+        return Err(StoreError::Invalid(
+            "nothing to update: give --base-url, --access-token, --refresh-token with \
+             --token-url, --client-id, --client-secret and/or --api-version"
+                .into(),
+        ));
+    }
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            &format!("select {COLUMNS} from connections c where c.id = $1 for update"),
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("no connection {id}")))?;
+    let current = from_row(&row, 0, keyring)?;
+    let (status, reason) = (current.status, current.status_reason.clone());
+    let renews = patch.renews_credentials();
+    let new = patch.apply(current);
+    check(&new)?;
+    update(&tx, keyring, id, &new).await?;
+    if !renews && status != ConnectionStatus::Active {
+        // Only new credentials cure a refused refresh token.
+        tx.execute(
+            "update connections set status = $2, status_reason = $3 where id = $1",
+            &[&id, &status.as_str(), &reason],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Whether [`connect_account`] made a connection or gave one new credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {

@@ -249,3 +249,63 @@ async fn bad_arguments_get_one_line_and_a_non_zero_exit() {
     }
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn connection_update_changes_only_what_is_given() {
+    let app = TestApp::new().await;
+    let id = ok(
+        &app,
+        &[
+            "connection",
+            "create",
+            "--user",
+            "user-patch",
+            "--provider",
+            "hubspot",
+            "--base-url",
+            "http://127.0.0.1:1",
+            "--access-token",
+            "kept-token",
+        ],
+    )
+    .await;
+
+    // The id names the connection: no --user or --provider, no token given.
+    ok(
+        &app,
+        &[
+            "connection",
+            "update",
+            &id,
+            "--base-url",
+            "http://127.0.0.1:2",
+        ],
+    )
+    .await;
+
+    let stored =
+        appevents::catalog::connections::get(&app.pool, &app.keyring, id.parse().expect("uuid"))
+            .await
+            .expect("connection");
+    use secrecy::ExposeSecret;
+    assert_eq!(stored.base_url, "http://127.0.0.1:2");
+    assert_eq!(
+        stored.access_token.as_ref().map(|t| t.expose_secret()),
+        Some("kept-token"),
+        "the token not given stays"
+    );
+    let table = ok(&app, &["connection", "list", "--user", "user-patch"]).await;
+    let header = table.lines().next().expect("header");
+    assert!(header.contains("TOKEN"), "{table}");
+    let row = table.lines().nth(1).expect("row");
+    assert!(
+        row.contains(" yes "),
+        "the list shows the token is stored: {table}"
+    );
+    assert!(!table.contains("kept-token"), "{table}");
+
+    let (code, _, err) = run(&app, &["connection", "update", &id]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nothing to update"), "{err}");
+    app.cleanup().await;
+}

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::output::{print_json, print_table};
-use crate::catalog::connections::{self, NewConnection};
+use crate::catalog::connections::{self, ConnectionPatch, NewConnection};
 use crate::config::Settings;
 use crate::core::provider::Provider;
 use crate::store::{db, vault};
@@ -22,12 +22,13 @@ pub(super) enum ConnectionCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Replace a connection's URL and credentials (the user reconnected the account); it
-    /// becomes active again. Its subscriptions stay bound to it.
+    /// Change a connection: only the options given change, the rest (a stored token
+    /// above all) stays. New tokens make a connection that needs re-authorisation active
+    /// again. Its subscriptions stay bound to it.
     Update {
         id: Uuid,
         #[command(flatten)]
-        connection: ConnectionArgs,
+        changes: PatchArgs,
     },
     /// Delete a connection and the subscriptions bound to it.
     Delete { id: Uuid },
@@ -37,22 +38,28 @@ pub(super) enum ConnectionCommand {
 
 #[derive(Debug, Args)]
 pub(super) struct ConnectionArgs {
+    /// The product's end user whose account this is.
     #[arg(long)]
     user: String,
+    /// salesforce, hubspot or http.
     #[arg(long)]
     provider: Provider,
     /// API base: the Salesforce instance URL, https://api.hubapi.com, or an HTTP endpoint.
     #[arg(long)]
     base_url: String,
+    /// The token sent as `Authorization: Bearer …`.
     #[arg(long)]
     access_token: Option<String>,
+    /// OAuth refresh token, used when the access token expires.
     #[arg(long, requires = "token_url")]
     refresh_token: Option<String>,
     /// OAuth token endpoint used to refresh the access token.
     #[arg(long, requires = "refresh_token")]
     token_url: Option<String>,
+    /// OAuth client id sent with a refresh.
     #[arg(long)]
     client_id: Option<String>,
+    /// OAuth client secret sent with a refresh.
     #[arg(long)]
     client_secret: Option<String>,
     /// Salesforce REST API version for this connection, e.g. v62.0.
@@ -60,6 +67,32 @@ pub(super) struct ConnectionArgs {
     api_version: Option<String>,
     #[arg(long)]
     json: bool,
+}
+
+/// What `connection update` may change; every option is optional.
+#[derive(Debug, Args)]
+pub(super) struct PatchArgs {
+    /// New API base URL.
+    #[arg(long)]
+    base_url: Option<String>,
+    /// New access token (the stored one is kept when this is not given).
+    #[arg(long)]
+    access_token: Option<String>,
+    /// New OAuth refresh token (a token URL must be stored or given).
+    #[arg(long)]
+    refresh_token: Option<String>,
+    /// New OAuth token endpoint.
+    #[arg(long)]
+    token_url: Option<String>,
+    /// New OAuth client id.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// New OAuth client secret.
+    #[arg(long)]
+    client_secret: Option<String>,
+    /// New Salesforce REST API version, e.g. v62.0.
+    #[arg(long)]
+    api_version: Option<String>,
 }
 
 pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyhow::Result<()> {
@@ -74,12 +107,9 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
             }
             println!("{id}");
         }
-        ConnectionCommand::Update {
-            id,
-            connection: args,
-        } => {
+        ConnectionCommand::Update { id, changes } => {
             let keyring = vault::Keyring::from_settings(&settings.secrets)?;
-            connections::replace(pool, &keyring, id, &args.into_new()).await?;
+            connections::patch(pool, &keyring, id, changes.into_patch()).await?;
             println!("{id}");
         }
         ConnectionCommand::List { user, json } => {
@@ -99,7 +129,8 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
                         c.user_id.clone(),
                         c.provider.to_string(),
                         c.base_url.clone(),
-                        if c.has_refresh_token { "yes" } else { "no" }.to_owned(),
+                        yes_no(c.has_access_token),
+                        yes_no(c.has_refresh_token),
                         status,
                     ]
                 })
@@ -110,6 +141,7 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
                     "USER",
                     "PROVIDER",
                     "BASE URL",
+                    "TOKEN",
                     "REFRESHABLE",
                     "STATUS",
                 ],
@@ -130,6 +162,24 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
         }
     }
     Ok(())
+}
+
+fn yes_no(set: bool) -> String {
+    if set { "yes" } else { "no" }.to_owned()
+}
+
+impl PatchArgs {
+    fn into_patch(self) -> ConnectionPatch {
+        ConnectionPatch {
+            base_url: self.base_url,
+            api_version: self.api_version,
+            access_token: self.access_token.map(SecretString::from),
+            refresh_token: self.refresh_token.map(SecretString::from),
+            token_url: self.token_url,
+            client_id: self.client_id,
+            client_secret: self.client_secret.map(SecretString::from),
+        }
+    }
 }
 
 impl ConnectionArgs {
