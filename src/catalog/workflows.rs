@@ -133,6 +133,7 @@ fn validate(
             "workflow name must not be empty".into(),
         ));
     }
+    Action::parse_definition(provider, action, options).map_err(StoreError::Invalid)?;
     CompiledWorkflow::compile(
         Uuid::nil(),
         name.to_owned(),

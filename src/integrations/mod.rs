@@ -82,6 +82,49 @@ pub const ACTIONS: &[(Provider, &str, &str)] = &[
 ];
 
 impl Action {
+    /// The option keys an action takes. An action's known name is checked by [`Action::parse`].
+    fn option_keys(provider: Provider, action: &str) -> &'static [&'static str] {
+        match (provider, action) {
+            (Provider::Salesforce, "create") => &["sobject"],
+            (Provider::Salesforce, "upsert") => &["sobject", "external_id_field"],
+            (Provider::Hubspot, "upsert-contact") => &["id_property"],
+            (Provider::Http, "request") => &["url", "method", "headers"],
+            _ => &[],
+        }
+    }
+
+    /// Parses a definition as [`Action::parse`] does, and also refuses options the action
+    /// does not take (an option of another action, a typo), so a definition stores nothing
+    /// that would be silently ignored. Only definitions are held to this: a stored workflow
+    /// still runs.
+    pub fn parse_definition(
+        provider: Provider,
+        action: &str,
+        options: &Value,
+    ) -> Result<Action, String> {
+        let parsed = Action::parse(provider, action, options)?;
+        let allowed = Action::option_keys(provider, action);
+        let unknown: Vec<&str> = options
+            .as_object()
+            .into_iter()
+            .flat_map(|map| map.keys())
+            .map(String::as_str)
+            .filter(|key| !allowed.contains(key))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(parsed);
+        }
+        let takes = if allowed.is_empty() {
+            "no options".to_owned()
+        } else {
+            format!("only {}", allowed.join(", "))
+        };
+        Err(format!(
+            "{provider} {action} does not take option {}: it takes {takes}",
+            unknown.join(", ")
+        ))
+    }
+
     pub fn parse(provider: Provider, action: &str, options: &Value) -> Result<Action, String> {
         let Some(options) = options.as_object() else {
             return Err("options must be a JSON object".into());
@@ -580,6 +623,39 @@ pub fn encode_segment(segment: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_definition_with_an_option_of_another_action_is_refused() {
+        let err = Action::parse_definition(
+            Provider::Salesforce,
+            "create",
+            &json!({"id_property": "email"}),
+        )
+        .expect_err("refused");
+        assert_eq!(
+            err,
+            "salesforce create does not take option id_property: it takes only sobject"
+        );
+        let err = Action::parse_definition(
+            Provider::Hubspot,
+            "create-contact",
+            &json!({"sobject": "Lead"}),
+        )
+        .expect_err("refused");
+        assert!(err.ends_with("it takes no options"), "{err}");
+        assert!(
+            Action::parse_definition(
+                Provider::Salesforce,
+                "upsert",
+                &json!({"sobject": "Lead", "external_id_field": "Ext__c"})
+            )
+            .is_ok()
+        );
+        // What is stored already still runs.
+        assert!(
+            Action::parse(Provider::Salesforce, "create", &json!({"id_property": "x"})).is_ok()
+        );
+    }
 
     #[test]
     fn actions_parse_with_their_options() {

@@ -240,6 +240,25 @@ async fn bad_arguments_get_one_line_and_a_non_zero_exit() {
             &["publish", "--name", "X", "--user", "u", "--payload", "[]"],
             "must be an object",
         ),
+        (
+            &[
+                "workflow",
+                "create",
+                "--name",
+                "w",
+                "--event",
+                "X",
+                "--provider",
+                "salesforce",
+                "--action",
+                "create",
+                "--id-property",
+                "email",
+                "--mapping",
+                "{}",
+            ],
+            "salesforce create does not take option id_property",
+        ),
     ];
     for (args, expected) in failures {
         let (code, _, err) = run(&app, args).await;
