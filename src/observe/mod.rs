@@ -1,5 +1,6 @@
-//! Watching the process: logs, Prometheus metrics, and the health readiness reads.
+//! Watching the process: how errors read, logs, Prometheus metrics, and the health readiness reads.
 
+pub mod errors;
 pub mod health;
 pub(crate) mod logs;
 pub mod metrics;

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::Settings;
+use crate::observe::errors::{report, report_any};
 use crate::observe::metrics::label;
 use crate::pipeline::context::{Context, Session};
 use crate::pipeline::settle::Unsettled;
@@ -42,7 +43,7 @@ pub async fn consume(
             Err(err) => {
                 context.health.set_broker(None);
                 context.metrics.consumer_connected.set(0);
-                tracing::error!(error = %err, retry_in = ?delay, "broker session ended; reconnecting");
+                tracing::error!(error = %report_any(&err), retry_in = ?delay, "broker session ended; reconnecting");
             }
         }
         tokio::select! {
@@ -120,7 +121,7 @@ async fn session(
             }
             Some(Err(err)) => {
                 context.metrics.consumer_connected.set(0);
-                tracing::warn!(error = %err, "broker connection lost; waiting for recovery");
+                tracing::warn!(error = %report(&err), "broker connection lost; waiting for recovery");
                 if let Err(err) = channel.wait_for_recovery(err).await {
                     break Err(anyhow::Error::from(err));
                 }
@@ -222,7 +223,7 @@ impl Session {
                 "channel was recovered since delivery; the broker redelivers and the run records absorb it"
             ),
             Err(err) => {
-                tracing::warn!(error = %err, "acknowledgement failed; the broker redelivers and the run records absorb it")
+                tracing::warn!(error = %report(&err), "acknowledgement failed; the broker redelivers and the run records absorb it")
             }
         }
     }

@@ -27,6 +27,7 @@ use crate::catalog::workflows::CompiledWorkflow;
 use crate::core::connection::Connection;
 use crate::core::payload_check::{Mode, PayloadCheck};
 use crate::core::provider::Provider;
+use crate::observe::errors::report;
 use crate::store::db::{self, StoreError};
 use crate::store::vault::Keyring;
 
@@ -252,7 +253,7 @@ impl Resolver {
             match self.listen_once(&config, &transport, &shutdown).await {
                 Ok(()) => return,
                 Err(err) => {
-                    tracing::warn!(error = %err, "configuration listener lost; resolving without cache");
+                    tracing::warn!(error = %report(&err), "configuration listener lost; resolving without cache");
                 }
             }
             self.listening.store(false, Ordering::Release);

@@ -14,6 +14,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
+use crate::observe::errors::report;
 use secrecy::ExposeSecret;
 
 mod embedded {
@@ -176,7 +177,7 @@ async fn connect_to(
 
 async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
     if let Err(err) = connection.await {
-        tracing::warn!(error = %err, "database connection closed");
+        tracing::warn!(error = %report(&err), "database connection closed");
     }
 }
 
@@ -238,7 +239,7 @@ pub async fn migrate_when_ready(
             }
             Err(DbError::Migration(err)) => return Err(DbError::Migration(err)),
             Err(err) => {
-                tracing::warn!(error = %err, retry_in = ?delay, "database not ready; waiting")
+                tracing::warn!(error = %report(&err), retry_in = ?delay, "database not ready; waiting")
             }
         }
         tokio::select! {

@@ -33,7 +33,7 @@ use self::users::UsersCommand;
 use self::workflow::WorkflowCommand;
 use crate::config::{LogFormat, LogSettings, Settings, Sources};
 use crate::interfaces::{http, worker};
-use crate::observe::logs;
+use crate::observe::{errors, logs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -109,7 +109,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", one_line(&format!("{err:#}")));
+            eprintln!("error: {}", errors::report_any(&err));
             ExitCode::FAILURE
         }
     }
@@ -141,14 +141,6 @@ fn usage_error(err: clap::Error) -> ExitCode {
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     eprintln!("error: {message} (see --help)");
     ExitCode::from(2)
-}
-
-fn one_line(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {

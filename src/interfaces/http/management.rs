@@ -22,6 +22,7 @@ use crate::catalog::subscriptions;
 use crate::catalog::workflows::{self, NewWorkflow, WorkflowChanges};
 use crate::core::payload_check::Mode;
 use crate::core::provider::Provider;
+use crate::observe::errors::report;
 use crate::pipeline::runs::{self, RunFilter, RunStatus};
 use crate::store::db::StoreError;
 
@@ -67,7 +68,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(message) => ApiError::new(StatusCode::CONFLICT, message),
             StoreError::Invalid(message) => ApiError::bad_request(message),
             StoreError::Db(err) => {
-                tracing::warn!(error = %err, "management API: database error");
+                tracing::warn!(error = %report(&err), "management API: database error");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the database is unavailable",

@@ -38,6 +38,7 @@ use crate::config::PortalSettings;
 use crate::core::connection::ConnectionStatus;
 use crate::core::provider::Provider;
 use crate::core::user_token::{KeyRing, TokenError};
+use crate::observe::errors::report;
 use crate::store::db::StoreError;
 use crate::store::sessions::{self, Session};
 
@@ -129,7 +130,7 @@ impl IntoResponse for Refusal {
                 ErrorPage::new("That did not work", message).into_response(StatusCode::BAD_REQUEST)
             }
             Refusal::Store(err) => {
-                tracing::warn!(error = %err, "portal: storage failed");
+                tracing::warn!(error = %report(&err), "portal: storage failed");
                 ErrorPage::new(
                     "Something went wrong",
                     "The page could not be loaded just now. Try again in a moment.",
