@@ -30,8 +30,11 @@ pub enum DbError {
     Url(String),
     #[error("database unavailable: {0}")]
     Connect(#[source] tokio_postgres::Error),
+    /// The server answered that the database in the URL does not exist.
+    #[error("{message}: run `appevents migrate` to create it")]
+    Missing { message: String },
     #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(#[source] deadpool_postgres::PoolError),
     #[error("database error: {0}")]
     Query(#[from] tokio_postgres::Error),
     #[error("migration failed: {0}")]
@@ -40,6 +43,28 @@ pub enum DbError {
     Tls(String),
     #[error("stopped while waiting for the database")]
     Stopped,
+}
+
+impl DbError {
+    /// A failed connection attempt, with a missing database told apart.
+    fn connecting(err: tokio_postgres::Error) -> DbError {
+        match err.as_db_error() {
+            Some(db) if *db.code() == SqlState::INVALID_CATALOG_NAME => DbError::Missing {
+                message: db.message().to_owned(),
+            },
+            _ => DbError::Connect(err),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    /// The pool's backend errors are failed connection attempts.
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        match err {
+            deadpool_postgres::PoolError::Backend(err) => DbError::connecting(err),
+            other => DbError::Pool(other),
+        }
+    }
 }
 
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
@@ -159,7 +184,7 @@ async fn connect_to(
 ) -> Result<Client, DbError> {
     let client = match transport {
         Transport::Plain => {
-            let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+            let (client, connection) = config.connect(NoTls).await.map_err(DbError::connecting)?;
             tokio::spawn(drive(connection));
             client
         }
@@ -167,7 +192,7 @@ async fn connect_to(
             let (client, connection) = config
                 .connect(tls.clone())
                 .await
-                .map_err(DbError::Connect)?;
+                .map_err(DbError::connecting)?;
             tokio::spawn(drive(connection));
             client
         }
@@ -189,7 +214,7 @@ pub async fn ensure_database(settings: &DatabaseSettings) -> Result<bool, DbErro
     let transport = transport(settings)?;
     match connect_to(&config, &transport).await {
         Ok(_) => return Ok(false),
-        Err(DbError::Connect(err)) if err.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+        Err(DbError::Missing { .. }) => {}
         Err(err) => return Err(err),
     }
     let mut admin = config.clone();
@@ -285,7 +310,8 @@ impl DbError {
     /// See [`StoreError::is_unavailable`].
     pub fn is_unavailable(&self) -> bool {
         match self {
-            DbError::Connect(_) | DbError::Pool(_) => true,
+            // A missing database may yet be created (`appevents migrate`).
+            DbError::Connect(_) | DbError::Missing { .. } | DbError::Pool(_) => true,
             DbError::Query(err) => match err.code() {
                 // No SQLSTATE: the connection broke (closed, I/O error, timeout).
                 None => true,
@@ -332,7 +358,7 @@ impl From<tokio_postgres::Error> for StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        StoreError::Db(DbError::Pool(err))
+        StoreError::Db(DbError::from(err))
     }
 }
 
