@@ -9,8 +9,8 @@ use crate::config::{LogFormat, LogSettings};
 /// human-readable text.
 /// `RUST_LOG` overrides the configured filter. Logs go to stderr; stdout is for results.
 pub fn init(settings: &LogSettings) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.filter));
+    let configured = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.filter.clone());
+    let filter = EnvFilter::new(with_quiet_libraries(&configured));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -24,4 +24,43 @@ pub fn init(settings: &LogSettings) {
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
+}
+
+/// Libraries that report what we report ourselves, unless the filter names them: lapin logs
+/// every failed connection as several ERROR lines of debug output, which the caller then
+/// reports once, in its own words; tokio-postgres logs the server's NOTICEs (such as the
+/// migrations' "relation already exists, skipping") at INFO.
+const QUIET: &[(&str, &str)] = &[
+    ("lapin", "lapin=off"),
+    ("tokio_postgres", "tokio_postgres=warn"),
+];
+
+fn with_quiet_libraries(filter: &str) -> String {
+    let mut directives = filter.to_owned();
+    for (target, directive) in QUIET {
+        if !filter.contains(target) {
+            if !directives.is_empty() {
+                directives.push(',');
+            }
+            directives.push_str(directive);
+        }
+    }
+    directives
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libraries_are_quiet_unless_the_filter_names_them() {
+        assert_eq!(
+            with_quiet_libraries("info"),
+            "info,lapin=off,tokio_postgres=warn"
+        );
+        assert_eq!(
+            with_quiet_libraries("warn,lapin=debug"),
+            "warn,lapin=debug,tokio_postgres=warn"
+        );
+    }
 }

@@ -68,7 +68,8 @@ async fn session(
         &name,
         Recovery::Automatic,
     )
-    .await?;
+    .await
+    .map_err(|err| anyhow::anyhow!(broker::connect_failure(settings.amqp_url(), &err)))?;
     let channel = connection.create_channel().await?;
     context.topology.declare(&channel).await?;
     // The broker hands at most `prefetch` unacknowledged messages to this worker: the bound

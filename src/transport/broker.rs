@@ -6,6 +6,8 @@ use std::time::Duration;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 
+use crate::observe::errors::report;
+
 /// Whether a connection reconnects by itself. Long-running processes recover; one-shot
 /// commands fail fast with a clear message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,4 +51,82 @@ pub async fn connect(
         },
     };
     Connection::connect_with_config(url, properties, tls, lapin::runtime::default_runtime()?).await
+}
+
+/// Why a connection to the broker at `url` failed, in one line: the address (without its
+/// password) and the cause once, in the terms an operator acts on (a missing virtual host, a
+/// refused login, a closed port) rather than the protocol's.
+pub fn connect_failure(url: &str, err: &lapin::Error) -> String {
+    format!(
+        "cannot connect to the broker at {}: {}",
+        redacted(url),
+        cause(url, err)
+    )
+}
+
+fn cause(url: &str, err: &lapin::Error) -> String {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            let message = amqp.get_message().as_str();
+            // The broker's text is "CODE - explanation".
+            let explanation = message.split_once(" - ").map_or(message, |(_, text)| text);
+            if explanation.starts_with("vhost ") && explanation.ends_with(" not found") {
+                return format!(
+                    "virtual host {:?} does not exist (create it, or fix the URL's path)",
+                    vhost(url)
+                );
+            }
+            if message.starts_with("ACCESS_REFUSED") && explanation.starts_with("Login was refused")
+            {
+                return "login refused: wrong user name or password".to_owned();
+            }
+            explanation.to_owned()
+        }
+        lapin::ErrorKind::IOError(io) => io.to_string(),
+        _ => report(err),
+    }
+}
+
+/// The URL without its password.
+fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => "the configured URL".to_owned(),
+    }
+}
+
+/// The virtual host a URL names: its path, percent-decoded (`/` when empty).
+fn vhost(url: &str) -> String {
+    let path = reqwest::Url::parse(url)
+        .map(|u| u.path().trim_start_matches('/').to_owned())
+        .unwrap_or_default();
+    let decoded = percent_encoding::percent_decode_str(&path)
+        .decode_utf8_lossy()
+        .into_owned();
+    if decoded.is_empty() {
+        "/".to_owned()
+    } else {
+        decoded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_names_the_address_without_its_password() {
+        let err = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let line = connect_failure("amqp://guest:secret@127.0.0.1:1/%2f", &err);
+        assert!(
+            line.starts_with("cannot connect to the broker at amqp://guest@127.0.0.1:1/%2f: "),
+            "{line}"
+        );
+        assert!(!line.contains("secret"), "{line}");
+        assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
+        assert_eq!(vhost("amqp://h:5672/team%2Fa"), "team/a");
+    }
 }

@@ -33,7 +33,7 @@ use crate::interfaces::worker;
 use crate::pipeline::runs::{self, Run, RunFilter, RunStatus};
 use crate::store::vault::Keyring;
 use crate::store::{db, sessions};
-use crate::transport::broker::Recovery;
+use crate::transport::broker::{self, Recovery};
 use crate::transport::publish::{EventPublisher, NewEvent};
 
 const EVENT: &str = "Contact Created";
@@ -154,7 +154,7 @@ pub(super) async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Resul
     let email = format!("ada+{tag}@example.com");
     let publisher = EventPublisher::connect(&settings, Recovery::None)
         .await
-        .context("broker")?;
+        .map_err(|err| anyhow::anyhow!(broker::connect_failure(settings.amqp_url(), &err)))?;
     let event_id = publisher
         .publish(&NewEvent {
             id: None,

@@ -1,6 +1,6 @@
 //! `appevents dlq`: inspect, replay and purge the dead-letter queue.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use uuid::Uuid;
@@ -234,7 +234,7 @@ pub(super) async fn broker_session(
         Recovery::None,
     )
     .await
-    .context("cannot reach the broker")?;
+    .map_err(|err| anyhow::anyhow!(broker::connect_failure(settings.amqp_url(), &err)))?;
     let topology = Topology::new(&settings.amqp, &settings.retry.schedule);
     Ok((connection, topology))
 }

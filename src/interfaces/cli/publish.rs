@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use serde_json::Value;
 
 use super::output::json_arg;
 use crate::config::Settings;
-use crate::transport::broker::Recovery;
+use crate::transport::broker::{self, Recovery};
 use crate::transport::publish::{EventPublisher, NewEvent, PublishFailure};
 
 #[derive(Debug, Args)]
@@ -46,7 +46,7 @@ pub(super) async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Resul
     let payload = json_arg(&payload, "--payload")?;
     let publisher = EventPublisher::connect(settings, Recovery::None)
         .await
-        .context("cannot reach the broker")?;
+        .map_err(|err| anyhow!(broker::connect_failure(settings.amqp_url(), &err)))?;
     let result = publisher
         .publish(&NewEvent {
             id: args.id,
@@ -117,7 +117,8 @@ async fn publish_file(settings: &Settings, file: &str, unchecked: bool) -> anyho
                 None => match EventPublisher::connect(settings, Recovery::None).await {
                     Ok(connected) => publisher.insert(connected),
                     Err(err) => {
-                        outage = wait_for_broker(outage, &err.to_string()).await?;
+                        let why = broker::connect_failure(settings.amqp_url(), &err);
+                        outage = wait_for_broker(outage, &why).await?;
                         continue;
                     }
                 },
