@@ -138,6 +138,8 @@ async fn session(
         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
         .await;
     context.metrics.consumer_connected.set(0);
+    // Tasks that finished but were not collected yet are not in flight.
+    while tasks.try_join_next().is_some() {}
     let in_flight = tasks.len();
     if in_flight > 0 {
         tracing::info!(in_flight, grace = ?settings.worker.shutdown_grace, "finishing in-flight events");

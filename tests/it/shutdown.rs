@@ -109,3 +109,55 @@ async fn sigterm_with_events_in_flight_loses_none_and_runs_none_twice() {
     assert_eq!(records.len(), 30, "each event's workflow ran exactly once");
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn sigterm_when_idle_reports_nothing_in_flight() {
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let app = TestApp::new().await;
+    hook_workflow(&app, &crm.url()).await;
+    let mut worker = appevents_command(&app.settings, &["worker"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("worker binary");
+    for n in 0..4 {
+        app.publish(EVENT, "u", json!({"n": n}), None).await;
+    }
+    let finished = eventually(Duration::from_secs(15), || async {
+        app.all_runs()
+            .await
+            .iter()
+            .filter(|r| r.status == RunStatus::Succeeded)
+            .count()
+            == 4
+    })
+    .await;
+    assert!(finished, "the four events ran");
+    // Each run is recorded before its message is acknowledged: wait for the acks too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    signal(&worker, "TERM");
+    let output = tokio::time::timeout(Duration::from_secs(20), async {
+        let status = worker.wait().await.expect("wait");
+        let mut stderr = String::new();
+        use tokio::io::AsyncReadExt;
+        worker
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .await
+            .expect("read");
+        (status, stderr)
+    })
+    .await
+    .expect("exits");
+    assert!(output.0.success(), "{}", output.1);
+    assert!(output.1.contains("worker stopped"), "{}", output.1);
+    assert!(
+        !output.1.contains("finishing in-flight events"),
+        "finished events are not counted as in flight: {}",
+        output.1
+    );
+    app.cleanup().await;
+}
