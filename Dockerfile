@@ -85,6 +85,9 @@ COPY config/ /app/config/
 
 WORKDIR /app
 ENV APPEVENTS_CONFIG_DIR=/app/config
+# Each container has its own network: the ops endpoints on a fixed port, for Prometheus and
+# the probes (outside a container the default picks a free port).
+ENV APPEVENTS__WORKER__OPS_LISTEN=0.0.0.0:9090
 
 # The `appevents` user, by number: a numeric USER lets Kubernetes' runAsNonRoot verify it
 # without reading /etc/passwd.

@@ -204,7 +204,11 @@ def check_product(documents, settings, report):
                 if period <= wanted:
                     report.fail(where, f"terminationGracePeriodSeconds {period} must exceed "
                                        f"worker.shutdown_grace ({wanted:g}s)")
-                check_probes(where, container, port_of(settings["worker"]["ops_listen"]), report)
+                ops_listen = env.get("APPEVENTS__WORKER__OPS_LISTEN") or settings["worker"]["ops_listen"]
+                if port_of(ops_listen) == 0:
+                    report.fail(where, "worker.ops_listen picks a free port: set "
+                                       "APPEVENTS__WORKER__OPS_LISTEN to a fixed one for the probes")
+                check_probes(where, container, port_of(ops_listen), report)
             elif args[:1] == ["serve"]:
                 check_probes(where, container, port_of(settings["server"]["listen"]), report)
     for where, doc in by_kind.get("Job", []):

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -39,6 +40,13 @@ pub async fn run(
         });
     }
     let keyring = Arc::new(Keyring::from_settings(&settings.secrets)?);
+    // Bound first, so a taken port fails at once rather than after the database wait; served
+    // once the worker is ready to answer.
+    let ops_listen = &settings.worker.ops_listen;
+    let listener = tokio::net::TcpListener::bind(ops_listen)
+        .await
+        .with_context(|| format!("cannot listen on {ops_listen} (worker.ops_listen)"))?;
+
     let pool = db::pool(&settings.database)?;
     db::migrate_when_ready(&settings.database, &stop).await?;
     let metrics = Arc::new(Metrics::new());
@@ -49,7 +57,6 @@ pub async fn run(
     let liveness_stop = abort.clone();
     let liveness_task = tokio::spawn(async move { liveness.keep_alive(liveness_stop).await });
 
-    let listener = tokio::net::TcpListener::bind(&settings.worker.ops_listen).await?;
     let ops_addr = listener.local_addr()?;
     let router = ops::router(OpsState {
         metrics,
