@@ -12,6 +12,7 @@ mod app_events;
 mod cli;
 mod end_to_end;
 mod examples;
+mod failures;
 mod faults;
 mod hostile;
 mod ingest;
