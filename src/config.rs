@@ -12,6 +12,12 @@ use serde::Deserialize;
 /// The defaults, compiled in so the binary runs anywhere with every setting present.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
+/// The `local` environment's layer (a development key, the stand-in's OAuth apps), compiled
+/// in as well: used when the config directory has no `local.toml`, so the documented setup
+/// works from any directory and from an installed binary. Any other environment reads only
+/// its own file.
+pub const LOCAL_TOML: &str = include_str!("../config/local.toml");
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     pub database: DatabaseSettings,
@@ -26,6 +32,9 @@ pub struct Settings {
     pub portal: PortalSettings,
     pub oauth: OAuthSettings,
     pub log: LogSettings,
+    /// The layers read, in order, for messages that depend on them ("no encryption key").
+    #[serde(skip)]
+    pub read_from: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,11 +232,26 @@ impl Settings {
             DEFAULT_TOML,
             config::FileFormat::Toml,
         ));
+        let mut read_from = vec!["the built-in defaults".to_owned()];
         if let (Some(dir), Some(env)) = (&sources.config_dir, &sources.environment) {
-            builder = builder.add_source(environment_file(dir, env).required(false));
+            let path = dir.join(format!("{env}.toml"));
+            if path.is_file() {
+                builder = builder.add_source(environment_file(dir, env));
+                read_from.push(absolute(&path));
+            } else if env == "local" {
+                builder = builder
+                    .add_source(config::File::from_str(LOCAL_TOML, config::FileFormat::Toml));
+                read_from.push(format!(
+                    "the built-in local settings (no {} found)",
+                    absolute(&path)
+                ));
+            } else {
+                read_from.push(format!("no {} found", absolute(&path)));
+            }
         }
         if let Some(file) = &sources.file {
             builder = builder.add_source(config::File::from(file.as_path()).required(true));
+            read_from.push(absolute(file));
         }
         if sources.read_env {
             builder = builder
@@ -247,8 +271,12 @@ impl Settings {
                 .set_override_option("database.url", std::env::var("DATABASE_URL").ok())?
                 .set_override_option("amqp.url", std::env::var("AMQP_URL").ok())?;
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
+        if sources.read_env {
+            read_from.push("the environment (APPEVENTS__*, DATABASE_URL, AMQP_URL)".to_owned());
+        }
+        settings.read_from = read_from;
         Ok(settings)
     }
 
@@ -383,6 +411,14 @@ fn durations<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Du
         .collect())
 }
 
+/// A path as an operator finds it: absolute when the working directory is known.
+fn absolute(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
+
 fn environment_file(
     dir: &Path,
     env: &str,
@@ -393,6 +429,34 @@ fn environment_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_layer_is_built_in_when_no_file_is_found() {
+        let empty = std::env::temp_dir().join(format!("appevents-config-{}", uuid::Uuid::new_v4()));
+        let sources = |environment: &str| Sources {
+            config_dir: Some(empty.clone()),
+            environment: Some(environment.to_owned()),
+            ..Sources::default()
+        };
+
+        let local = Settings::load(&sources("local")).expect("loads");
+        assert_eq!(local.secrets.active_key, "dev");
+        assert!(
+            local.read_from[1].starts_with("the built-in local settings (no "),
+            "{:?}",
+            local.read_from
+        );
+        let production = Settings::load(&sources("production")).expect("loads");
+        assert!(
+            production.secrets.active_key.is_empty(),
+            "no key but its own"
+        );
+        assert!(
+            production.read_from[1].contains("production.toml found"),
+            "{:?}",
+            production.read_from
+        );
+    }
 
     #[test]
     fn compiled_defaults_parse_and_validate() {

@@ -81,7 +81,13 @@ pub async fn run(
             ops_addr,
         });
     }
-    tracing::info!(queue = %context.topology.queue, %ops_addr, worker_id = %context.liveness.worker_id, "worker started");
+    tracing::info!(
+        queue = %context.topology.queue,
+        %ops_addr,
+        worker_id = %context.liveness.worker_id,
+        configuration = %settings.read_from.join("; "),
+        "worker started"
+    );
 
     consume::consume(&context, &settings, &stop, &abort).await;
     abort.cancel();

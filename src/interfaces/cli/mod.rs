@@ -34,6 +34,7 @@ use self::workflow::WorkflowCommand;
 use crate::config::{LogFormat, LogSettings, Settings, Sources};
 use crate::interfaces::{http, worker};
 use crate::observe::{errors, logs};
+use crate::store::vault::VaultError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -151,7 +152,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     } else {
         logs::init(&quiet_logs(&settings));
     }
-    match cli.command {
+    let read_from = settings.read_from.join(", ");
+    let result = match cli.command {
         Command::Migrate => migrate::run(&settings).await,
         Command::Worker => worker::run(settings, shutdown_signal(), None).await,
         Command::Serve => http::run(settings, shutdown_signal(), None).await,
@@ -165,7 +167,21 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(command) => dlq::run(&settings, command).await,
         Command::Secrets(command) => secrets::run(command),
         Command::Users(command) => users::run(&settings, command),
-    }
+    };
+    // A missing or unusable key depends on which files were read: say which.
+    result.map_err(|err| {
+        if err
+            .chain()
+            .any(|e| e.downcast_ref::<VaultError>().is_some())
+        {
+            anyhow::anyhow!(
+                "{}; configuration read: {read_from}",
+                errors::report_any(&err)
+            )
+        } else {
+            err
+        }
+    })
 }
 
 impl Command {
