@@ -76,6 +76,12 @@ fn cause(url: &str, err: &lapin::Error) -> String {
                     vhost(url)
                 );
             }
+            if explanation.starts_with("no exchange ") {
+                return format!(
+                    "{explanation}: `appevents migrate` or a starting worker declares it \
+                     (is the virtual host right?)"
+                );
+            }
             if message.starts_with("ACCESS_REFUSED") && explanation.starts_with("Login was refused")
             {
                 return "login refused: wrong user name or password".to_owned();

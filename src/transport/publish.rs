@@ -13,7 +13,6 @@ use crate::config::Settings;
 use crate::core::event::{self, Invalid, Limits, MessageMeta};
 use crate::transport::broker::{self, Recovery};
 use crate::transport::publisher::{self, PublishError, Publisher};
-use crate::transport::topology::Topology;
 
 /// An event to publish; without an id, one is assigned (a UUIDv7, time-ordered).
 #[derive(Debug, Clone)]
@@ -41,8 +40,11 @@ pub struct EventPublisher {
 }
 
 impl EventPublisher {
-    /// Connects and declares the topology, so events published before any worker ever ran
-    /// are queued, not dropped by a missing exchange.
+    /// Connects and checks that the exchange exists. A publisher declares nothing: the work
+    /// queue and its binding are the consumers' (`appevents migrate` and every starting
+    /// worker declare them), so a mistyped virtual host or exchange fails here, or as
+    /// unroutable when no queue is bound, instead of stranding events in a queue no worker
+    /// reads.
     pub async fn connect(
         settings: &Settings,
         recovery: Recovery,
@@ -56,10 +58,19 @@ impl EventPublisher {
         )
         .await?;
         let channel = connection.create_channel().await?;
-        Topology::new(&settings.amqp, &settings.retry.schedule)
-            .declare(&channel)
+        channel
+            .exchange_declare(
+                settings.amqp.exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                // Passive: only whether it exists; a missing exchange closes the channel.
+                lapin::options::ExchangeDeclareOptions {
+                    passive: true,
+                    ..lapin::options::ExchangeDeclareOptions::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
             .await?;
-        let _ = channel.close(200, "declared".into()).await;
+        let _ = channel.close(200, "checked".into()).await;
         let publisher = Publisher::open(&connection).await?;
         Ok(EventPublisher {
             connection,

@@ -73,7 +73,8 @@ impl Publisher {
         }
         if let Some(returned) = confirm.take_message() {
             return Err(PublishError::Unroutable(format!(
-                "{} (exchange {exchange:?}, routing key {routing_key:?})",
+                "{} (exchange {exchange:?}, routing key {routing_key:?}): no work queue is bound; \
+                 `appevents migrate` or a starting worker declares it",
                 returned.reply_text
             )));
         }

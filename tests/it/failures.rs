@@ -148,3 +148,68 @@ async fn an_ops_port_in_use_names_the_address_and_the_setting() {
     );
     drop(taken);
 }
+
+#[tokio::test]
+async fn publish_declares_nothing_and_says_what_does() {
+    let tag = tag();
+    let settings = test_settings(&tag);
+
+    // No exchange: a mistyped vhost or exchange name fails, naming the remedy.
+    let result = fails(&settings, &[], PUBLISH).await;
+    assert_one_line(
+        "no exchange",
+        result,
+        &[
+            &format!("no exchange '{}'", settings.amqp.exchange),
+            "appevents migrate",
+        ],
+    );
+
+    // The exchange without the worker's queue: unroutable, and still no queue made.
+    let connection = appevents::transport::broker::connect(
+        &amqp_url(),
+        "",
+        "appevents tests",
+        appevents::transport::broker::Recovery::None,
+    )
+    .await
+    .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            settings.amqp.exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    let result = fails(&settings, &[], PUBLISH).await;
+    let queue_exists = connection
+        .create_channel()
+        .await
+        .expect("channel")
+        .queue_declare(
+            settings.amqp.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = channel
+        .exchange_delete(
+            settings.amqp.exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = connection.close(200, "test done".into()).await;
+    assert_one_line(
+        "no queue bound",
+        result,
+        &["no work queue is bound", "appevents migrate"],
+    );
+    assert!(!queue_exists, "publish declared no queue");
+}

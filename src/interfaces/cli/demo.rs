@@ -56,6 +56,7 @@ pub(super) async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Resul
     db::migrate(&settings.database)
         .await
         .context("migrations")?;
+    super::migrate::declare_topology(&settings).await?;
     let pool = db::pool(&settings.database)?;
     let keyring = Keyring::from_settings(&settings.secrets)?;
 
