@@ -20,6 +20,7 @@ mod logs;
 mod operations;
 mod portal;
 mod portal_browser;
+mod readme;
 mod recovery;
 mod retries;
 mod security;
