@@ -1,5 +1,7 @@
 //! Logging, set up once by the binary before anything else runs.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -11,8 +13,10 @@ use crate::config::{LogFormat, LogSettings};
 pub fn init(settings: &LogSettings) {
     let configured = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.filter.clone());
     let filter = EnvFilter::new(with_quiet_libraries(&configured));
+    // Colour codes only where a person reads them, never in a file or a pipe.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second initialisation (tests, the demo inside a process that already logs) is harmless.
     let _ = match settings.format {

@@ -216,16 +216,21 @@ impl Session {
     }
 
     /// Dead-letters a whole message, for no one workflow (invalid, poison, rejected by its
-    /// payload check), and counts it under `metric`.
+    /// payload check), and counts it under its reason code (the `x-appevents-reason-code`
+    /// header's value) and, for an invalid message, what was wrong (`detail`).
     pub(crate) async fn dead_letter_message(
         &self,
         body: &[u8],
         properties: &BasicProperties,
         event: Option<&Event>,
         reason: Reason,
-        metric: &str,
+        detail: Option<&str>,
         abort: &CancellationToken,
     ) -> Result<(), Unsettled> {
+        let mut labels = label("reason", reason.code.as_str());
+        if let Some(detail) = detail {
+            labels.push(("detail", detail.to_owned()));
+        }
         let letter = DeadLetter {
             reason,
             event,
@@ -237,7 +242,7 @@ impl Session {
         self.context
             .metrics
             .dead_letters
-            .get_or_create(&label("reason", metric))
+            .get_or_create(&labels)
             .inc();
         Ok(())
     }

@@ -125,8 +125,7 @@ impl Session {
                     "poison: delivered {deliveries} times without being finished (the worker crashed, timed out or lost its connection each time)"
                 ),
             };
-            let metric = ReasonCode::Poison.as_str();
-            self.dead_letter_message(body, properties, Some(&event), reason, metric, abort)
+            self.dead_letter_message(body, properties, Some(&event), reason, None, abort)
                 .await?;
             return Ok(Outcome::Poison { deliveries });
         }
@@ -282,8 +281,7 @@ impl Session {
             code: ReasonCode::PayloadMismatch,
             text: reason.clone(),
         };
-        let metric = ReasonCode::PayloadMismatch.as_str();
-        self.dead_letter_message(body, properties, Some(event), letter, metric, abort)
+        self.dead_letter_message(body, properties, Some(event), letter, None, abort)
             .await?;
         Ok(Some(Outcome::PayloadMismatch(reason)))
     }
@@ -303,8 +301,8 @@ impl Session {
             code: ReasonCode::Invalid,
             text: format!("invalid event: {invalid}"),
         };
-        let metric = format!("invalid:{}", invalid.code());
-        self.dead_letter_message(body, properties, event, reason, &metric, abort)
+        let detail = invalid.code();
+        self.dead_letter_message(body, properties, event, reason, Some(detail), abort)
             .await?;
         Ok(Outcome::Invalid(invalid))
     }

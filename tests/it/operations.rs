@@ -341,3 +341,30 @@ async fn run_history_filters_and_metrics_move() {
     }
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_dead_letter_metric_uses_the_reason_code_of_the_header() {
+    let mut app = TestApp::new().await;
+    app.start_worker().await;
+    app.publish_raw(
+        "Contact Created",
+        br#"{"name": "Contact Created", "user_id": "u", "payload": []}"#,
+        lapin::BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await;
+    let letters = app
+        .dead_letters_until(1, std::time::Duration::from_secs(10))
+        .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].header("x-appevents-reason-code").as_deref(),
+        Some("invalid")
+    );
+    let expected = r#"appevents_dead_letters_total{reason="invalid",detail="wrong_type"} 1"#;
+    let counted = crate::support::eventually(std::time::Duration::from_secs(5), || async {
+        app.metrics().await.contains(expected)
+    })
+    .await;
+    assert!(counted, "{expected} not in\n{}", app.metrics().await);
+    app.cleanup().await;
+}
