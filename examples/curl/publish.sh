@@ -3,7 +3,7 @@
 #
 # Usage:
 #   ./publish.sh --name "Contact Created" --user user-123 \
-#     --payload '{"email": "ada@example.com"}' [--id evt_123]
+#     --payload '{"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}' [--id evt_123]
 #
 # Environment:
 #   APPEVENTS_URL      server URL (default http://127.0.0.1:8080)

@@ -4,7 +4,7 @@
 // Usage:
 //
 //	go run . --name "Contact Created" --user user-123 \
-//	  --payload '{"email": "ada@example.com"}' [--id evt_123]
+//	  --payload '{"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}' [--id evt_123]
 //
 // Environment:
 //

@@ -2,7 +2,7 @@
 //
 // Usage:
 //   java Publish --name "Contact Created" --user user-123 \
-//     --payload '{"email": "ada@example.com"}' [--id evt_123]
+//     --payload '{"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}' [--id evt_123]
 //
 // Environment:
 //   AMQP_URL            broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f)
