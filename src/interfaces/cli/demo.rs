@@ -70,7 +70,9 @@ pub(super) async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Resul
     };
     println!("stand-in CRM      {standin_url} (plays Salesforce and HubSpot)");
 
-    let example = json!({"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace", "company": "Analytical Engines"});
+    // The README's story publishes events of this shape: with `--payload-check reject` they
+    // must match it (the demo's own event adds a company, which the check allows).
+    let example = json!({"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"});
     let event = match app_events::get(&pool, EVENT).await {
         Ok(existing) => existing,
         Err(_) => app_events::create(&pool, EVENT, &example, Mode::Off).await?,
