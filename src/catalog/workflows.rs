@@ -171,7 +171,8 @@ pub async fn create(pool: &Pool, new: &NewWorkflow) -> Result<Workflow, StoreErr
                 &new.mapping,
             ],
         )
-        .await?;
+        .await
+        .map_err(|err| named(err.into(), &new.name))?;
     get(pool, id).await
 }
 
@@ -184,19 +185,35 @@ pub async fn get(pool: &Pool, id: Uuid) -> Result<Workflow, StoreError> {
     from_row(&row)
 }
 
-/// All workflows, or those of one app event (by name or id).
-pub async fn list(pool: &Pool, event: Option<&str>) -> Result<Vec<Workflow>, StoreError> {
+/// All workflows, or those of one app event (by name or id), or the one of a name (names are
+/// unique, ignoring case).
+pub async fn list(
+    pool: &Pool,
+    event: Option<&str>,
+    name: Option<&str>,
+) -> Result<Vec<Workflow>, StoreError> {
     let client = pool.get().await?;
     let event_id = event.and_then(|e| Uuid::parse_str(e).ok());
     let rows = client
         .query(
             &format!(
-                "{SELECT} where ($1::text is null or e.name = $1 or e.id = $2) order by w.created_at"
+                "{SELECT} where ($1::text is null or e.name = $1 or e.id = $2) \
+                 and ($3::text is null or lower(w.name) = lower($3)) order by w.created_at"
             ),
-            &[&event, &event_id],
+            &[&event, &event_id, &name],
         )
         .await?;
     rows.iter().map(from_row).collect()
+}
+
+/// A duplicate name, said in the user's terms.
+fn named(err: StoreError, name: &str) -> StoreError {
+    match err {
+        StoreError::Conflict(detail) if detail.contains("lower(name)") => StoreError::Conflict(
+            format!("a workflow named {name:?} exists already (names are unique, ignoring case)"),
+        ),
+        other => other,
+    }
 }
 
 pub async fn update(
@@ -221,7 +238,8 @@ pub async fn update(
              mapping = $6, updated_at = now() where id = $1",
             &[&id, &name, &app_event_id, &action, &options, &mapping],
         )
-        .await?;
+        .await
+        .map_err(|err| named(err.into(), &name))?;
     get(pool, id).await
 }
 

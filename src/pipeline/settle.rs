@@ -82,7 +82,11 @@ impl Session {
                 count_run("deferred");
             }
             Decision::Succeeded { output, .. } => {
-                tracing::info!(provider_id = output.provider_id.as_deref(), status = output.status, "run succeeded");
+                tracing::info!(
+                    provider_id = output.provider_id.as_deref(),
+                    status = output.status,
+                    "run succeeded"
+                );
                 self.record(decision, run, now, abort).await?;
                 count_run("succeeded");
             }

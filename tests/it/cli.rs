@@ -328,3 +328,39 @@ async fn connection_update_changes_only_what_is_given() {
     assert!(err.contains("nothing to update"), "{err}");
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn workflow_names_are_unique_and_find_their_id() {
+    let app = TestApp::new().await;
+    app.app_event("Contact Created").await;
+    let create = [
+        "workflow",
+        "create",
+        "--name",
+        "Contact to HubSpot",
+        "--event",
+        "Contact Created",
+        "--provider",
+        "hubspot",
+        "--action",
+        "create-contact",
+        "--mapping",
+        r#"{"email":"{{payload.email}}"}"#,
+    ];
+    let id = ok(&app, &create).await;
+
+    let mut again = create;
+    again[3] = "contact to hubspot";
+    let (code, _, err) = run(&app, &again).await;
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("exists already"), "{err}");
+
+    let found = ok(
+        &app,
+        &["workflow", "list", "--name", "Contact to HubSpot", "--ids"],
+    )
+    .await;
+    assert_eq!(found, id);
+    app.cleanup().await;
+}

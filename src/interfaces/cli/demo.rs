@@ -226,7 +226,7 @@ async fn ensure_workflow(
     options: Value,
     mapping: Value,
 ) -> anyhow::Result<workflows::Workflow> {
-    let existing = workflows::list(pool, Some(EVENT)).await?;
+    let existing = workflows::list(pool, Some(EVENT), None).await?;
     if let Some(found) = existing
         .into_iter()
         .find(|w| w.name == name && w.provider == provider)

@@ -17,10 +17,17 @@ use crate::store::{db, vault};
 pub(super) enum WorkflowCommand {
     /// Create a workflow. Prints the id.
     Create(WorkflowArgs),
+    /// Workflows: id, name, app event, provider and action.
     List {
         /// Only the workflows of this app event (name or id).
         #[arg(long)]
         event: Option<String>,
+        /// Only the workflow of this name (names are unique, ignoring case).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print only the ids, one a line (for scripts: `SF=$(appevents workflow list --name … --ids)`).
+        #[arg(long, conflicts_with = "json")]
+        ids: bool,
         #[arg(long)]
         json: bool,
     },
@@ -70,11 +77,13 @@ pub(super) struct WorkflowTestArgs {
 
 #[derive(Debug, Args)]
 pub(super) struct WorkflowArgs {
+    /// The workflow's name, unique ignoring case.
     #[arg(long)]
     name: String,
     /// The app event that triggers it (name or id).
     #[arg(long)]
     event: String,
+    /// salesforce, hubspot or http.
     #[arg(long)]
     provider: Provider,
     /// salesforce: create | upsert; hubspot: create-contact | upsert-contact; http: request.
@@ -177,10 +186,21 @@ pub(super) async fn run(settings: &Settings, command: WorkflowCommand) -> anyhow
             }
             println!("{}", created.id);
         }
-        WorkflowCommand::List { event, json } => {
-            let list = workflows::list(pool, event.as_deref()).await?;
+        WorkflowCommand::List {
+            event,
+            name,
+            ids,
+            json,
+        } => {
+            let list = workflows::list(pool, event.as_deref(), name.as_deref()).await?;
             if json {
                 return print_json(&list);
+            }
+            if ids {
+                for workflow in &list {
+                    println!("{}", workflow.id);
+                }
+                return Ok(());
             }
             let rows = list
                 .iter()

@@ -236,7 +236,7 @@ async fn list_workflows(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<WorkflowQuery>,
 ) -> Answer {
-    Ok(Json(workflows::list(&state.pool, query.event.as_deref()).await?).into_response())
+    Ok(Json(workflows::list(&state.pool, query.event.as_deref(), None).await?).into_response())
 }
 
 async fn create_workflow(
@@ -362,7 +362,7 @@ async fn delete_connection(
 // A user's workflows: which are on.
 
 async fn user_workflows(State(state): State<AppState>, ApiPath(user): ApiPath<String>) -> Answer {
-    let workflows = workflows::list(&state.pool, None).await?;
+    let workflows = workflows::list(&state.pool, None, None).await?;
     let subscriptions = subscriptions::list(&state.pool, Some(&user), None).await?;
     let listed: Vec<Value> = workflows
         .into_iter()

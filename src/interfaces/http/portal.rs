@@ -316,7 +316,7 @@ async fn portal_page(
     session: &Session,
     error: Option<String>,
 ) -> Result<PortalPage, StoreError> {
-    let all = workflows::list(&portal.pool, None).await?;
+    let all = workflows::list(&portal.pool, None, None).await?;
     let on = subscriptions::list(&portal.pool, Some(user), None).await?;
     let mut providers = Vec::new();
     for provider in PROVIDERS {

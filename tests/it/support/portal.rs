@@ -157,7 +157,7 @@ impl PortalServer {
 
     /// The id of the workflow of `provider` that [`PortalServer::workflow_ids`] made.
     pub async fn workflow_of(&self, provider: Provider) -> uuid::Uuid {
-        appevents::catalog::workflows::list(&self.app.pool, Some(CONTACT_CREATED))
+        appevents::catalog::workflows::list(&self.app.pool, Some(CONTACT_CREATED), None)
             .await
             .expect("workflows")
             .into_iter()
