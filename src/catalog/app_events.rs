@@ -169,6 +169,16 @@ async fn get_by_id(
 /// Finds an app event by id or by its current name. Managing an app event takes its
 /// current name, so a command never acts on the wrong one through a forgotten alias; the
 /// message says when the key is an alias.
+/// Whether an app event answers to `name`, as its current name or an alias (exactly: names
+/// are case-sensitive, as the worker matches them).
+pub async fn is_known_name(pool: &Pool, name: &str) -> Result<bool, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt("select 1 from app_event_names where name = $1", &[&name])
+        .await?;
+    Ok(row.is_some())
+}
+
 pub async fn get(pool: &Pool, key: &str) -> Result<AppEvent, StoreError> {
     let client = pool.get().await?;
     find(&client, key).await

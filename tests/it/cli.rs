@@ -364,3 +364,33 @@ async fn workflow_names_are_unique_and_find_their_id() {
     assert_eq!(found, id);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn publishing_a_name_no_app_event_has_warns_but_publishes() {
+    let app = TestApp::new().await;
+    app.app_event("Contact Created").await;
+    let publish = |name: &'static str| {
+        let app = &app;
+        async move {
+            run(
+                app,
+                &["publish", "--name", name, "--user", "u", "--payload", "{}"],
+            )
+            .await
+        }
+    };
+
+    let (code, out, err) = publish("Contact created").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.is_empty(), "the id is printed");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("warning: no app event is named \"Contact created\""),
+        "{err}"
+    );
+
+    let (code, _, err) = publish("Contact Created").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.is_empty(), "a known name publishes quietly: {err}");
+    app.cleanup().await;
+}

@@ -7,7 +7,9 @@ use clap::Args;
 use serde_json::Value;
 
 use super::output::json_arg;
+use crate::catalog::app_events;
 use crate::config::Settings;
+use crate::store::db;
 use crate::transport::broker::{self, Recovery};
 use crate::transport::publish::{EventPublisher, NewEvent, PublishFailure};
 
@@ -47,6 +49,7 @@ pub(super) async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Resul
     let publisher = EventPublisher::connect(settings, Recovery::None)
         .await
         .map_err(|err| anyhow!(broker::connect_failure(settings.amqp_url(), &err)))?;
+    let event_name = name.clone();
     let result = publisher
         .publish(&NewEvent {
             id: args.id,
@@ -58,7 +61,23 @@ pub(super) async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Resul
         .await;
     publisher.close().await;
     println!("{}", result?);
+    warn_if_unknown(settings, &event_name).await;
     Ok(())
+}
+
+/// An event no app event answers to is accepted and counted as unmatched, by contract; a
+/// person publishing by hand most likely mistyped it, so say so (on stderr, exit status 0).
+/// Says nothing when the catalog cannot be read: publishing does not depend on it.
+async fn warn_if_unknown(settings: &Settings, name: &str) {
+    let Ok(pool) = db::pool(&settings.database) else {
+        return;
+    };
+    if let Ok(false) = app_events::is_known_name(&pool, name).await {
+        eprintln!(
+            "warning: no app event is named {name:?} (names are case-sensitive): the event was \
+             published and will be counted as unmatched"
+        );
+    }
 }
 
 /// One event per line, `{"name", "user_id", "payload", "id"?, "occurred_at"?}`.
