@@ -172,6 +172,13 @@ pub struct Letter {
     pub body_bytes: usize,
 }
 
+/// The `name` of a body that is a JSON object with a non-empty string there.
+fn name_in_body(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let name = value.get("name")?.as_str()?;
+    (!name.trim().is_empty()).then(|| name.to_owned())
+}
+
 impl Letter {
     pub fn from_message(position: usize, body: &[u8], properties: &BasicProperties) -> Letter {
         let headers = properties.headers().as_ref();
@@ -202,7 +209,8 @@ impl Letter {
                     .as_ref()
                     .map(|id| id.as_str().to_owned())
             }),
-            event_name: text(headers::EVENT_NAME),
+            // An invalid message has no event headers; its body may still name the event.
+            event_name: text(headers::EVENT_NAME).or_else(|| name_in_body(body)),
             user_id: text(headers::USER_ID),
             workflow_id: text(headers::WORKFLOW_ID),
             provider_calls: headers::read_int(headers, headers::PROVIDER_CALLS),

@@ -368,3 +368,49 @@ async fn the_dead_letter_metric_uses_the_reason_code_of_the_header() {
     assert!(counted, "{expected} not in\n{}", app.metrics().await);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn dlq_list_names_workflows_and_the_event_of_an_invalid_letter() {
+    let mut app = TestApp::new().await;
+    app.app_event(CONTACT_CREATED).await;
+    let workflow = app
+        .workflow(
+            "Contact to HubSpot",
+            CONTACT_CREATED,
+            Provider::Hubspot,
+            "create-contact",
+            json!({}),
+            json!({"email": "{{payload.email}}"}),
+        )
+        .await;
+    let publisher = Publisher::open(&app.amqp).await.expect("publisher");
+    app.seed_dead_letter(&publisher, "evt-1", "u", workflow.id, json!({}))
+        .await;
+    app.start_worker().await;
+    app.publish_raw(
+        CONTACT_CREATED,
+        br#"{"name": "Contact Created", "user_id": "u", "payload": []}"#,
+        lapin::BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await;
+    let both = eventually(Duration::from_secs(10), || async {
+        let (_, out, _) = run(&app, &["dlq", "list", "--json"]).await;
+        serde_json::from_str::<Value>(&out)
+            .map(|v| v["report"]["matched"] == 2)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(both, "two dead letters");
+
+    let table = crate::cli::ok(&app, &["dlq", "list"]).await;
+    let rows: Vec<&str> = table.lines().skip(1).take(2).collect();
+    assert!(
+        rows[0].contains("Contact to HubSpot") && !rows[0].contains(&workflow.id.to_string()),
+        "the workflow by name, as runs list shows it: {table}"
+    );
+    assert!(
+        rows[1].contains(CONTACT_CREATED) && rows[1].contains("invalid event"),
+        "an invalid letter shows the event its body names: {table}"
+    );
+    app.cleanup().await;
+}

@@ -1,12 +1,16 @@
 //! `appevents dlq`: inspect, replay and purge the dead-letter queue.
 
+use std::collections::HashMap;
+
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use uuid::Uuid;
 
 use super::output::{print_json, print_table};
+use crate::catalog::workflows;
 use crate::config::Settings;
+use crate::store::db;
 use crate::transport::broker::{self, Recovery};
 use crate::transport::dead_letter;
 use crate::transport::topology::Topology;
@@ -85,12 +89,13 @@ impl DlqFilter {
 
 pub(super) async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
     let (connection, topology) = broker_session(settings, "appevents dlq").await?;
-    let result = walk(&connection, &topology, command).await;
+    let result = walk(settings, &connection, &topology, command).await;
     let _ = connection.close(200, "done".into()).await;
     result
 }
 
 async fn walk(
+    settings: &Settings,
     connection: &lapin::Connection,
     topology: &Topology,
     command: DlqCommand,
@@ -139,7 +144,7 @@ async fn walk(
     if json {
         print_json(&json!({"report": report, "letters": letters}))?;
     } else {
-        print_letters(&letters);
+        print_letters(&letters, &workflow_names(settings).await);
         print_report(&command, &report);
     }
     if let DlqCommand::Purge { yes: false, .. } = command
@@ -153,7 +158,23 @@ async fn walk(
     Ok(())
 }
 
-fn print_letters(letters: &[dead_letter::Letter]) {
+/// Workflow names by id, as `runs list` shows them; empty when the catalog cannot be read
+/// (the ids are shown then).
+async fn workflow_names(settings: &Settings) -> HashMap<String, String> {
+    let Ok(pool) = db::pool(&settings.database) else {
+        return HashMap::new();
+    };
+    workflows::list(&pool, None, None)
+        .await
+        .map(|list| {
+            list.into_iter()
+                .map(|w| (w.id.to_string(), w.name))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn print_letters(letters: &[dead_letter::Letter], workflow_names: &HashMap<String, String>) {
     if letters.is_empty() {
         return;
     }
@@ -170,7 +191,10 @@ fn print_letters(letters: &[dead_letter::Letter]) {
                     .unwrap_or_default(),
                 l.event_name.clone().unwrap_or_default(),
                 l.user_id.clone().unwrap_or_default(),
-                l.workflow_id.clone().unwrap_or_default(),
+                l.workflow_id
+                    .as_ref()
+                    .map(|id| workflow_names.get(id).unwrap_or(id).clone())
+                    .unwrap_or_default(),
                 l.provider_calls
                     .map(|calls| calls.to_string())
                     .unwrap_or_default(),
