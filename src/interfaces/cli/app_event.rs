@@ -14,6 +14,7 @@ use crate::store::db;
 pub(super) enum AppEventCommand {
     /// Define an app event.
     Create {
+        /// The app event's name, e.g. "Contact Created"; unique, with its aliases.
         #[arg(long)]
         name: String,
         /// Example payload: JSON, or @FILE.
@@ -39,8 +40,10 @@ pub(super) enum AppEventCommand {
         /// New name; events published under the current one keep matching (an alias).
         #[arg(long)]
         name: Option<String>,
+        /// New example payload: JSON, or @FILE.
         #[arg(long, value_name = "JSON|@FILE")]
         schema: Option<String>,
+        /// Check live payloads against the example: off (default), warn or reject.
         #[arg(long, value_name = "off|warn|reject")]
         payload_check: Option<Mode>,
         /// Stop matching events published under this old name; repeatable.

@@ -17,6 +17,7 @@ pub(super) enum ConnectionCommand {
     Create(ConnectionArgs),
     /// Connections without their secrets, with their status (active / needs_reauth).
     List {
+        /// Only this user's connections.
         #[arg(long)]
         user: Option<String>,
         #[arg(long)]

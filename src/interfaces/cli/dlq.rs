@@ -56,10 +56,13 @@ pub(super) struct DlqFilter {
     /// Event name.
     #[arg(long)]
     event: Option<String>,
+    /// Only letters of this event id.
     #[arg(long)]
     event_id: Option<String>,
+    /// Only letters of this user.
     #[arg(long)]
     user: Option<String>,
+    /// Only letters of this workflow (its id).
     #[arg(long)]
     workflow: Option<Uuid>,
     /// Substring of the reason, case-insensitive.

@@ -15,8 +15,10 @@ use crate::transport::publish::{EventPublisher, NewEvent, PublishFailure};
 
 #[derive(Debug, Args)]
 pub(super) struct PublishArgs {
+    /// The event's name (the routing key): an app event's name or alias.
     #[arg(long, required_unless_present = "file")]
     name: Option<String>,
+    /// The product's end user the event is about.
     #[arg(long, required_unless_present = "file")]
     user: Option<String>,
     /// The payload: a JSON object, or @FILE.

@@ -24,13 +24,16 @@ pub(super) enum RunsCommand {
 
 #[derive(Debug, Args)]
 pub(super) struct RunsListArgs {
+    /// Only this user's runs.
     #[arg(long)]
     user: Option<String>,
+    /// Only this workflow's runs (its id).
     #[arg(long)]
     workflow: Option<Uuid>,
     /// running | succeeded | retrying | dead
     #[arg(long, value_parser = RunStatus::parse)]
     status: Option<RunStatus>,
+    /// Only the runs of this event id.
     #[arg(long)]
     event_id: Option<String>,
     /// Only runs created at or after this RFC 3339 time, or this long ago (e.g. 1h).
@@ -39,6 +42,7 @@ pub(super) struct RunsListArgs {
     /// Only runs created before this RFC 3339 time, or this long ago.
     #[arg(long, value_parser = parse_time)]
     until: Option<time::OffsetDateTime>,
+    /// At most this many runs, newest first.
     #[arg(long, default_value_t = 100)]
     limit: i64,
     #[arg(long)]

@@ -12,18 +12,23 @@ use crate::store::db;
 pub(super) enum SubscriptionCommand {
     /// Switch a workflow on for a user (again: rebinds the connection).
     Create {
+        /// The user switching the workflow on.
         #[arg(long)]
         user: String,
+        /// The workflow's id.
         #[arg(long)]
         workflow: Uuid,
+        /// One of the user's connections for the workflow's provider.
         #[arg(long)]
         connection: Uuid,
         #[arg(long)]
         json: bool,
     },
     List {
+        /// Only this user's subscriptions.
         #[arg(long)]
         user: Option<String>,
+        /// Only this workflow's subscriptions (its id).
         #[arg(long)]
         workflow: Option<Uuid>,
         #[arg(long)]
@@ -31,8 +36,10 @@ pub(super) enum SubscriptionCommand {
     },
     /// Switch a workflow off for a user.
     Delete {
+        /// The user switching the workflow off.
         #[arg(long)]
         user: String,
+        /// The workflow's id.
         #[arg(long)]
         workflow: Uuid,
     },

@@ -33,12 +33,16 @@ pub(super) enum WorkflowCommand {
     },
     Update {
         id: Uuid,
+        /// New name (unique, ignoring case).
         #[arg(long)]
         name: Option<String>,
+        /// Another app event to trigger it (name or id).
         #[arg(long)]
         event: Option<String>,
+        /// Another action of the same provider.
         #[arg(long)]
         action: Option<String>,
+        /// New field mapping: JSON, or @FILE.
         #[arg(long, value_name = "JSON|@FILE")]
         mapping: Option<String>,
         #[command(flatten)]
