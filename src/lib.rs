@@ -7,7 +7,8 @@
 //! below (`tests/architecture.rs` keeps it so, and finds any import cycle):
 //!
 //! - [`config`]: layered settings.
-//! - [`observe`]: logs, Prometheus metrics, the health readiness reads.
+//! - [`observe`]: how an error and its causes read as one line, logs, Prometheus metrics,
+//!   the health readiness reads.
 //! - [`core`]: the domain, free of I/O: the event contract ([`core::event`]), step
 //!   failures and their kinds, providers, a connection's credentials, field mappings, payload
 //!   checks, user tokens ([`core::user_token`]) and the signed OAuth state with PKCE
