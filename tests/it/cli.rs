@@ -265,6 +265,11 @@ async fn bad_arguments_get_one_line_and_a_non_zero_exit() {
         assert_eq!(code, 1, "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains(expected), "{args:?}: {err}");
+        assert_eq!(
+            err.matches(expected).count(),
+            1,
+            "the cause is said once: {err}"
+        );
     }
     app.cleanup().await;
 }

@@ -213,3 +213,43 @@ async fn publish_declares_nothing_and_says_what_does() {
     );
     assert!(!queue_exists, "publish declared no queue");
 }
+
+#[tokio::test]
+async fn a_worker_says_which_vhost_is_missing_and_writes_no_colour_codes_to_a_pipe() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let app = crate::support::TestApp::new().await;
+    let vhost = format!("appevents-missing-{}", app.tag);
+    let url = amqp_url_with(None, Some(&vhost));
+    let mut worker = appevents_command(&app.settings, &["worker"])
+        .env("AMQP_URL", &url)
+        .env("APPEVENTS__LOG__FORMAT", "pretty")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("worker binary");
+    let mut lines = BufReader::new(worker.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    let said = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let done = line.contains(&format!("virtual host \"{vhost}\" does not exist"));
+            seen.push(line);
+            if done {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    crate::support::signal(&worker, "TERM");
+    let _ = worker.wait().await;
+    let log = seen.join("\n");
+    assert!(said, "the worker names the missing vhost: {log}");
+    assert!(!log.contains('\u{1b}'), "no colour codes in a pipe: {log}");
+    assert!(
+        !log.contains("lapin"),
+        "lapin's own lines are silenced: {log}"
+    );
+    app.cleanup().await;
+}
