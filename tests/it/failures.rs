@@ -253,3 +253,41 @@ async fn a_worker_says_which_vhost_is_missing_and_writes_no_colour_codes_to_a_pi
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_missing_key_names_the_configuration_layers_read() {
+    let tag = tag();
+    let settings = test_settings(&tag);
+    let directory = std::env::temp_dir().join(format!("appevents-nokey-{tag}"));
+    std::fs::create_dir_all(&directory).expect("temp dir");
+    let mut command = appevents_command(
+        &settings,
+        &[
+            "connection",
+            "create",
+            "--user",
+            "u",
+            "--provider",
+            "http",
+            "--base-url",
+            "http://127.0.0.1:1",
+        ],
+    );
+    command
+        .current_dir(&directory)
+        .env("APPEVENTS_ENVIRONMENT", "production")
+        .env_remove("APPEVENTS__SECRETS__ACTIVE_KEY")
+        .env_remove("APPEVENTS__SECRETS__KEYS__TEST");
+    let output = command.output().await.expect("run appevents");
+    std::fs::remove_dir_all(&directory).ok();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_one_line(
+        "no key",
+        (output.status.code().unwrap_or(-1), stderr),
+        &[
+            "no encryption key configured",
+            "configuration read: the built-in defaults, no ",
+            "config/production.toml found",
+        ],
+    );
+}
