@@ -17,6 +17,10 @@ pub fn init(settings: &LogSettings) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written is dropped: reporting it with eprintln! would
+        // panic where stderr is gone (a closed pipe), killing the task that logged it, such
+        // as the one that turns SIGTERM into a shutdown.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     // A second initialisation (tests, the demo inside a process that already logs) is harmless.
     let _ = match settings.format {

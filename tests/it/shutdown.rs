@@ -161,3 +161,39 @@ async fn sigterm_when_idle_reports_nothing_in_flight() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn sigterm_stops_a_worker_whose_log_reader_is_gone() {
+    let app = TestApp::new().await;
+    let mut worker = appevents_command(&app.settings, &["worker"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("worker binary");
+    // Wait until it consumes, then close the pipe its logs go to (a log shipper that died).
+    let queue = app.settings.amqp.queue.clone();
+    let consuming = eventually(Duration::from_secs(15), || async {
+        app.channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .is_ok_and(|q| q.consumer_count() > 0)
+    })
+    .await;
+    assert!(consuming, "the worker consumes");
+    drop(worker.stderr.take());
+
+    signal(&worker, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .expect("exits although its logs cannot be written")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    app.cleanup().await;
+}
