@@ -85,7 +85,7 @@ impl Action {
     /// The option keys an action takes. An action's known name is checked by [`Action::parse`].
     fn option_keys(provider: Provider, action: &str) -> &'static [&'static str] {
         match (provider, action) {
-            (Provider::Salesforce, "create") => &["sobject"],
+            (Provider::Salesforce, "create") => &["sobject", "match_fields"],
             (Provider::Salesforce, "upsert") => &["sobject", "external_id_field"],
             (Provider::Hubspot, "upsert-contact") => &["id_property"],
             (Provider::Http, "request") => &["url", "method", "headers"],
@@ -634,7 +634,7 @@ mod tests {
         .expect_err("refused");
         assert_eq!(
             err,
-            "salesforce create does not take option id_property: it takes only sobject"
+            "salesforce create does not take option id_property: it takes only sobject, match_fields"
         );
         let err = Action::parse_definition(
             Provider::Hubspot,
