@@ -226,6 +226,31 @@ impl Sources {
 }
 
 impl Settings {
+    /// Whether secrets are sealed with the `local` environment's development key, which is
+    /// committed and so public: fine for a demo, never for real credentials.
+    pub fn uses_development_key(&self) -> bool {
+        let local = config::Config::builder()
+            .add_source(config::File::from_str(LOCAL_TOML, config::FileFormat::Toml))
+            .build();
+        let Ok(development) = local.and_then(|l| l.get_string("secrets.keys.dev")) else {
+            return false;
+        };
+        self.secrets
+            .keys
+            .get(&self.secrets.active_key)
+            .is_some_and(|key| key.expose_secret() == development)
+    }
+
+    /// Says in the log, at a long-running command's start, that the development key is in use.
+    pub fn warn_if_development_key(&self) {
+        if self.uses_development_key() {
+            tracing::warn!(
+                "secrets are sealed with the local environment's development key, which is public: \
+                 set APPEVENTS_ENVIRONMENT=production and a key of your own before storing real credentials"
+            );
+        }
+    }
+
     /// Loads the layers named by `sources`.
     pub fn load(sources: &Sources) -> Result<Settings, config::ConfigError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(
@@ -441,6 +466,7 @@ mod tests {
 
         let local = Settings::load(&sources("local")).expect("loads");
         assert_eq!(local.secrets.active_key, "dev");
+        assert!(local.uses_development_key());
         assert!(
             local.read_from[1].starts_with("the built-in local settings (no "),
             "{:?}",
@@ -451,6 +477,7 @@ mod tests {
             production.secrets.active_key.is_empty(),
             "no key but its own"
         );
+        assert!(!production.uses_development_key());
         assert!(
             production.read_from[1].contains("production.toml found"),
             "{:?}",

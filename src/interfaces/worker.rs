@@ -81,6 +81,7 @@ pub async fn run(
             ops_addr,
         });
     }
+    settings.warn_if_development_key();
     tracing::info!(
         queue = %context.topology.queue,
         %ops_addr,

@@ -103,6 +103,7 @@ pub async fn run(
         let _ = started.send(addr);
     }
     tracing::info!(%addr, "serving the HTTP API");
+    settings.warn_if_development_key();
     let result = ops::serve(listener, app, shutdown).await;
     probe.abort();
     broker_status.abort();
