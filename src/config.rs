@@ -24,6 +24,7 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     pub worker: WorkerSettings,
     pub retry: RetrySettings,
+    pub history: HistorySettings,
     pub http: HttpSettings,
     pub salesforce: SalesforceSettings,
     pub server: ServerSettings,
@@ -91,6 +92,15 @@ pub struct RetrySettings {
     pub schedule: Vec<Duration>,
     #[serde(with = "humantime_serde")]
     pub rate_limited_min_delay: Duration,
+}
+
+/// How long run history is kept: the deduplication window.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HistorySettings {
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -332,7 +342,56 @@ impl Settings {
         if self.retry.schedule.iter().any(Duration::is_zero) {
             return fail("retry.schedule delays must be longer than zero");
         }
+        if self.history.prune_interval.is_zero() {
+            return fail("history.prune_interval must be longer than zero");
+        }
+        self.validate_retention()
+            .map_err(config::ConfigError::Message)?;
         self.validate_portal().map_err(config::ConfigError::Message)
+    }
+
+    /// The longest a run can stay unfinished: every broker-level retry waiting in the
+    /// longest retry queue (a wanted delay is rounded to one of the schedule's queues), plus
+    /// the claim lease of the try that follows each wait and of the first try.
+    pub fn longest_run_span(&self) -> Duration {
+        let longest = self
+            .retry
+            .schedule
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or_default();
+        let tries = u32::try_from(self.retry.schedule.len()).unwrap_or(u32::MAX);
+        longest.saturating_mul(tries).saturating_add(
+            self.worker
+                .claim_lease
+                .saturating_mul(tries.saturating_add(1)),
+        )
+    }
+
+    /// A run forgotten while its retry is still queued would run again as a new event: the
+    /// retention must outlast every run.
+    fn validate_retention(&self) -> Result<(), String> {
+        let span = self.longest_run_span();
+        if self.history.retention > span {
+            return Ok(());
+        }
+        Err(format!(
+            "history.retention ({}) must be longer than the longest a run can take, {} \
+             (retry.schedule: {} retries of up to {} each, plus worker.claim_lease {} per try)",
+            humantime::format_duration(self.history.retention),
+            humantime::format_duration(span),
+            self.retry.schedule.len(),
+            humantime::format_duration(
+                self.retry
+                    .schedule
+                    .iter()
+                    .max()
+                    .copied()
+                    .unwrap_or_default()
+            ),
+            humantime::format_duration(self.worker.claim_lease),
+        ))
     }
 
     /// The Connect Portal's keys and URLs, each error naming its key.
@@ -491,6 +550,25 @@ mod tests {
         assert_eq!(settings.amqp.exchange, "app_events");
         assert_eq!(settings.retry.schedule.len(), 5);
         assert_eq!(settings.retry.schedule[0], Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_retention_shorter_than_the_longest_run_is_refused_naming_both() {
+        let mut settings = Settings::defaults().expect("defaults");
+        settings.history.retention = Duration::from_secs(3600);
+
+        let error = settings
+            .validate()
+            .expect_err("an hour is shorter than the schedule");
+
+        // Five retries of up to 30 minutes, plus six claim leases of 2 minutes.
+        let message = error.to_string();
+        assert!(message.contains("history.retention (1h)"), "{message}");
+        assert!(message.contains("2h 42m"), "{message}");
+        assert!(message.contains("retry.schedule"), "{message}");
+        assert!(message.contains("worker.claim_lease 2m"), "{message}");
+        settings.history.retention = Duration::from_secs(2 * 3600 + 43 * 60);
+        settings.validate().expect("longer than every run");
     }
 
     #[test]
