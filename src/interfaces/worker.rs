@@ -1,6 +1,7 @@
 //! `appevents worker`: the worker process, wired together. It applies migrations (waiting
-//! for the database), serves the ops endpoints, keeps the resolver's change listener up and
-//! runs the consume loop until `shutdown` resolves.
+//! for the database), serves the ops endpoints, keeps the resolver's change listener up,
+//! prunes expired run history now and then, and runs the consume loop until `shutdown`
+//! resolves.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,8 +14,8 @@ use crate::interfaces::ops::{self, OpsState};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::consume;
 use crate::pipeline::context::Context;
-use crate::store::db;
 use crate::store::vault::Keyring;
+use crate::store::{db, history};
 
 /// A running worker's handles, for the binary and for tests.
 pub struct Running {
@@ -81,6 +82,12 @@ pub async fn run(
             ops_addr,
         });
     }
+    let history_task = tokio::spawn(history::maintain(
+        settings.database.clone(),
+        settings.history.clone(),
+        context.metrics.clone(),
+        abort.clone(),
+    ));
     settings.warn_if_development_key();
     tracing::info!(
         queue = %context.topology.queue,
@@ -98,6 +105,7 @@ pub async fn run(
         tracing::warn!(error = %err, "could not end the worker's claims; they lapse with the lease");
     }
     let _ = listener_task.await;
+    let _ = history_task.await;
     let _ = ops_task.await;
     tracing::info!("worker stopped");
     Ok(())

@@ -35,6 +35,12 @@ pub struct Metrics {
     /// Events whose payload does not match their app event's example, by app event (its
     /// current name), under a payload check of warn or reject.
     pub payload_mismatches: Family<Labels, Counter>,
+    /// Passes over the run history, by result: pruned, busy (another process did it), failed.
+    pub history_prunes: Family<Labels, Counter>,
+    /// Deduplication keys of expired runs deleted.
+    pub history_pruned_keys: Counter,
+    /// Daily partitions of expired runs dropped.
+    pub history_pruned_partitions: Counter,
 }
 
 fn step_histogram() -> Histogram {
@@ -115,6 +121,24 @@ impl Metrics {
             "Events whose payload does not match their app event's example, by app event",
             payload_mismatches.clone(),
         );
+        let history_prunes = Family::default();
+        registry.register(
+            "history_prunes",
+            "Passes over the run history, by result",
+            history_prunes.clone(),
+        );
+        let history_pruned_keys = Counter::default();
+        registry.register(
+            "history_pruned_keys",
+            "Deduplication keys of expired runs deleted",
+            history_pruned_keys.clone(),
+        );
+        let history_pruned_partitions = Counter::default();
+        registry.register(
+            "history_pruned_partitions",
+            "Daily partitions of expired runs dropped",
+            history_pruned_partitions.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -128,6 +152,9 @@ impl Metrics {
             token_refreshes,
             ingested,
             payload_mismatches,
+            history_prunes,
+            history_pruned_keys,
+            history_pruned_partitions,
         }
     }
 

@@ -6,6 +6,11 @@
 //! alive (its row in `workers`, renewed by [`crate::pipeline::liveness`], has lapsed); so
 //! two workers never execute the same run at once, and a succeeded run is never executed
 //! again. Both statements take many runs at once (`unnest`), one round trip each.
+//!
+//! The uniqueness lives in the deduplication keys (`run_keys`, see `store::history`): each
+//! statement first inserts the keys of new runs, then writes each run in the partition its
+//! key names. History older than `history.retention` is dropped with its keys, so an event
+//! id seen again after that is a new event.
 
 use std::time::Duration;
 
@@ -17,6 +22,7 @@ use uuid::Uuid;
 
 use crate::core::failure::Failure;
 use crate::store::db::StoreError;
+use crate::store::history::run_keys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -110,13 +116,18 @@ pub struct RunRecord {
 
 /// A running run may be taken over once its worker's liveness has lapsed; a run whose worker
 /// row is gone (or that has no worker) falls back to the lease it was claimed with.
-const CLAIM: &str = "insert into runs as r (id, user_id, event_id, event_name, workflow_id, \
+const CLAIM: &str = concat!(
+    "with q as (select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], \
+     $6::uuid[], $7::uuid[]) as q(run_id, user_id, event_id, event_name, workflow_id, \
+     connection_id, token)), ",
+    run_keys!("q", "run_id"),
+    " insert into runs as r (id, created_at, user_id, event_id, event_name, workflow_id, \
      connection_id, status, claims, claim_token, claimed_until, claimed_by) \
-     select q.run_id, q.user_id, q.event_id, q.event_name, q.workflow_id, q.connection_id, \
-     'running', 1, q.token, now() + make_interval(secs => $8), $9 \
-     from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::uuid[]) \
-     as q(run_id, user_id, event_id, event_name, workflow_id, connection_id, token) \
-     on conflict (user_id, event_id, workflow_id) do update set \
+     select k.run_id, k.created_at, q.user_id, q.event_id, q.event_name, q.workflow_id, \
+     q.connection_id, 'running', 1, q.token, now() + make_interval(secs => $8), $9 \
+     from q join keys k on k.event_id = q.event_id and k.user_id = q.user_id \
+     and k.workflow_id = q.workflow_id \
+     on conflict (id, created_at) do update set \
      status = 'running', claims = r.claims + 1, \
      abandoned = r.abandoned + case when r.status = 'running' then 1 else 0 end, \
      claim_token = excluded.claim_token, claimed_until = excluded.claimed_until, \
@@ -124,42 +135,52 @@ const CLAIM: &str = "insert into runs as r (id, user_id, event_id, event_name, w
      where r.status = 'retrying' or (r.status = 'running' and coalesce( \
      (select w.alive_until from workers w where w.id = r.claimed_by), r.claimed_until) < now()) \
      returning r.user_id, r.event_id, r.workflow_id, r.id, r.claim_token, r.abandoned, r.attempts, \
-     r.claims, r.created_at";
+     r.claims, r.created_at"
+);
 
+/// A run is found through its key: the key holds its id and partition.
 const REVIVE: &str = "update runs r set status = 'retrying', updated_at = now() \
      from unnest($1::text[], $2::text[], $3::uuid[]) as q(user_id, event_id, workflow_id) \
-     where r.user_id = q.user_id and r.event_id = q.event_id and r.workflow_id = q.workflow_id \
-     and r.status = 'dead'";
+     join run_keys k on k.user_id = q.user_id and k.event_id = q.event_id \
+     and k.workflow_id = q.workflow_id \
+     where r.id = k.run_id and r.created_at = k.created_at and r.status = 'dead'";
 
 /// Seconds left of a held run's hold, as the database's clock sees it (workers' clocks may
 /// differ from it and from each other).
 const STATUS: &str = "select r.user_id, r.event_id, r.workflow_id, r.status, \
      greatest(extract(epoch from coalesce(w.alive_until, r.claimed_until, now()) - now()), 0)::float8 \
-     from runs r join unnest($1::text[], $2::text[], $3::uuid[]) as q(user_id, event_id, workflow_id) \
-     on r.user_id = q.user_id and r.event_id = q.event_id and r.workflow_id = q.workflow_id \
+     from unnest($1::text[], $2::text[], $3::uuid[]) as q(user_id, event_id, workflow_id) \
+     join run_keys k on k.user_id = q.user_id and k.event_id = q.event_id \
+     and k.workflow_id = q.workflow_id \
+     join runs r on r.id = k.run_id and r.created_at = k.created_at \
      left join workers w on w.id = r.claimed_by";
 
 /// Writes an outcome where the claim is still this worker's. An upsert, not an update: the
 /// outcome is durable even if the claim itself was lost (claims are committed without
 /// waiting for the disk, see `db::claims_pool`, and a Postgres crash can drop the last ones).
-const RECORD: &str = "insert into runs as r (id, user_id, event_id, event_name, workflow_id, \
-     connection_id, status, attempts, provider_id, last_error, next_attempt_at, claims, claim_token, \
-     finished_at) \
-     select u.id, u.user_id, u.event_id, u.event_name, u.workflow_id, u.connection_id, u.status, \
-     u.attempts, u.provider_id, u.last_error, u.next_attempt_at, 1, u.token, \
-     case when u.status in ('succeeded', 'dead') then now() end \
-     from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::jsonb[], \
-     $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::uuid[], $12::uuid[]) \
-     as u(id, token, status, attempts, provider_id, last_error, next_attempt_at, user_id, event_id, \
-     event_name, workflow_id, connection_id) \
-     on conflict (user_id, event_id, workflow_id) do update set status = excluded.status, \
+const RECORD: &str = concat!(
+    "with u as (select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], \
+     $5::text[], $6::jsonb[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], \
+     $11::uuid[], $12::uuid[]) as u(id, token, status, attempts, provider_id, last_error, \
+     next_attempt_at, user_id, event_id, event_name, workflow_id, connection_id)), ",
+    run_keys!("u", "id"),
+    " insert into runs as r (id, created_at, user_id, event_id, event_name, workflow_id, \
+     connection_id, status, attempts, provider_id, last_error, next_attempt_at, claims, \
+     claim_token, finished_at) \
+     select k.run_id, k.created_at, u.user_id, u.event_id, u.event_name, u.workflow_id, \
+     u.connection_id, u.status, u.attempts, u.provider_id, u.last_error, u.next_attempt_at, 1, \
+     u.token, case when u.status in ('succeeded', 'dead') then now() end \
+     from u join keys k on k.event_id = u.event_id and k.user_id = u.user_id \
+     and k.workflow_id = u.workflow_id \
+     on conflict (id, created_at) do update set status = excluded.status, \
      attempts = r.attempts + excluded.attempts, \
      provider_id = coalesce(excluded.provider_id, r.provider_id), last_error = excluded.last_error, \
      next_attempt_at = excluded.next_attempt_at, claim_token = null, claimed_until = null, \
      claimed_by = null, \
      finished_at = excluded.finished_at, updated_at = now() \
      where r.claim_token = excluded.claim_token \
-     returning r.id";
+     returning r.id"
+);
 
 type Key = (String, String, Uuid);
 
@@ -403,7 +424,8 @@ pub async fn list(pool: &Pool, filter: &RunFilter) -> Result<Vec<Run>, StoreErro
                 "{SELECT_RUNS} where ($1::text is null or r.user_id = $1) \
                  and ($2::uuid is null or r.workflow_id = $2) \
                  and ($3::text is null or r.status = $3) \
-                 and ($4::text is null or r.event_id = $4) \
+                 and ($4::text is null or (r.id, r.created_at) in \
+                 (select run_id, created_at from run_keys where event_id = $4)) \
                  and ($5::timestamptz is null or r.created_at >= $5) \
                  and ($6::timestamptz is null or r.created_at < $6) \
                  order by r.created_at desc, r.id desc limit $7"

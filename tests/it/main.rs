@@ -14,6 +14,7 @@ mod end_to_end;
 mod examples;
 mod failures;
 mod faults;
+mod history;
 mod hostile;
 mod ingest;
 mod logs;

@@ -8,7 +8,9 @@ use appevents::transport::publisher::Publisher;
 use appevents_standin::{self as standin, Faults};
 use serde_json::{Value, json};
 
-use crate::support::{CONTACT_CREATED, TestApp, appevents_command, eventually, signal};
+use crate::support::{
+    CONTACT_CREATED, TestApp, appevents_command, eventually, failing_crm, signal,
+};
 
 /// Runs the binary; returns (status code, stdout, stderr).
 async fn run(app: &TestApp, args: &[&str]) -> (i32, String, String) {
@@ -24,7 +26,7 @@ async fn run(app: &TestApp, args: &[&str]) -> (i32, String, String) {
 }
 
 /// A Salesforce create workflow whose record names the event, so duplicates show.
-async fn salesforce_workflow(app: &TestApp, crm: &str, user: &str) -> uuid::Uuid {
+pub(crate) async fn salesforce_workflow(app: &TestApp, crm: &str, user: &str) -> uuid::Uuid {
     let workflow = app
         .workflow(
             &format!("sf {user}"),
@@ -106,12 +108,7 @@ async fn replay_moves_exactly_the_matching_letters_and_leaves_the_rest_in_order(
 
 #[tokio::test]
 async fn a_replayed_event_succeeds_once_the_crm_is_fixed() {
-    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
-    crm.standin.set_faults(Faults {
-        fail_rate: 1.0,
-        fail_status: 503,
-        ..Faults::default()
-    });
+    let crm = failing_crm(503).await;
     let mut app = TestApp::new().await;
     app.app_event(CONTACT_CREATED).await;
     salesforce_workflow(&app, &crm.url(), "u").await;

@@ -19,9 +19,12 @@ async fn hold_run(app: &TestApp, user: &str, event_id: &str, workflow: Uuid, hol
     let client = app.pool.get().await.expect("client");
     client
         .execute(
-            "insert into runs (id, user_id, event_id, event_name, workflow_id, status, claims, \
-             claim_token, claimed_until) \
-             values ($1, $2, $3, $4, $5, 'running', 1, $6, now() + make_interval(secs => $7))",
+            "with key as (insert into run_keys (workflow_id, run_id, created_at, event_id, user_id) \
+             values ($5, $1, now(), $3, $2) returning run_id, created_at) \
+             insert into runs (id, created_at, user_id, event_id, event_name, workflow_id, status, \
+             claims, claim_token, claimed_until) \
+             select run_id, created_at, $2, $3, $4, $5, 'running', 1, $6, \
+             now() + make_interval(secs => $7) from key",
             &[
                 &Uuid::now_v7(),
                 &user,

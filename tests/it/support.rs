@@ -934,3 +934,16 @@ pub fn record_emails(crm: &appevents_standin::Running) -> Vec<String> {
         })
         .collect()
 }
+
+/// A stand-in CRM that answers every call with `status`, until its faults are cleared.
+pub async fn failing_crm(status: u16) -> appevents_standin::Running {
+    let crm = appevents_standin::spawn("127.0.0.1:0")
+        .await
+        .expect("stand-in");
+    crm.standin.set_faults(appevents_standin::Faults {
+        fail_rate: 1.0,
+        fail_status: status,
+        ..appevents_standin::Faults::default()
+    });
+    crm
+}

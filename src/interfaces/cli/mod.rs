@@ -6,6 +6,7 @@ mod app_event;
 mod connection;
 mod demo;
 mod dlq;
+mod history;
 mod migrate;
 mod output;
 mod publish;
@@ -25,6 +26,7 @@ use self::app_event::AppEventCommand;
 use self::connection::ConnectionCommand;
 use self::demo::DemoArgs;
 use self::dlq::DlqCommand;
+use self::history::HistoryCommand;
 use self::publish::PublishArgs;
 use self::runs::RunsCommand;
 use self::secrets::SecretsCommand;
@@ -77,6 +79,9 @@ enum Command {
     /// Run history.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Retention of the run history (the deduplication window).
+    #[command(subcommand)]
+    History(HistoryCommand),
     /// Inspect, replay and purge the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -164,6 +169,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Subscription(command) => subscription::run(&settings, command).await,
         Command::Publish(args) => publish::run(&settings, args).await,
         Command::Runs(command) => runs::run(&settings, command).await,
+        Command::History(command) => history::run(&settings, command).await,
         Command::Dlq(command) => dlq::run(&settings, command).await,
         Command::Secrets(command) => secrets::run(command),
         Command::Users(command) => users::run(&settings, command),
