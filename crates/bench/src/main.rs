@@ -50,6 +50,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
+mod history;
+
 const EVENT: &str = "Contact Created";
 const BENCH_KEY: &str = "YmVuY2gtYmVuY2gtYmVuY2gtYmVuY2gtYmVuY2ghISE=";
 
@@ -68,6 +70,10 @@ struct Args {
     /// Also drain a backlog of this many events and report the worker's peak RSS.
     #[arg(long, default_value_t = 0)]
     backlog: usize,
+    /// Instead of the phases above: fill the run store with this many runs over 30 days and
+    /// measure it beside the empty store (claim, record, drain, listings, dropping a day).
+    #[arg(long, default_value_t = 0)]
+    history: i64,
     /// Runs of each throughput phase; the median is reported with the range.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -116,7 +122,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let bench = Bench::setup(args).await?;
-    let result = bench.run().await;
+    let result = if bench.args.history > 0 {
+        bench.history(bench.args.history).await
+    } else {
+        bench.run().await
+    };
     bench.teardown().await;
     result
 }
@@ -717,6 +727,9 @@ impl Bench {
                 &s.amqp.dead_letter_queue,
             )
             .env("APPEVENTS__WORKER__OPS_LISTEN", &ops)
+            // The worker's own pruning pass must not run inside a measurement (`--history`
+            // times its own drop of a day).
+            .env("APPEVENTS__HISTORY__RETENTION", "400d")
             .env("APPEVENTS__SECRETS__ACTIVE_KEY", "bench")
             .env("APPEVENTS__SECRETS__KEYS__BENCH", BENCH_KEY)
             .env("RUST_LOG", "warn")
