@@ -356,3 +356,21 @@ async fn a_replayed_dead_letter_of_an_expired_run_runs_as_a_new_event() {
     assert_eq!(crm.standin.records().len(), 1);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_worker_refuses_a_retention_shorter_than_a_run_can_take() {
+    let settings = test_settings(&Uuid::new_v4().simple().to_string()[..12]);
+
+    // The test schedule: two retries of up to 400 ms, and a lease of 5 s per try.
+    let output = appevents_command(&settings, &["worker"])
+        .env("APPEVENTS__HISTORY__RETENTION", "10s")
+        .output()
+        .await
+        .expect("run the worker");
+
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains("history.retention (10s)"), "{err}");
+    assert!(err.contains("15s 800ms"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
