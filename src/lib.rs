@@ -13,8 +13,9 @@
 //!   failures and their kinds, providers, a connection's credentials, field mappings, payload
 //!   checks, user tokens ([`core::user_token`]) and the signed OAuth state with PKCE
 //!   ([`core::authorization`]).
-//! - [`store`]: Postgres (pool, migrations, TLS), the vault that seals secrets, the pages'
-//!   browser sessions.
+//! - [`store`]: Postgres (pool, migrations, TLS), the run history's daily partitions and
+//!   their pruning ([`store::history`]), the vault that seals secrets, the pages' browser
+//!   sessions.
 //! - [`transport`]: RabbitMQ: connections, the topology, our headers and the routing they
 //!   carry, confirmed publishing, events published by the CLI and ingest, dead letters.
 //! - `integrations`: the steps (Salesforce, HubSpot, generic HTTP), the classification of

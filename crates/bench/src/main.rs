@@ -17,6 +17,8 @@
 //!    delays the measurements after it instead of hiding them (no coordinated omission);
 //! 4. with `--backlog`, the worker's peak RSS while draining that many queued events.
 //!
+//! `--history N` measures the run store instead: see the `history` module.
+//!
 //! Printed: events/s and the ratio to the ceiling, latency percentiles, the worker's peak RSS
 //! and CPU time per event.
 
@@ -74,6 +76,10 @@ struct Args {
     /// measure it beside the empty store (claim, record, drain, listings, dropping a day).
     #[arg(long, default_value_t = 0)]
     history: i64,
+    /// The database to create, use and drop (default `appevents_bench_` and a random tag,
+    /// which `ops/clean-test-leftovers.sh` drops if a run is interrupted).
+    #[arg(long)]
+    database_name: Option<String>,
     /// Runs of each throughput phase; the median is reported with the range.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -136,7 +142,11 @@ impl Bench {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let mut settings = Settings::defaults()?;
         let mut url = db::pg_config(&args.database_url)?;
-        url.dbname(format!("appevents_bench_{tag}"));
+        let name = args
+            .database_name
+            .clone()
+            .unwrap_or_else(|| format!("appevents_bench_{tag}"));
+        url.dbname(&name);
         settings.database.url = SecretString::from(libpq_url(&url));
         settings.amqp.url = SecretString::from(args.amqp_url.clone());
         settings.amqp.exchange = format!("bench.{tag}.events");
@@ -754,6 +764,13 @@ impl Bench {
         Ok(Worker { child, pid, ops })
     }
 
+    fn database_name(&self) -> String {
+        db::pg_config(self.settings.database_url())
+            .ok()
+            .and_then(|config| config.get_dbname().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     async fn teardown(mut self) {
         let _ = self.standin.kill().await;
         let channel = self.amqp.create_channel().await;
@@ -784,8 +801,8 @@ impl Bench {
             tokio::spawn(connection);
             let _ = client
                 .batch_execute(&format!(
-                    "drop database if exists \"appevents_bench_{}\" with (force)",
-                    self.tag
+                    "drop database if exists \"{}\" with (force)",
+                    self.database_name().replace('"', "\"\"")
                 ))
                 .await;
         }
