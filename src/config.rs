@@ -351,8 +351,9 @@ impl Settings {
     }
 
     /// The longest a run can stay unfinished: every broker-level retry waiting in the
-    /// longest retry queue (a wanted delay is rounded to one of the schedule's queues), plus
-    /// the claim lease of the try that follows each wait and of the first try.
+    /// longest retry queue (a wanted delay is rounded to one of the schedule's queues), plus,
+    /// for the first try and the one after each wait, the longest a live worker may run it
+    /// (`worker.run_timeout`) and the lease a dead worker's claim outlives it by.
     pub fn longest_run_span(&self) -> Duration {
         let longest = self
             .retry
@@ -364,7 +365,8 @@ impl Settings {
         let tries = u32::try_from(self.retry.schedule.len()).unwrap_or(u32::MAX);
         longest.saturating_mul(tries).saturating_add(
             self.worker
-                .claim_lease
+                .run_timeout
+                .saturating_add(self.worker.claim_lease)
                 .saturating_mul(tries.saturating_add(1)),
         )
     }
@@ -378,7 +380,8 @@ impl Settings {
         }
         Err(format!(
             "history.retention ({}) must be longer than the longest a run can take, {} \
-             (retry.schedule: {} retries of up to {} each, plus worker.claim_lease {} per try)",
+             (retry.schedule: {} retries of up to {} each, plus worker.run_timeout {} and \
+             worker.claim_lease {} per try)",
             humantime::format_duration(self.history.retention),
             humantime::format_duration(span),
             self.retry.schedule.len(),
@@ -390,6 +393,7 @@ impl Settings {
                     .copied()
                     .unwrap_or_default()
             ),
+            humantime::format_duration(self.worker.run_timeout),
             humantime::format_duration(self.worker.claim_lease),
         ))
     }
@@ -561,13 +565,15 @@ mod tests {
             .validate()
             .expect_err("an hour is shorter than the schedule");
 
-        // Five retries of up to 30 minutes, plus six claim leases of 2 minutes.
+        // Five retries of up to 30 minutes, plus six tries of a 90 s run timeout and a 15 s
+        // claim lease each.
         let message = error.to_string();
         assert!(message.contains("history.retention (1h)"), "{message}");
-        assert!(message.contains("2h 42m"), "{message}");
+        assert!(message.contains("2h 40m 30s"), "{message}");
         assert!(message.contains("retry.schedule"), "{message}");
-        assert!(message.contains("worker.claim_lease 2m"), "{message}");
-        settings.history.retention = Duration::from_secs(2 * 3600 + 43 * 60);
+        assert!(message.contains("worker.run_timeout 1m 30s"), "{message}");
+        assert!(message.contains("worker.claim_lease 15s"), "{message}");
+        settings.history.retention = Duration::from_secs(2 * 3600 + 41 * 60);
         settings.validate().expect("longer than every run");
     }
 

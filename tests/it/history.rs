@@ -24,6 +24,8 @@ mod embedded {
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const LEASE: Duration = Duration::from_secs(60);
+/// Claims in these tests are made by no live worker: they last their lease.
+const WORKER: Uuid = Uuid::from_u128(0x1);
 
 fn request(user: &str, event_id: &str, workflow: Uuid) -> ClaimRequest {
     ClaimRequest {
@@ -101,6 +103,7 @@ async fn a_run_stays_unique_across_a_partition_boundary() {
             request("u", "evt-done", workflow),
             request("u", "evt-wait", workflow),
         ],
+        WORKER,
         LEASE,
     )
     .await
@@ -166,16 +169,21 @@ async fn pruning_drops_whole_expired_days_and_an_expired_event_id_is_new_again()
     // From 40 days ago to 31 (the day 30 days ago is partly in the window): ten days.
     assert_eq!(pruned.partitions.len(), 10, "{:?}", pruned.partitions);
     assert_eq!(counts(&client).await, (1, 1));
-    let claimed = runs::claim(&client, &[request("u", "evt-old", workflow)], LEASE)
+    let claimed = runs::claim(&client, &[request("u", "evt-old", workflow)], WORKER, LEASE)
         .await
         .expect("claim");
     let Claimed::Run(claim) = &claimed[0] else {
         panic!("an expired event id is a new event: {claimed:?}");
     };
     assert_ne!(claim.run_id, old);
-    let recent = runs::claim(&client, &[request("u", "evt-recent", workflow)], LEASE)
-        .await
-        .expect("claim");
+    let recent = runs::claim(
+        &client,
+        &[request("u", "evt-recent", workflow)],
+        WORKER,
+        LEASE,
+    )
+    .await
+    .expect("claim");
     assert_eq!(recent[0], Claimed::AlreadySucceeded, "within the window");
     app.cleanup().await;
 }
@@ -271,6 +279,7 @@ async fn a_database_with_history_keeps_it_when_migrated_to_partitions() {
             request("user-2", "evt-2", workflow),
             request("user-1", "evt-1", workflow),
         ],
+        WORKER,
         LEASE,
     )
     .await
@@ -361,7 +370,8 @@ async fn a_replayed_dead_letter_of_an_expired_run_runs_as_a_new_event() {
 async fn a_worker_refuses_a_retention_shorter_than_a_run_can_take() {
     let settings = test_settings(&Uuid::new_v4().simple().to_string()[..12]);
 
-    // The test schedule: two retries of up to 400 ms, and a lease of 5 s per try.
+    // The test schedule: two retries of up to 400 ms, then per try (three) the run timeout of
+    // 90 s and a lease of 5 s.
     let output = appevents_command(&settings, &["worker"])
         .env("APPEVENTS__HISTORY__RETENTION", "10s")
         .output()
@@ -371,6 +381,6 @@ async fn a_worker_refuses_a_retention_shorter_than_a_run_can_take() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{err}");
     assert!(err.contains("history.retention (10s)"), "{err}");
-    assert!(err.contains("15s 800ms"), "{err}");
+    assert!(err.contains("4m 45s 800ms"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
