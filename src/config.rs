@@ -325,6 +325,7 @@ impl Settings {
         if self.worker.concurrency == 0 {
             return fail("worker.concurrency must be at least 1");
         }
+        amqp_nodes(self.amqp_url()).map_err(config::ConfigError::Message)?;
         if self.amqp.prefetch == 0 {
             return fail("amqp.prefetch must be at least 1");
         }
@@ -447,6 +448,41 @@ impl Settings {
     pub fn amqp_url(&self) -> &str {
         self.amqp.url.expose_secret()
     }
+}
+
+/// The nodes of `amqp.url`, in the order they are tried: one `amqp://` or `amqps://` URL, or
+/// several separated by commas (the nodes of one cluster). Errors name the node by its
+/// position, never by its text, which may hold a password.
+pub fn amqp_nodes(url: &str) -> Result<Vec<&str>, String> {
+    let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+    let count = nodes.len();
+    for (index, node) in nodes.iter().enumerate() {
+        let which = if count == 1 {
+            "amqp.url".to_owned()
+        } else {
+            format!("amqp.url: node {} of {count}", index + 1)
+        };
+        if node.is_empty() {
+            return Err(format!(
+                "{which} is empty (several nodes are written amqp://host-a:5672/vhost,amqp://host-b:5672/vhost)"
+            ));
+        }
+        let parsed = reqwest::Url::parse(node).map_err(|e| format!("{which} is not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "amqp" | "amqps") || parsed.host_str().is_none() {
+            return Err(format!(
+                "{which} must be an amqp:// or amqps:// URL with a host"
+            ));
+        }
+        // What the client itself accepts (its query options, say); its message may quote
+        // the URL, so only the kind of error is kept.
+        node.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            format!(
+                "{which} is not an AMQP URL: {}",
+                e.split(':').next().unwrap_or("invalid")
+            )
+        })?;
+    }
+    Ok(nodes)
 }
 
 /// HS256 keys shorter than the hash are weak (RFC 7518 §3.2).
@@ -630,6 +666,34 @@ mod tests {
         let err = Settings::load(&sources).expect_err("refused");
         assert!(err.to_string().contains("worker.concurrency"), "{err}");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn several_amqp_nodes_are_separated_by_commas_and_bad_ones_refused() {
+        assert_eq!(
+            amqp_nodes("amqp://u:p@a:5672/%2f, amqps://u:p@b:5671/%2f").expect("two nodes"),
+            vec!["amqp://u:p@a:5672/%2f", "amqps://u:p@b:5671/%2f"]
+        );
+        assert_eq!(amqp_nodes("amqp://a/%2f").expect("one").len(), 1);
+        for (url, says) in [
+            ("amqp://a/%2f,", "node 2 of 2 is empty"),
+            ("amqp://a/%2f, ,amqp://b", "node 2 of 3 is empty"),
+            (
+                "http://u:secret@a/%2f,amqp://b",
+                "node 1 of 2 must be an amqp:// or amqps://",
+            ),
+            (
+                "amqp://u:secret@a/%2f,b:5672",
+                "node 2 of 2 must be an amqp://",
+            ),
+            ("amqp://u:secret@a/%2f,rmq2", "node 2 of 2 is not a URL"),
+            ("", "amqp.url is empty"),
+        ] {
+            let err = amqp_nodes(url).expect_err(url);
+            assert!(err.contains(says), "{url}: {err}");
+            assert!(!err.contains("secret"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 
     fn refused(toml: &str) -> String {

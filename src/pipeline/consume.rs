@@ -36,13 +36,21 @@ pub async fn consume(
     stop: &CancellationToken,
     abort: &CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(200);
+    const FIRST_DELAY: Duration = Duration::from_millis(200);
+    let mut delay = FIRST_DELAY;
     while !stop.is_cancelled() {
-        match session(context, settings, stop, abort).await {
+        let mut consumed = false;
+        match session(context, settings, stop, abort, &mut consumed).await {
             Ok(()) => break,
             Err(err) => {
                 context.health.set_broker(None);
                 context.metrics.consumer_connected.set(0);
+                // A session that consumed lost a working connection (its node stopped, say):
+                // the next one starts after the shortest delay, with the first node that
+                // answers. Only failures to connect back off further.
+                if consumed {
+                    delay = FIRST_DELAY;
+                }
                 tracing::error!(error = %report_any(&err), retry_in = ?delay, "broker session ended; reconnecting");
             }
         }
@@ -60,6 +68,7 @@ async fn session(
     settings: &Settings,
     stop: &CancellationToken,
     abort: &CancellationToken,
+    consumed: &mut bool,
 ) -> anyhow::Result<()> {
     let name = format!("appevents worker {}", std::process::id());
     let connection = broker::connect(
@@ -70,8 +79,8 @@ async fn session(
     )
     .await
     .map_err(|err| anyhow::anyhow!(broker::connect_failure(settings.amqp_url(), &err)))?;
+    context.topology.declare(&connection).await?;
     let channel = connection.create_channel().await?;
-    context.topology.declare(&channel).await?;
     // The broker hands at most `prefetch` unacknowledged messages to this worker: the bound
     // on what it holds in memory.
     channel
@@ -94,6 +103,7 @@ async fn session(
         .await?;
     context.health.set_broker(Some(connection.status().clone()));
     context.metrics.consumer_connected.set(1);
+    *consumed = true;
 
     let session_abort = abort.child_token();
     let semaphore = Arc::new(Semaphore::new(settings.worker.concurrency));

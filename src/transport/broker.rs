@@ -1,11 +1,16 @@
 //! RabbitMQ connections: how every process reaches the broker, and whether the connection
 //! recovers by itself.
+//!
+//! `amqp.url` names one node or several (the nodes of a cluster, comma-separated). A
+//! connection goes to the first node that answers, trying them in order; when it is lost, a
+//! new one is made the same way, so a stopped node's clients move to the next node.
 
 use std::time::Duration;
 
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 
+use crate::config::amqp_nodes;
 use crate::observe::errors::report;
 
 /// Whether a connection reconnects by itself. Long-running processes recover; one-shot
@@ -16,7 +21,59 @@ pub enum Recovery {
     None,
 }
 
+/// How long one node may take to accept a connection before the next one is tried.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the first node of `url` that accepts. With a single node, `Automatic`
+/// recovery redials that node in place; with several, the connection does not recover by
+/// itself: its owner makes a new one, which goes to whichever node answers.
 pub async fn connect(
+    url: &str,
+    tls_ca_file: &str,
+    name: &str,
+    recovery: Recovery,
+) -> Result<Connection, lapin::Error> {
+    let nodes = amqp_nodes(url).map_err(invalid)?;
+    let recovery = if nodes.len() > 1 {
+        Recovery::None
+    } else {
+        recovery
+    };
+    let mut last_error = None;
+    for (index, node) in nodes.iter().enumerate() {
+        match tokio::time::timeout(
+            NODE_CONNECT_TIMEOUT,
+            connect_node(node, tls_ca_file, name, recovery),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(err)) => {
+                if nodes.len() > 1 {
+                    tracing::warn!(node = index + 1, error = %report(&err), "broker node unreachable; trying the next");
+                }
+                last_error = Some(err);
+            }
+            Err(_) => {
+                tracing::warn!(node = index + 1, timeout = ?NODE_CONNECT_TIMEOUT, "broker node did not answer; trying the next");
+                last_error = Some(lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {NODE_CONNECT_TIMEOUT:?}"),
+                )));
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| invalid("amqp.url names no node".to_owned())))
+}
+
+fn invalid(message: String) -> lapin::Error {
+    lapin::Error::from(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        message,
+    ))
+}
+
+async fn connect_node(
     url: &str,
     tls_ca_file: &str,
     name: &str,
@@ -93,20 +150,32 @@ fn cause(url: &str, err: &lapin::Error) -> String {
     }
 }
 
-/// The URL without its password.
+/// The URL without its password; each node's, when it names several.
 fn redacted(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) => {
-            let _ = parsed.set_password(None);
-            parsed.to_string()
-        }
-        Err(_) => "the configured URL".to_owned(),
-    }
+    let Ok(nodes) = amqp_nodes(url) else {
+        return "the configured URL".to_owned();
+    };
+    let nodes: Vec<String> = nodes
+        .into_iter()
+        .map(|node| match reqwest::Url::parse(node) {
+            Ok(mut parsed) => {
+                let _ = parsed.set_password(None);
+                parsed.to_string()
+            }
+            Err(_) => "the configured URL".to_owned(),
+        })
+        .collect();
+    nodes.join(",")
 }
 
-/// The virtual host a URL names: its path, percent-decoded (`/` when empty).
+/// The virtual host a URL names: its path, percent-decoded (`/` when empty). The nodes of a
+/// cluster share their virtual hosts, so the first node's is every node's.
 fn vhost(url: &str) -> String {
-    let path = reqwest::Url::parse(url)
+    let first = amqp_nodes(url)
+        .ok()
+        .and_then(|nodes| nodes.first().copied())
+        .unwrap_or(url);
+    let path = reqwest::Url::parse(first)
         .map(|u| u.path().trim_start_matches('/').to_owned())
         .unwrap_or_default();
     let decoded = percent_encoding::percent_decode_str(&path)
@@ -134,5 +203,13 @@ mod tests {
         assert!(!line.contains("secret"), "{line}");
         assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
         assert_eq!(vhost("amqp://h:5672/team%2Fa"), "team/a");
+        let cluster = connect_failure("amqp://u:p1@a:5672/v,amqp://u:p2@b:5672/v", &err);
+        assert!(
+            cluster.starts_with(
+                "cannot connect to the broker at amqp://u@a:5672/v,amqp://u@b:5672/v: "
+            ),
+            "{cluster}"
+        );
+        assert_eq!(vhost("amqp://a:5672/team,amqp://b:5672/team"), "team");
     }
 }

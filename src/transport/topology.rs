@@ -7,12 +7,15 @@
 //!   holds waits what is left of that worker's lease (each message's own expiration), then
 //!   goes back to the work queue;
 //! - `appevents.dead`: durable classic queue of what could not be processed.
+//!
+//! On a cluster the quorum queues have a replica on every node; the classic dead-letter queue
+//! lives on one node, and while that node is down the rest is declared and used without it.
 
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::AmqpSettings;
 
@@ -60,8 +63,32 @@ impl Topology {
             .map(|(_, name)| name.as_str())
     }
 
-    /// Declares everything; idempotent, so every process does it at start-up.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+    /// Declares everything; idempotent, so every process does it at start-up. A dead-letter
+    /// queue whose cluster node is down is left as it is: the work goes on without it.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), lapin::Error> {
+        let channel = connection.create_channel().await?;
+        self.declare_work(&channel).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        // A channel of its own: the broker closes the channel of a failed declaration.
+        let channel = connection.create_channel().await?;
+        // A classic queue: operators browse, replay and purge it by taking messages and
+        // handing the rest back, and only a classic queue puts handed-back messages back in
+        // their place (a quorum queue reorders them, and counts each browse as a delivery).
+        // Its traffic is small; its messages are persistent.
+        match declare_queue(&channel, &self.dead_letter_queue, FieldTable::default()).await {
+            Ok(()) => {
+                let _ = channel.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(err) if home_node_down(&err) => {
+                tracing::warn!(queue = %self.dead_letter_queue, error = %err, "the dead-letter queue's node is down; going on without it");
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn declare_work(&self, channel: &Channel) -> Result<(), lapin::Error> {
         channel
             .exchange_declare(
                 self.exchange.as_str().into(),
@@ -94,11 +121,6 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        // A classic queue: operators browse, replay and purge it by taking messages and
-        // handing the rest back, and only a classic queue puts handed-back messages back in
-        // their place (a quorum queue reorders them, and counts each browse as a delivery).
-        // Its traffic is small; its messages are persistent.
-        declare_queue(channel, &self.dead_letter_queue, FieldTable::default()).await?;
         // Each message carries its own expiration (what is left of a lease, at most one
         // lease): a later message's shorter wait can be held up behind an earlier one's by
         // no more than that.
@@ -118,6 +140,12 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// The broker's answer to declaring a classic queue whose cluster node is down.
+fn home_node_down(err: &lapin::Error) -> bool {
+    let text = err.to_string();
+    text.contains("NOT_FOUND") && text.contains("is down or inaccessible")
 }
 
 /// `appevents.work.retry.10s`, `…retry.5m`: named by delay, so a changed schedule adds

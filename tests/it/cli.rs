@@ -271,6 +271,22 @@ async fn bad_arguments_get_one_line_and_a_non_zero_exit() {
             "the cause is said once: {err}"
         );
     }
+    // A malformed node list stops every command at start, naming the node but not its text.
+    for command in [&["worker"][..], &["serve"], &["runs", "list"]] {
+        let output = appevents_command(&app.settings, command)
+            .env(
+                "AMQP_URL",
+                "amqp://guest:hunter2@127.0.0.1:5672/%2f,,amqp://guest:hunter2@127.0.0.1:5673/%2f",
+            )
+            .output()
+            .await
+            .expect("run appevents");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{command:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("amqp.url: node 2 of 3 is empty"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
     app.cleanup().await;
 }
 

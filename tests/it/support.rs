@@ -147,11 +147,11 @@ impl TestApp {
         )
         .await
         .expect("broker");
-        let channel = amqp.create_channel().await.expect("channel");
         worker_topology(&settings)
-            .declare(&channel)
+            .declare(&amqp)
             .await
             .expect("topology");
+        let channel = amqp.create_channel().await.expect("channel");
         TestApp {
             tag,
             settings,

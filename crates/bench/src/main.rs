@@ -159,8 +159,7 @@ impl Bench {
         let pool = db::pool(&settings.database)?;
         let keyring = Keyring::from_settings(&settings.secrets)?;
         let amqp = broker::connect(&args.amqp_url, "", "appevents bench", Recovery::None).await?;
-        let channel = amqp.create_channel().await?;
-        topology(&settings).declare(&channel).await?;
+        topology(&settings).declare(&amqp).await?;
         let bin_dir = std::env::current_exe()?
             .parent()
             .context("binary directory")?
