@@ -10,6 +10,7 @@ mod support;
 mod api;
 mod app_events;
 mod cli;
+mod cluster;
 mod end_to_end;
 mod examples;
 mod failures;
