@@ -4,6 +4,9 @@
 //! or `409 {"category": "CONFLICT", "message": "Contact already exists. Existing ID: 123"}`,
 //! which becomes `PATCH /crm/v3/objects/contacts/123`.
 //! Upsert: `POST /crm/v3/objects/contacts/batch/upsert` with one input carrying `idProperty`.
+//! Finding what an earlier attempt created: `POST /crm/v3/objects/contacts/search` with one
+//! filter group (`email` EQ the contact's, `createdate` GTE the first claim, in epoch
+//! milliseconds) answers `200 {"total": n, "results": [{"id": ..., "properties": {...}}]}`.
 //! The mapping renders the contact's properties.
 
 use reqwest::Method;
@@ -59,6 +62,47 @@ pub fn upsert_contact(
     )
     .bearer(connection.access_token.as_ref())
     .json(body))
+}
+
+/// The search for a contact with the email that `body` (a create's body) gives, created at or
+/// after `since`; `None` without an email, HubSpot's unique identifier of a contact.
+pub fn find_created(
+    connection: &Connection,
+    body: Option<&Value>,
+    since: time::OffsetDateTime,
+) -> Option<PreparedRequest> {
+    let email = body?
+        .get("properties")?
+        .get("email")?
+        .as_str()
+        .filter(|email| !email.trim().is_empty())?;
+    let since_ms = since.unix_timestamp_nanos() / 1_000_000;
+    let search = json!({
+        "filterGroups": [{"filters": [
+            {"propertyName": "email", "operator": "EQ", "value": email},
+            {"propertyName": "createdate", "operator": "GTE", "value": since_ms.to_string()},
+        ]}],
+        "properties": ["email"],
+        "limit": 1,
+    });
+    Some(
+        PreparedRequest::new(
+            Method::POST,
+            join_url(&connection.base_url, &format!("{CONTACTS}/search")),
+        )
+        .bearer(connection.access_token.as_ref())
+        .json(search),
+    )
+}
+
+/// The first contact a search found, as the step's outcome.
+pub fn interpret_found(response: &RawResponse) -> Option<StepOutput> {
+    let body = response.json()?;
+    let first = body.get("results")?.as_array()?.first()?;
+    Some(StepOutput {
+        provider_id: Some(id_of(Some(first))?),
+        status: response.status,
+    })
 }
 
 /// The existing contact's id from a 409 CONTACT_EXISTS answer.
@@ -136,6 +180,39 @@ mod tests {
             headers: HeaderMap::new(),
             body: Bytes::from(body.to_owned()),
         }
+    }
+
+    #[test]
+    fn the_search_names_the_email_and_the_first_claim_and_its_answer_gives_the_id() {
+        let connection =
+            Connection::without_credentials("u", Provider::Hubspot, "https://api.hubapi.example");
+        let since =
+            time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(1_796_000_000_123);
+        let body = json!({"properties": {"email": "a@example.com", "firstname": "A"}});
+        let search = find_created(&connection, Some(&body), since).expect("an email to search");
+        assert_eq!(
+            search.url,
+            "https://api.hubapi.example/crm/v3/objects/contacts/search"
+        );
+        assert_eq!(
+            search.body.expect("body")["filterGroups"][0]["filters"],
+            json!([
+                {"propertyName": "email", "operator": "EQ", "value": "a@example.com"},
+                {"propertyName": "createdate", "operator": "GTE", "value": "1796000000123"},
+            ])
+        );
+        let no_email = json!({"properties": {"firstname": "A"}});
+        assert!(find_created(&connection, Some(&no_email), since).is_none());
+
+        let found = response(
+            200,
+            r#"{"total":1,"results":[{"id":"51","properties":{"email":"a@example.com"},"archived":false}]}"#,
+        );
+        assert_eq!(
+            interpret_found(&found).and_then(|o| o.provider_id),
+            Some("51".into())
+        );
+        assert!(interpret_found(&response(200, r#"{"total":0,"results":[]}"#)).is_none());
     }
 
     #[test]

@@ -429,7 +429,8 @@ impl Integrations {
 
     /// One attempt of the step: send, interpret, and follow up where the provider's answer
     /// calls for it (HubSpot's 409 becomes an update). After an `earlier` attempt, a
-    /// Salesforce create first looks for the record that attempt made.
+    /// Salesforce create or a HubSpot create-contact first looks for the record that attempt
+    /// made.
     pub async fn execute(
         &self,
         action: &Action,
@@ -488,6 +489,25 @@ impl Integrations {
                 salesforce::interpret(&response)
             }
             Action::HubspotCreateContact => {
+                // After an earlier attempt, the contact it may have made is looked for by
+                // email first. HubSpot's search can lag a fresh create by seconds, and has a
+                // rate limit of its own: a contact it misses, or a search that fails, leaves
+                // the create below, whose 409 makes it an update, never a second contact.
+                if let Some(search) = earlier.and_then(|earlier| {
+                    hubspot::find_created(connection, request.body.as_ref(), earlier.since)
+                }) {
+                    match self.send(&search, Provider::Hubspot, &[]).await {
+                        Ok(found) => {
+                            if let Some(output) = hubspot::interpret_found(&found) {
+                                tracing::info!(provider_id = ?output.provider_id, "found the contact an earlier attempt created; not creating another");
+                                return Ok(output);
+                            }
+                        }
+                        Err(failure) => {
+                            tracing::warn!(error = %failure.message, "the search for an earlier attempt's contact failed; creating, a conflict names it")
+                        }
+                    }
+                }
                 let response = self.send(&request, Provider::Hubspot, &[409]).await?;
                 let Some(existing) = hubspot::existing_contact_id(&response) else {
                     return hubspot::interpret_create(&response);

@@ -230,7 +230,8 @@ async fn a_salesforce_upsert_killed_after_the_answer_updates_the_same_record() {
 }
 
 #[tokio::test]
-async fn a_hubspot_create_contact_killed_after_the_answer_updates_the_same_contact() {
+async fn a_hubspot_create_contact_killed_after_the_answer_finds_its_contact_instead_of_creating_another()
+ {
     let (crm, mut app, _) = crash_between_answer_and_record(
         Provider::Hubspot,
         "create-contact",
@@ -243,6 +244,23 @@ async fn a_hubspot_create_contact_killed_after_the_answer_updates_the_same_conta
     let run = take_over(&mut app, "evt-hs-create").await;
 
     assert_one_record_and_it_is_the_outcome(&crm, &run);
+    // Found by the search on its email since the first claim: neither created nor updated
+    // again.
+    assert_eq!(crm.standin.records()[0].updates, 0);
+    let requests: Vec<(String, String, u16)> = crm
+        .standin
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.status))
+        .collect();
+    assert_eq!(
+        requests,
+        vec![
+            ("POST".into(), "/crm/v3/objects/contacts".into(), 201),
+            ("POST".into(), "/crm/v3/objects/contacts/search".into(), 200),
+        ],
+        "{requests:#?}"
+    );
     app.cleanup().await;
 }
 

@@ -9,6 +9,10 @@
 //!   created and updated;
 //! - `GET requests`: the log of API requests (method, path, status);
 //!
+//! HubSpot's contact search (`POST /crm/v3/objects/contacts/search`) takes `filterGroups`
+//! (ORed; each group's `filters` ANDed) with EQ, NEQ, GT, GTE, LT and LTE, `createdate` in
+//! epoch milliseconds, and `limit`, and answers `{"total", "results": [{"id", "properties"}]}`.
+//!
 //! Salesforce's SOQL endpoint (`GET /services/data/{version}/query?q=`) understands the
 //! subset appevents sends: `SELECT Id FROM {sObject} WHERE {field} = {literal} [AND ...]`,
 //! with string literals in SOQL's escapes, `null`, numbers, booleans, and
@@ -187,6 +191,7 @@ impl Standin {
             )
             .route("/services/data/{version}/query", get(salesforce_query))
             .route("/crm/v3/objects/contacts", post(hubspot_create))
+            .route("/crm/v3/objects/contacts/search", post(hubspot_search))
             .route(
                 "/crm/v3/objects/contacts/batch/upsert",
                 post(hubspot_upsert),
@@ -657,6 +662,107 @@ async fn hubspot_create(
     let response = reply(StatusCode::CREATED, contact(&record, true));
     inner.keep(record);
     inner.log(&method, &uri, response)
+}
+
+/// `POST /crm/v3/objects/contacts/search`: filter groups are ORed, the filters of a group
+/// ANDed. Operators EQ and NEQ compare a property's text; GT, GTE, LT and LTE compare numbers,
+/// with `createdate` in epoch milliseconds. Anything else is refused as HubSpot refuses it.
+async fn hubspot_search(
+    State(standin): State<Standin>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Hubspot, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let account = standin.account_of(&headers);
+    let mut inner = standin.lock();
+    let groups = body
+        .get("filterGroups")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let limit = body.get("limit").and_then(Value::as_u64).unwrap_or(10) as usize;
+    let mut matched: Vec<Value> = Vec::new();
+    for record in inner
+        .records
+        .iter()
+        .filter(|r| r.provider == "hubspot" && r.object == "contacts" && r.account == account)
+    {
+        let mut any = groups.is_empty();
+        for group in &groups {
+            let filters = group.get("filters").and_then(Value::as_array);
+            let mut all = true;
+            for filter in filters.into_iter().flatten() {
+                match search_filter_matches(record, filter) {
+                    Ok(true) => {}
+                    Ok(false) => all = false,
+                    Err(message) => {
+                        let response = reply(
+                            StatusCode::BAD_REQUEST,
+                            json!({"status": "error", "message": message, "category": "VALIDATION_ERROR"}),
+                        );
+                        return inner.log(&method, &uri, response);
+                    }
+                }
+            }
+            any |= all;
+        }
+        if any {
+            let mut properties = record.fields.clone();
+            properties.insert("hs_object_id".into(), json!(record.id));
+            properties.insert(
+                "createdate".into(),
+                json!((record.created * 1000).to_string()),
+            );
+            matched.push(json!({"id": record.id, "properties": properties, "archived": false}));
+        }
+    }
+    let total = matched.len();
+    matched.truncate(limit);
+    let response = reply(StatusCode::OK, json!({"total": total, "results": matched}));
+    inner.log(&method, &uri, response)
+}
+
+fn search_filter_matches(record: &Record, filter: &Value) -> Result<bool, String> {
+    let property = filter
+        .get("propertyName")
+        .and_then(Value::as_str)
+        .ok_or("a filter needs propertyName")?;
+    let operator = filter
+        .get("operator")
+        .and_then(Value::as_str)
+        .ok_or("a filter needs operator")?;
+    let wanted = filter.get("value").map(text).unwrap_or_default();
+    let actual = if property == "createdate" {
+        Some((record.created * 1000).to_string())
+    } else if property == "hs_object_id" {
+        Some(record.id.clone())
+    } else {
+        record.fields.get(property).map(text)
+    };
+    let number = |v: &str| v.parse::<f64>().ok();
+    let compare = |ordering: fn(f64, f64) -> bool| -> Result<bool, String> {
+        let wanted = number(&wanted).ok_or(format!("{property}: {wanted:?} is not a number"))?;
+        Ok(actual
+            .as_deref()
+            .and_then(number)
+            .is_some_and(|a| ordering(a, wanted)))
+    };
+    match operator {
+        "EQ" => Ok(actual.is_some_and(|a| a.eq_ignore_ascii_case(&wanted))),
+        "NEQ" => Ok(!actual.is_some_and(|a| a.eq_ignore_ascii_case(&wanted))),
+        "GT" => compare(|a, b| a > b),
+        "GTE" => compare(|a, b| a >= b),
+        "LT" => compare(|a, b| a < b),
+        "LTE" => compare(|a, b| a <= b),
+        other => Err(format!("operator {other} is not supported here")),
+    }
 }
 
 async fn hubspot_update(
