@@ -32,9 +32,8 @@ pub(super) async fn declare_topology(settings: &Settings) -> anyhow::Result<()> 
     )
     .await
     .map_err(failed)?;
-    let channel = connection.create_channel().await.map_err(failed)?;
     Topology::new(&settings.amqp, &settings.retry.schedule)
-        .declare(&channel)
+        .declare(&connection)
         .await
         .map_err(|err| {
             anyhow!(
