@@ -166,15 +166,7 @@ async fn publish_declares_nothing_and_says_what_does() {
     );
 
     // The exchange without the worker's queue: unroutable, and still no queue made.
-    let connection = appevents::transport::broker::connect(
-        &amqp_url(),
-        "",
-        "appevents tests",
-        appevents::transport::broker::Recovery::None,
-    )
-    .await
-    .expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
+    let (connection, channel) = crate::support::broker_channel().await;
     channel
         .exchange_declare(
             settings.amqp.exchange.as_str().into(),

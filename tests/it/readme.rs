@@ -112,15 +112,7 @@ echo "succeeded runs: $succeeded"
 }
 
 async fn delete_topology(settings: &appevents::config::Settings) {
-    let connection = appevents::transport::broker::connect(
-        &amqp_url(),
-        "",
-        "appevents tests",
-        appevents::transport::broker::Recovery::None,
-    )
-    .await
-    .expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
+    let (connection, channel) = crate::support::broker_channel().await;
     let topology = crate::support::worker_topology(settings);
     let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
     queues.extend(topology.retry_queues.iter().map(|(_, q)| q.clone()));

@@ -473,6 +473,15 @@ impl TestApp {
     }
 }
 
+/// A connection to the shared test broker, and a channel on it, for a test's own checks.
+pub async fn broker_channel() -> (lapin::Connection, lapin::Channel) {
+    let connection = broker::connect(&amqp_url(), "", "appevents tests", Recovery::None)
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
 pub fn worker_topology(settings: &Settings) -> Topology {
     Topology::new(&settings.amqp, &settings.retry.schedule)
 }
