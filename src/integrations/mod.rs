@@ -458,7 +458,10 @@ impl Integrations {
                     );
                     let found = self.send(&query, Provider::Salesforce, &[]).await?;
                     if let Some(output) = salesforce::interpret_found(&found) {
-                        tracing::info!(provider_id = ?output.provider_id, "found the record an earlier attempt created; not creating another");
+                        tracing::info!(
+                            provider_id = output.provider_id.as_deref(),
+                            "found the record an earlier attempt created; not creating another"
+                        );
                         return Ok(output);
                     }
                 }
@@ -499,7 +502,10 @@ impl Integrations {
                     match self.send(&search, Provider::Hubspot, &[]).await {
                         Ok(found) => {
                             if let Some(output) = hubspot::interpret_found(&found) {
-                                tracing::info!(provider_id = ?output.provider_id, "found the contact an earlier attempt created; not creating another");
+                                tracing::info!(
+                                    provider_id = output.provider_id.as_deref(),
+                                    "found the contact an earlier attempt created; not creating another"
+                                );
                                 return Ok(output);
                             }
                         }

@@ -171,13 +171,7 @@ impl Session {
                 "no retry queue for a delay of {delay:?}"
             )));
         };
-        let mut headers = dead_letter::carried_headers(message.properties.headers().as_ref());
-        headers::set_int(&mut headers, headers::RETRIES_DONE, i64::from(retries_done));
-        headers::set_strings(
-            &mut headers,
-            headers::WORKFLOWS,
-            &[target.workflow_id.to_string()],
-        );
+        let mut headers = for_one_workflow(message, target, retries_done);
         if let Ok(at) = (now + delay).format(&time::format_description::well_known::Rfc3339) {
             headers::set_str(&mut headers, headers::RETRY_AT, &at);
         }
@@ -198,17 +192,7 @@ impl Session {
         delay: Duration,
         abort: &CancellationToken,
     ) -> Result<(), Unsettled> {
-        let mut headers = dead_letter::carried_headers(message.properties.headers().as_ref());
-        headers::set_int(
-            &mut headers,
-            headers::RETRIES_DONE,
-            i64::from(message.retries_done),
-        );
-        headers::set_strings(
-            &mut headers,
-            headers::WORKFLOWS,
-            &[target.workflow_id.to_string()],
-        );
+        let headers = for_one_workflow(message, target, message.retries_done);
         let props = republished(message.properties, headers, &message.event.id)
             .with_expiration(delay.as_millis().to_string().into());
         let queue = self.context.topology.held_queue.as_str();
@@ -344,6 +328,19 @@ impl<E: DependencyError> DependencyError for BatchError<E> {
             BatchError::Mismatch { .. } | BatchError::Stopped => false,
         }
     }
+}
+
+/// The headers of a message sent on for `target`'s workflow only (to a retry or the held
+/// queue): the original's carried headers, the retries done so far and that one workflow.
+fn for_one_workflow(message: &Message<'_>, target: &Target, retries_done: u32) -> FieldTable {
+    let mut headers = dead_letter::carried_headers(message.properties.headers().as_ref());
+    headers::set_int(&mut headers, headers::RETRIES_DONE, i64::from(retries_done));
+    headers::set_strings(
+        &mut headers,
+        headers::WORKFLOWS,
+        &[target.workflow_id.to_string()],
+    );
+    headers
 }
 
 /// Properties of a message the worker republishes: the original's, with new headers and the
