@@ -179,6 +179,7 @@ impl Decision {
         };
         Some(RunRecord {
             run_id: claim.run_id,
+            created_at: claim.first_claimed_at,
             token: claim.token,
             user_id: run.event.user_id.clone(),
             event_id: run.event.id.clone(),

@@ -92,7 +92,8 @@ pub struct RunClaim {
     /// Times the run was claimed before this claim: when any, an earlier attempt may have
     /// reached the provider without its outcome being recorded.
     pub claims_before: u32,
-    /// When the run was first claimed: nothing an earlier attempt made is older.
+    /// When the run was first claimed: nothing an earlier attempt made is older. It is the
+    /// run's creation time, which with `run_id` is the run's primary key.
     pub first_claimed_at: OffsetDateTime,
 }
 
@@ -100,6 +101,9 @@ pub struct RunClaim {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
     pub run_id: Uuid,
+    /// When the run was created, as its claim returned it: with `run_id`, the run's primary
+    /// key, which names its partition.
+    pub created_at: OffsetDateTime,
     pub token: Uuid,
     pub user_id: String,
     pub event_id: String,
@@ -155,10 +159,24 @@ const STATUS: &str = "select r.user_id, r.event_id, r.workflow_id, r.status, \
      join runs r on r.id = k.run_id and r.created_at = k.created_at \
      left join workers w on w.id = r.claimed_by";
 
-/// Writes an outcome where the claim is still this worker's. An upsert, not an update: the
-/// outcome is durable even if the claim itself was lost (claims are committed without
-/// waiting for the disk, see `db::claims_pool`, and a Postgres crash can drop the last ones).
-const RECORD: &str = concat!(
+/// Writes an outcome where the claim is still this worker's, found by the run's primary key
+/// (id and creation time, as the claim returned them): one index probe in one partition.
+const RECORD: &str = "update runs r set status = u.status, attempts = r.attempts + u.attempts, \
+     provider_id = coalesce(u.provider_id, r.provider_id), last_error = u.last_error, \
+     next_attempt_at = u.next_attempt_at, claim_token = null, claimed_until = null, \
+     claimed_by = null, \
+     finished_at = case when u.status in ('succeeded', 'dead') then now() end, updated_at = now() \
+     from unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::int4[], $6::text[], \
+     $7::jsonb[], $8::timestamptz[]) as u(id, created_at, token, status, attempts, provider_id, \
+     last_error, next_attempt_at) \
+     where r.id = u.id and r.created_at = u.created_at and r.claim_token = u.token \
+     returning r.id";
+
+/// [`RECORD`] for the outcomes it did not write: an upsert through the keys, so the outcome is
+/// durable even if the claim itself was lost (claims are committed without waiting for the
+/// disk, see `db::claims_pool`, and a Postgres crash can drop the last ones). A run another
+/// worker has claimed since is not written here either.
+const RECORD_LOST_CLAIM: &str = concat!(
     "with u as (select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], \
      $5::text[], $6::jsonb[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], \
      $11::uuid[], $12::uuid[]) as u(id, token, status, attempts, provider_id, last_error, \
@@ -300,41 +318,51 @@ pub async fn record(
     // One outcome per run in a statement (a second would be a conflict on the same row).
     let mut seen = std::collections::HashSet::new();
     let records: Vec<&RunRecord> = records.iter().filter(|r| seen.insert(r.run_id)).collect();
-    let ids: Vec<Uuid> = records.iter().map(|r| r.run_id).collect();
-    let tokens: Vec<Uuid> = records.iter().map(|r| r.token).collect();
-    let statuses: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
-    let calls: Vec<i32> = records
-        .iter()
-        .map(|r| i32::try_from(r.calls).unwrap_or(i32::MAX))
-        .collect();
-    let provider_ids: Vec<Option<&str>> =
-        records.iter().map(|r| r.provider_id.as_deref()).collect();
-    let errors: Vec<Option<Value>> = records
-        .iter()
-        .map(|r| {
-            r.last_error
-                .as_ref()
-                .and_then(|f| serde_json::to_value(f).ok())
-        })
-        .collect();
-    let next: Vec<Option<OffsetDateTime>> = records.iter().map(|r| r.next_attempt_at).collect();
-    let users: Vec<&str> = records.iter().map(|r| r.user_id.as_str()).collect();
-    let events: Vec<&str> = records.iter().map(|r| r.event_id.as_str()).collect();
-    let names: Vec<&str> = records.iter().map(|r| r.event_name.as_str()).collect();
-    let workflows: Vec<Uuid> = records.iter().map(|r| r.workflow_id).collect();
-    let connections: Vec<Option<Uuid>> = records.iter().map(|r| r.connection_id).collect();
+    let fields = RecordFields::of(&records);
+    let created: Vec<OffsetDateTime> = records.iter().map(|r| r.created_at).collect();
     let statement = client.prepare_cached(RECORD).await?;
     let rows = client
         .query(
             &statement,
             &[
-                &ids,
-                &tokens,
-                &statuses,
-                &calls,
-                &provider_ids,
-                &errors,
-                &next,
+                &fields.ids,
+                &created,
+                &fields.tokens,
+                &fields.statuses,
+                &fields.calls,
+                &fields.provider_ids,
+                &fields.errors,
+                &fields.next,
+            ],
+        )
+        .await?;
+    let written: std::collections::HashSet<Uuid> =
+        rows.iter().filter_map(|row| row.try_get(0).ok()).collect();
+    if written.len() == records.len() {
+        return Ok(Vec::new());
+    }
+    let unwritten: Vec<&RunRecord> = records
+        .into_iter()
+        .filter(|r| !written.contains(&r.run_id))
+        .collect();
+    let fields = RecordFields::of(&unwritten);
+    let users: Vec<&str> = unwritten.iter().map(|r| r.user_id.as_str()).collect();
+    let events: Vec<&str> = unwritten.iter().map(|r| r.event_id.as_str()).collect();
+    let names: Vec<&str> = unwritten.iter().map(|r| r.event_name.as_str()).collect();
+    let workflows: Vec<Uuid> = unwritten.iter().map(|r| r.workflow_id).collect();
+    let connections: Vec<Option<Uuid>> = unwritten.iter().map(|r| r.connection_id).collect();
+    let statement = client.prepare_cached(RECORD_LOST_CLAIM).await?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &fields.ids,
+                &fields.tokens,
+                &fields.statuses,
+                &fields.calls,
+                &fields.provider_ids,
+                &fields.errors,
+                &fields.next,
                 &users,
                 &events,
                 &names,
@@ -345,7 +373,46 @@ pub async fn record(
         .await?;
     let written: std::collections::HashSet<Uuid> =
         rows.iter().filter_map(|row| row.try_get(0).ok()).collect();
-    Ok(ids.into_iter().filter(|id| !written.contains(id)).collect())
+    Ok(fields
+        .ids
+        .into_iter()
+        .filter(|id| !written.contains(id))
+        .collect())
+}
+
+/// The columns of outcomes both record statements write, one array each.
+struct RecordFields<'a> {
+    ids: Vec<Uuid>,
+    tokens: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    calls: Vec<i32>,
+    provider_ids: Vec<Option<&'a str>>,
+    errors: Vec<Option<Value>>,
+    next: Vec<Option<OffsetDateTime>>,
+}
+
+impl<'a> RecordFields<'a> {
+    fn of(records: &[&'a RunRecord]) -> RecordFields<'a> {
+        RecordFields {
+            ids: records.iter().map(|r| r.run_id).collect(),
+            tokens: records.iter().map(|r| r.token).collect(),
+            statuses: records.iter().map(|r| r.status.as_str()).collect(),
+            calls: records
+                .iter()
+                .map(|r| i32::try_from(r.calls).unwrap_or(i32::MAX))
+                .collect(),
+            provider_ids: records.iter().map(|r| r.provider_id.as_deref()).collect(),
+            errors: records
+                .iter()
+                .map(|r| {
+                    r.last_error
+                        .as_ref()
+                        .and_then(|f| serde_json::to_value(f).ok())
+                })
+                .collect(),
+            next: records.iter().map(|r| r.next_attempt_at).collect(),
+        }
+    }
 }
 
 /// A run as history shows it.

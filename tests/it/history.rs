@@ -118,6 +118,7 @@ async fn a_run_stays_unique_across_a_partition_boundary() {
         &client,
         &[RunRecord {
             run_id: claim.run_id,
+            created_at: claim.first_claimed_at,
             token: claim.token,
             user_id: "u".into(),
             event_id: "evt-wait".into(),
@@ -144,6 +145,107 @@ async fn a_run_stays_unique_across_a_partition_boundary() {
     assert_eq!(listed[0].status, RunStatus::Succeeded);
     assert_ne!(done, waiting);
     app.cleanup().await;
+}
+
+fn outcome(claim: &runs::RunClaim, event_id: &str, workflow: Uuid) -> RunRecord {
+    RunRecord {
+        run_id: claim.run_id,
+        created_at: claim.first_claimed_at,
+        token: claim.token,
+        user_id: "u".into(),
+        event_id: event_id.into(),
+        event_name: CONTACT_CREATED.into(),
+        workflow_id: workflow,
+        connection_id: None,
+        status: RunStatus::Succeeded,
+        calls: 1,
+        provider_id: Some("p-1".into()),
+        last_error: None,
+        next_attempt_at: None,
+    }
+}
+
+async fn claim_new(
+    client: &impl deadpool_postgres::GenericClient,
+    event_id: &str,
+    workflow: Uuid,
+) -> runs::RunClaim {
+    let claimed = runs::claim(client, &[request("u", event_id, workflow)], WORKER, LEASE)
+        .await
+        .expect("claim");
+    match claimed.into_iter().next() {
+        Some(Claimed::Run(claim)) => claim,
+        other => panic!("a new run is claimed: {other:?}"),
+    }
+}
+
+async fn status_of(client: &impl deadpool_postgres::GenericClient, event_id: &str) -> Vec<String> {
+    client
+        .query("select status from runs where event_id = $1", &[&event_id])
+        .await
+        .expect("status")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_outcome_is_written_when_its_claim_was_lost_but_never_over_another_workers_claim() {
+    let app = TestApp::new().await;
+    let workflow = workflow(&app).await;
+    let client = app.pool.get().await.expect("client");
+
+    // Claims commit without waiting for the disk: a Postgres crash can lose one whose run
+    // then ran. Its outcome is written all the same, with its key.
+    let lost = claim_new(&client, "evt-lost", workflow).await;
+    client
+        .batch_execute(
+            "delete from runs where event_id = 'evt-lost'; \
+             delete from run_keys where event_id = 'evt-lost'",
+        )
+        .await
+        .expect("lose the claim");
+    let unwritten = runs::record(&client, &[outcome(&lost, "evt-lost", workflow)])
+        .await
+        .expect("record");
+    assert!(unwritten.is_empty(), "{unwritten:?}");
+    assert_eq!(status_of(&client, "evt-lost").await, ["succeeded"]);
+    let again = runs::claim(
+        &client,
+        &[request("u", "evt-lost", workflow)],
+        WORKER,
+        LEASE,
+    )
+    .await
+    .expect("claim again");
+    assert_eq!(
+        again,
+        [Claimed::AlreadySucceeded],
+        "its key was written too"
+    );
+
+    // A run another worker took over after this one's lease ran out keeps that worker's
+    // claim, and the caller learns its outcome was not written.
+    let taken = claim_new(&client, "evt-taken", workflow).await;
+    client
+        .execute(
+            "update runs set claim_token = $1 where event_id = 'evt-taken'",
+            &[&Uuid::new_v4()],
+        )
+        .await
+        .expect("another worker's claim");
+    let both = [
+        outcome(&taken, "evt-taken", workflow),
+        outcome(
+            &claim_new(&client, "evt-mine", workflow).await,
+            "evt-mine",
+            workflow,
+        ),
+    ];
+    let unwritten = runs::record(&client, &both).await.expect("record");
+    assert_eq!(unwritten, [taken.run_id]);
+    assert_eq!(status_of(&client, "evt-taken").await, ["running"]);
+    assert_eq!(status_of(&client, "evt-mine").await, ["succeeded"]);
 }
 
 #[tokio::test]

@@ -221,6 +221,7 @@ impl Bench {
             };
             let outcome = RunRecord {
                 run_id: claim.run_id,
+                created_at: claim.first_claimed_at,
                 token: claim.token,
                 user_id: request.user_id,
                 event_id: request.event_id,
