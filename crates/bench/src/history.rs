@@ -1,9 +1,11 @@
-//! `bench --history N`: the run store after a month, beside the same figures on the empty
-//! store in the same run. N synthetic runs spread over the 30 whole UTC days before today are
-//! generated in Postgres (`generate_series`, a day per statement), then measured again:
-//! claim and record latency (one run per statement, as a lone event is), the drain rate with
-//! one workflow, `runs list` by user and by status, and the time to drop the oldest day (its
-//! partition and its keys) while claims go on, with their latency during the drop.
+//! `bench --history N`: the run store after a month, beside the same figures on an empty store
+//! in the same run. Two databases: one stays empty, the other gets N synthetic runs spread
+//! over the 30 whole UTC days before today, generated in Postgres (`generate_series`, a day per
+//! statement, the indexes built after). Then both are measured by turns, `--repeat` rounds, so
+//! that the machine's other work weighs on both alike: claim and record latency (one run per
+//! statement, as a lone event is), the drain rate with one workflow, `runs list` by user and by
+//! status; and last the time to drop the oldest day (its partition and its keys) while claims
+//! go on, with their latency during the drop.
 
 use std::time::{Duration, Instant};
 
@@ -26,36 +28,70 @@ const LISTINGS: usize = 20;
 /// Every this many synthetic runs one is dead, with an error.
 const DEAD_EVERY: i32 = 500;
 
-/// The figures of one store.
+/// The figures of one store, over every round.
 struct Figures {
     claim: Histogram<u64>,
     record: Histogram<u64>,
-    drain: f64,
+    drains: Vec<f64>,
     by_user: Histogram<u64>,
     by_dead: Histogram<u64>,
     by_succeeded: Histogram<u64>,
 }
 
+impl Figures {
+    fn new() -> anyhow::Result<Figures> {
+        Ok(Figures {
+            claim: Histogram::new(3)?,
+            record: Histogram::new(3)?,
+            drains: Vec::new(),
+            by_user: Histogram::new(3)?,
+            by_dead: Histogram::new(3)?,
+            by_succeeded: Histogram::new(3)?,
+        })
+    }
+
+    fn median_drain(&self) -> f64 {
+        let mut drains = self.drains.clone();
+        drains.sort_by(f64::total_cmp);
+        drains.get(drains.len() / 2).copied().unwrap_or(0.0)
+    }
+}
+
 impl Bench {
-    pub(crate) async fn history(&self, runs: i64) -> anyhow::Result<()> {
+    /// `self` is the store that gets the history, `empty` the one that stays empty.
+    pub(crate) async fn history(&self, empty: &Bench, runs: i64) -> anyhow::Result<()> {
+        let empty_workflow = empty.history_setup().await?;
         let workflow = self.history_setup().await?;
         let n = self.args.events;
+        let rounds = self.args.repeat.max(1);
         println!(
-            "run history: {runs} runs over {DAYS} days beside an empty store; drains of {n} events"
+            "run history: {runs} runs over {DAYS} days beside an empty store, measured by turns in {rounds} round(s); drains of {n} events"
         );
         println!("machine: {}", crate::machine());
         println!();
-        let empty = self.history_figures(workflow, "empty").await?;
-        let (empty_drop, empty_during) = self.drop_oldest_day(workflow).await?;
         let filled_in = self.fill(workflow, runs).await?;
-        let full = self.history_figures(workflow, "full").await?;
-        let (full_drop, full_during) = self.drop_oldest_day(workflow).await?;
-
         let (runs_bytes, keys_bytes) = self.bytes_per_run().await?;
         println!(
             "filled {runs} runs in {:.1} s: {runs_bytes:.0} B per run in runs, {keys_bytes:.0} B in run_keys (tables and indexes)",
             filled_in.as_secs_f64()
         );
+        let mut empty_figures = Figures::new()?;
+        let mut full = Figures::new()?;
+        for round in 0..rounds {
+            empty
+                .history_figures(
+                    empty_workflow,
+                    &format!("empty-{round}"),
+                    &mut empty_figures,
+                )
+                .await?;
+            self.history_figures(workflow, &format!("full-{round}"), &mut full)
+                .await?;
+            eprintln!("round {} of {rounds} measured", round + 1);
+        }
+        let (empty_drop, empty_during) = empty.drop_oldest_day(empty_workflow).await?;
+        let (full_drop, full_during) = self.drop_oldest_day(workflow).await?;
+
         println!();
         println!(
             "{:<34} {:>22} {:>22} {:>8}",
@@ -67,17 +103,21 @@ impl Bench {
         let pair = |h: &Histogram<u64>| format!("{:.2} / {:.2}", millis(h, 0.5), millis(h, 0.99));
         let ratio = |a: &Histogram<u64>, b: &Histogram<u64>| millis(b, 0.99) / millis(a, 0.99);
         for (label, a, b) in [
-            ("claim, p50 / p99 ms", &empty.claim, &full.claim),
-            ("record, p50 / p99 ms", &empty.record, &full.record),
+            ("claim, p50 / p99 ms", &empty_figures.claim, &full.claim),
+            ("record, p50 / p99 ms", &empty_figures.record, &full.record),
             (
                 "runs list --user, p50 / p99 ms",
-                &empty.by_user,
+                &empty_figures.by_user,
                 &full.by_user,
             ),
-            ("runs list --status dead", &empty.by_dead, &full.by_dead),
+            (
+                "runs list --status dead",
+                &empty_figures.by_dead,
+                &full.by_dead,
+            ),
             (
                 "runs list --status succeeded",
-                &empty.by_succeeded,
+                &empty_figures.by_succeeded,
                 &full.by_succeeded,
             ),
         ] {
@@ -90,10 +130,23 @@ impl Bench {
         }
         println!(
             "{:<34} {:>22} {:>22} {:>8.2}",
-            "drain, 1 workflow",
-            rate(empty.drain),
-            rate(full.drain),
-            full.drain / empty.drain
+            "drain, 1 workflow (median)",
+            rate(empty_figures.median_drain()),
+            rate(full.median_drain()),
+            full.median_drain() / empty_figures.median_drain()
+        );
+        let each = |f: &Figures| {
+            f.drains
+                .iter()
+                .map(|d| format!("{d:.0}"))
+                .collect::<Vec<_>>()
+                .join(" · ")
+        };
+        println!(
+            "{:<34} {:>22} {:>22}",
+            "drain, each round",
+            each(&empty_figures),
+            each(&full)
         );
         println!();
         for (store, dropped, during) in [
@@ -138,12 +191,20 @@ impl Bench {
 
     /// Generates `runs` runs over the 30 whole days before today, a day per statement, in
     /// time order (as workers write them), with their keys; then vacuums and analyzes both.
+    /// The indexes and constraints of both tables are dropped for the fill and made again
+    /// from their own definitions after it: one sorted build each instead of 50 million
+    /// random insertions, the same store in the end.
     async fn fill(&self, workflow: uuid::Uuid, runs: i64) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let client = self.pool.get().await?;
-        // Again: the empty store's drop took the oldest day's partition.
-        let from = time::OffsetDateTime::now_utc() - Duration::from_secs(86_400 * DAYS as u64);
-        history::create_partitions(&client, from).await?;
+        // A connection of its own: the settings below are for the fill alone.
+        let client = db::connect(&self.settings.database).await?;
+        client
+            .batch_execute(
+                "set maintenance_work_mem = '1GB'; set synchronous_commit = off; \
+                 set max_parallel_maintenance_workers = 2",
+            )
+            .await?;
+        let rebuild = IndexDefinitions::drop_from(&client, &["runs", "run_keys"]).await?;
         let per_day = i32::try_from(runs / i64::from(DAYS)).context("too many runs per day")?;
         for day in (1..=DAYS).rev() {
             client
@@ -165,8 +226,13 @@ impl Bench {
                     &[&day, &workflow, &per_day, &USERS, &EVENT, &DEAD_EVERY],
                 )
                 .await?;
-            eprintln!("filled day -{day}");
+            eprintln!(
+                "filled day -{day} ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
         }
+        rebuild.make(&client).await?;
+        eprintln!("indexes built ({:.0} s)", started.elapsed().as_secs_f64());
         // A month-old store has been vacuumed and analyzed by autovacuum long since; the
         // checkpoint writes the fill out before anything is timed.
         for statement in [
@@ -179,24 +245,35 @@ impl Bench {
         Ok(started.elapsed())
     }
 
-    async fn history_figures(&self, workflow: uuid::Uuid, phase: &str) -> anyhow::Result<Figures> {
+    /// One round's figures of this store, added to `figures`.
+    async fn history_figures(
+        &self,
+        workflow: uuid::Uuid,
+        phase: &str,
+        figures: &mut Figures,
+    ) -> anyhow::Result<()> {
         let (claim, record) = self.claim_and_record(workflow, phase).await?;
-        let drain = self
-            .drain("bench-1", self.args.events)
-            .await?
-            .events_per_sec;
-        Ok(Figures {
-            claim,
-            record,
-            drain,
-            by_user: self
+        figures.claim.add(&claim)?;
+        figures.record.add(&record)?;
+        figures.drains.push(
+            self.drain("bench-1", self.args.events)
+                .await?
+                .events_per_sec,
+        );
+        figures.by_user.add(
+            &self
                 .listing(|f| f.user_id = Some("hist-user-4242".into()))
                 .await?,
-            by_dead: self.listing(|f| f.status = Some(RunStatus::Dead)).await?,
-            by_succeeded: self
+        )?;
+        figures
+            .by_dead
+            .add(&self.listing(|f| f.status = Some(RunStatus::Dead)).await?)?;
+        figures.by_succeeded.add(
+            &self
                 .listing(|f| f.status = Some(RunStatus::Succeeded))
                 .await?,
-        })
+        )?;
+        Ok(())
     }
 
     /// One new run claimed, then recorded as succeeded, `SAMPLES` times: each statement timed.
@@ -357,4 +434,79 @@ fn micros(elapsed: Duration) -> u64 {
     u64::try_from(elapsed.as_micros())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+/// The indexes and constraints of some tables, as Postgres prints their definitions.
+struct IndexDefinitions {
+    /// `alter table … add constraint …`, after the indexes.
+    constraints: Vec<String>,
+    /// `create index …` of the indexes no constraint owns.
+    indexes: Vec<String>,
+}
+
+impl IndexDefinitions {
+    /// Reads the definitions of the tables' primary keys, foreign keys and other indexes, then
+    /// drops them (a partitioned table's go from every partition with it).
+    async fn drop_from(
+        client: &tokio_postgres::Client,
+        tables: &[&str],
+    ) -> anyhow::Result<IndexDefinitions> {
+        let tables: Vec<String> = tables.iter().map(|t| (*t).to_owned()).collect();
+        let mut constraints = Vec::new();
+        let mut drops = Vec::new();
+        for row in client
+            .query(
+                "select c.conrelid::regclass::text, c.conname::text, pg_get_constraintdef(c.oid) \
+                 from pg_constraint c join pg_class t on t.oid = c.conrelid \
+                 where t.relname = any($1) and t.relnamespace = current_schema()::regnamespace \
+                 and c.contype in ('p', 'u', 'f') and c.conparentid = 0 \
+                 order by c.contype = 'f'",
+                &[&tables],
+            )
+            .await?
+        {
+            let (table, name, definition): (String, String, String) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            constraints.push(format!(
+                "alter table {table} add constraint \"{name}\" {definition}"
+            ));
+            drops.push(format!("alter table {table} drop constraint \"{name}\""));
+        }
+        // Foreign keys first when dropping: a primary key may be what one refers to.
+        drops.reverse();
+        let mut indexes = Vec::new();
+        for row in client
+            .query(
+                "select i.indexname::text, i.indexdef from pg_indexes i \
+                 where i.tablename = any($1) and i.schemaname = current_schema() \
+                 and not exists (select 1 from pg_constraint c \
+                 where c.conindid = (quote_ident(i.schemaname) || '.' || quote_ident(i.indexname))::regclass)",
+                &[&tables],
+            )
+            .await?
+        {
+            let (name, definition): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            // A partitioned table's index prints as `ON ONLY`, which would make it for the
+            // parent alone: made again, it is made for every partition.
+            indexes.push(definition.replacen(" ON ONLY ", " ON ", 1));
+            drops.push(format!("drop index \"{name}\""));
+        }
+        for statement in &drops {
+            client.batch_execute(statement).await?;
+        }
+        Ok(IndexDefinitions {
+            constraints,
+            indexes,
+        })
+    }
+
+    async fn make(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
+        for statement in self.indexes.iter().chain(&self.constraints) {
+            client
+                .batch_execute(statement)
+                .await
+                .with_context(|| format!("rebuild: {statement}"))?;
+        }
+        Ok(())
+    }
 }

@@ -57,7 +57,7 @@ mod history;
 const EVENT: &str = "Contact Created";
 const BENCH_KEY: &str = "YmVuY2gtYmVuY2gtYmVuY2gtYmVuY2gtYmVuY2ghISE=";
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(about = "Benchmark the worker beside the broker's own ceiling")]
 struct Args {
     /// Events per throughput phase.
@@ -127,12 +127,25 @@ struct Drain {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if args.history > 0 {
+        // The empty store is a second database beside the full one, measured by turns with it.
+        let mut empty_args = args.clone();
+        empty_args.database_name = args.database_name.as_ref().map(|n| format!("{n}_empty"));
+        let full = Bench::setup(args).await?;
+        let empty = match Bench::setup(empty_args).await {
+            Ok(empty) => empty,
+            Err(e) => {
+                full.teardown().await;
+                return Err(e);
+            }
+        };
+        let result = full.history(&empty, full.args.history).await;
+        empty.teardown().await;
+        full.teardown().await;
+        return result;
+    }
     let bench = Bench::setup(args).await?;
-    let result = if bench.args.history > 0 {
-        bench.history(bench.args.history).await
-    } else {
-        bench.run().await
-    };
+    let result = bench.run().await;
     bench.teardown().await;
     result
 }
