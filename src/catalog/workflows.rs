@@ -216,6 +216,19 @@ fn named(err: StoreError, name: &str) -> StoreError {
     }
 }
 
+/// Workflow names by id (as text), for listings that show a name where they hold an id;
+/// empty when the catalog cannot be read, so the ids are shown instead.
+pub async fn names(pool: &Pool) -> std::collections::HashMap<String, String> {
+    list(pool, None, None)
+        .await
+        .map(|list| {
+            list.into_iter()
+                .map(|w| (w.id.to_string(), w.name))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub async fn update(
     pool: &Pool,
     id: Uuid,

@@ -1,7 +1,8 @@
 //! What happens to one message, from delivery to acknowledgement: resolve the workflows its
 //! user has on, claim each run, execute the step (refreshing credentials when they
 //! expired), decide the run's fate once, settle it (republish, record, count), acknowledge.
-//! Around it the consume loop; beside it the dry run.
+//! Around it the consume loop; beside it the dry run and `replay`, an operator's retry of one
+//! dead run, and `overview`, the console's figures.
 //!
 //! Lowest first: `batch`, `runs`, `liveness` (keeps a worker's claims), `resolve`, `retry`, `refresh`; `decision` (pure); the
 //! shared `context`; `step` (executing a claimed run); `settle`; the unit of work `work`;
@@ -13,7 +14,9 @@ pub mod context;
 pub(crate) mod decision;
 pub(crate) mod dry_run;
 pub mod liveness;
+pub mod overview;
 pub(crate) mod refresh;
+pub mod replay;
 pub(crate) mod resolve;
 pub(crate) mod retry;
 pub mod runs;

@@ -450,6 +450,9 @@ pub struct RunFilter {
     pub event_id: Option<String>,
     pub since: Option<OffsetDateTime>,
     pub until: Option<OffsetDateTime>,
+    /// Keyset pagination: only runs older than this run (its creation time and id), so a
+    /// page deep in a large history costs what the first one does.
+    pub before: Option<(OffsetDateTime, Uuid)>,
     pub limit: i64,
 }
 
@@ -495,6 +498,7 @@ pub async fn list(pool: &Pool, filter: &RunFilter) -> Result<Vec<Run>, StoreErro
                  (select run_id, created_at from run_keys where event_id = $4)) \
                  and ($5::timestamptz is null or r.created_at >= $5) \
                  and ($6::timestamptz is null or r.created_at < $6) \
+                 and ($8::timestamptz is null or (r.created_at, r.id) < ($8, $9::uuid)) \
                  order by r.created_at desc, r.id desc limit $7"
             ),
             &[
@@ -505,6 +509,8 @@ pub async fn list(pool: &Pool, filter: &RunFilter) -> Result<Vec<Run>, StoreErro
                 &filter.since,
                 &filter.until,
                 &filter.limit,
+                &filter.before.map(|(at, _)| at),
+                &filter.before.map(|(_, id)| id),
             ],
         )
         .await?;

@@ -188,6 +188,26 @@ fn vhost(url: &str) -> String {
     }
 }
 
+/// A one-shot connection for an operator's action on the queues (the `dlq` and `runs retry`
+/// commands, the console): no recovery, so an action fails rather than waits; and the
+/// topology the workers use. The error is one line naming the broker, its password hidden.
+pub async fn operator_session(
+    settings: &crate::config::Settings,
+    name: &str,
+) -> Result<(Connection, crate::transport::topology::Topology), String> {
+    let connection = connect(
+        settings.amqp_url(),
+        &settings.amqp.tls_ca_file,
+        name,
+        Recovery::None,
+    )
+    .await
+    .map_err(|err| connect_failure(settings.amqp_url(), &err))?;
+    let topology =
+        crate::transport::topology::Topology::new(&settings.amqp, &settings.retry.schedule);
+    Ok((connection, topology))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -397,6 +397,7 @@ async fn a_database_with_history_keeps_it_when_migrated_to_partitions() {
         &pool,
         &runs::RunFilter {
             user_id: Some("user-3".into()),
+            before: None,
             limit: 1000,
             ..runs::RunFilter::default()
         },

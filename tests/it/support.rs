@@ -339,6 +339,7 @@ impl TestApp {
             &self.pool,
             &RunFilter {
                 event_id: Some(event_id.to_owned()),
+                before: None,
                 limit: 1000,
                 ..RunFilter::default()
             },
@@ -351,6 +352,7 @@ impl TestApp {
         appevents::pipeline::runs::list(
             &self.pool,
             &RunFilter {
+                before: None,
                 limit: 100_000,
                 ..RunFilter::default()
             },

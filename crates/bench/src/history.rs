@@ -323,6 +323,7 @@ impl Bench {
     async fn listing(&self, filter: impl Fn(&mut RunFilter)) -> anyhow::Result<Histogram<u64>> {
         let mut times = Histogram::<u64>::new(3)?;
         let mut query = RunFilter {
+            before: None,
             limit: 50,
             ..RunFilter::default()
         };

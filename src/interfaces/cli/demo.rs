@@ -319,6 +319,7 @@ async fn wait_for_runs(
     let deadline = Instant::now() + within;
     let filter = RunFilter {
         event_id: Some(event_id.to_owned()),
+        before: None,
         limit: 100,
         ..RunFilter::default()
     };

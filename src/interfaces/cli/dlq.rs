@@ -11,7 +11,7 @@ use super::output::{print_json, print_table};
 use crate::catalog::workflows;
 use crate::config::Settings;
 use crate::store::db;
-use crate::transport::broker::{self, Recovery};
+use crate::transport::broker;
 use crate::transport::dead_letter;
 use crate::transport::topology::Topology;
 
@@ -161,20 +161,12 @@ async fn walk(
     Ok(())
 }
 
-/// Workflow names by id, as `runs list` shows them; empty when the catalog cannot be read
-/// (the ids are shown then).
+/// Workflow names by id, as `runs list` shows them.
 async fn workflow_names(settings: &Settings) -> HashMap<String, String> {
-    let Ok(pool) = db::pool(&settings.database) else {
-        return HashMap::new();
-    };
-    workflows::list(&pool, None, None)
-        .await
-        .map(|list| {
-            list.into_iter()
-                .map(|w| (w.id.to_string(), w.name))
-                .collect()
-        })
-        .unwrap_or_default()
+    match db::pool(&settings.database) {
+        Ok(pool) => workflows::names(&pool).await,
+        Err(_) => HashMap::new(),
+    }
 }
 
 fn print_letters(letters: &[dead_letter::Letter], workflow_names: &HashMap<String, String>) {
@@ -248,20 +240,12 @@ fn print_report(command: &DlqCommand, report: &dead_letter::Report) {
     );
 }
 
-/// A one-shot connection to the broker (no recovery: a command fails rather than waits) and
-/// the topology the workers use.
+/// A one-shot connection to the broker and the topology the workers use.
 pub(super) async fn broker_session(
     settings: &Settings,
     name: &str,
 ) -> anyhow::Result<(lapin::Connection, Topology)> {
-    let connection = broker::connect(
-        settings.amqp_url(),
-        &settings.amqp.tls_ca_file,
-        name,
-        Recovery::None,
-    )
-    .await
-    .map_err(|err| anyhow::anyhow!(broker::connect_failure(settings.amqp_url(), &err)))?;
-    let topology = Topology::new(&settings.amqp, &settings.retry.schedule);
-    Ok((connection, topology))
+    broker::operator_session(settings, name)
+        .await
+        .map_err(anyhow::Error::msg)
 }

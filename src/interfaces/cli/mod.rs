@@ -10,7 +10,7 @@ mod history;
 mod migrate;
 mod output;
 mod publish;
-mod runs;
+pub(crate) mod runs;
 mod secrets;
 mod subscription;
 mod users;

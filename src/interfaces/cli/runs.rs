@@ -8,9 +8,9 @@ use super::dlq::broker_session;
 use super::output::{print_json, print_table};
 use crate::config::Settings;
 use crate::core::failure::Failure;
+use crate::pipeline::replay;
 use crate::pipeline::runs::{self, RunFilter, RunStatus};
 use crate::store::db;
-use crate::transport::dead_letter;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum RunsCommand {
@@ -50,7 +50,7 @@ pub(super) struct RunsListArgs {
 }
 
 /// Parses an RFC 3339 time or a duration ago ("90s", "2h", "7d").
-fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
+pub(crate) fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
     if let Ok(at) =
         time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
     {
@@ -75,6 +75,7 @@ pub(super) async fn run(settings: &Settings, command: RunsCommand) -> anyhow::Re
                 event_id: args.event_id,
                 since: args.since,
                 until: args.until,
+                before: None,
                 limit: args.limit,
             };
             let list = runs::list(pool, &filter).await?;
@@ -127,36 +128,10 @@ pub(super) async fn run(settings: &Settings, command: RunsCommand) -> anyhow::Re
 /// Replays the dead letter of one dead run.
 async fn retry(settings: &Settings, id: Uuid) -> anyhow::Result<()> {
     let pool = db::pool(&settings.database)?;
-    let found = runs::get(&pool, id).await?;
-    if found.status != RunStatus::Dead {
-        bail!(
-            "run {id} is {}, not dead: nothing to retry",
-            found.status.as_str()
-        );
-    }
-    let filter = dead_letter::Filter {
-        event_id: Some(found.event_id.clone()),
-        user_id: Some(found.user_id.clone()),
-        workflow_id: Some(found.workflow_id),
-        ..dead_letter::Filter::default()
-    };
     let (connection, topology) = broker_session(settings, "appevents runs retry").await?;
-    let report = dead_letter::walk(
-        &connection,
-        &topology,
-        &filter,
-        dead_letter::Action::Replay,
-        |_| {},
-    )
-    .await;
+    let retried = replay::retry_dead_run(&pool, &connection, &topology, id).await;
     let _ = connection.close(200, "done".into()).await;
-    let report = report?;
-    if report.moved == 0 {
-        bail!(
-            "run {id} has no dead letter to replay (purged?); publish event {} again to run it",
-            found.event_id
-        );
-    }
+    let found = retried?;
     println!(
         "replayed run {id} (event {}, workflow {})",
         found.event_id, found.workflow

@@ -440,6 +440,7 @@ async fn user_runs(
         event_id: query.event_id,
         since: None,
         until: None,
+        before: None,
         limit,
     };
     Ok(Json(runs::list(&state.pool, &filter).await?).into_response())
