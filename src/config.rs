@@ -31,6 +31,7 @@ pub struct Settings {
     pub secrets: SecretSettings,
     pub user_tokens: UserTokenSettings,
     pub portal: PortalSettings,
+    pub console: ConsoleSettings,
     pub oauth: OAuthSettings,
     pub log: LogSettings,
     /// The layers read, in order, for messages that depend on them ("no encryption key").
@@ -154,6 +155,17 @@ pub struct PortalSettings {
     pub session_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub authorization_ttl: Duration,
+    pub secure_cookie: bool,
+}
+
+/// The operator console's access.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsoleSettings {
+    /// Operator keys by operator name: a key logs its operator in, and the name is who the
+    /// audit log says acted.
+    pub operators: BTreeMap<String, SecretString>,
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
     pub secure_cookie: bool,
 }
 
@@ -348,7 +360,10 @@ impl Settings {
         }
         self.validate_retention()
             .map_err(config::ConfigError::Message)?;
-        self.validate_portal().map_err(config::ConfigError::Message)
+        self.validate_portal()
+            .map_err(config::ConfigError::Message)?;
+        self.validate_console()
+            .map_err(config::ConfigError::Message)
     }
 
     /// The longest a run can stay unfinished: every broker-level retry waiting in the
@@ -397,6 +412,21 @@ impl Settings {
             humantime::format_duration(self.worker.run_timeout),
             humantime::format_duration(self.worker.claim_lease),
         ))
+    }
+
+    /// The console's operator keys: long enough not to be guessed, one per operator.
+    fn validate_console(&self) -> Result<(), String> {
+        for (name, key) in &self.console.operators {
+            if key.expose_secret().len() < MIN_OPERATOR_KEY_CHARS {
+                return Err(format!(
+                    "console.operators.{name} must be at least {MIN_OPERATOR_KEY_CHARS} characters"
+                ));
+            }
+        }
+        if self.console.session_ttl.is_zero() {
+            return Err("console.session_ttl must be longer than zero".into());
+        }
+        Ok(())
     }
 
     /// The Connect Portal's keys and URLs, each error naming its key.
@@ -487,6 +517,8 @@ pub fn amqp_nodes(url: &str) -> Result<Vec<&str>, String> {
 
 /// HS256 keys shorter than the hash are weak (RFC 7518 §3.2).
 const MIN_USER_TOKEN_KEY_BYTES: usize = 32;
+/// The shortest operator key accepted: as long as a user token key.
+const MIN_OPERATOR_KEY_CHARS: usize = 32;
 
 fn check_url(key: &str, value: &str) -> Result<(), String> {
     let url = reqwest::Url::parse(value).map_err(|e| format!("{key} {value:?}: {e}"))?;

@@ -1,5 +1,4 @@
-//! Browser sessions of the pages (the Connect Portal; the operator console can add its own
-//! kind). A session is a random cookie value whose SHA-256 is stored with who it belongs to,
+//! Browser sessions of the pages, one kind each (`portal`, `console`). A session is a random cookie value whose SHA-256 is stored with who it belongs to,
 //! the CSRF token of its forms and when it expires.
 
 use std::time::Duration;
@@ -103,4 +102,16 @@ pub async fn find(pool: &Pool, kind: &str, cookie: &str) -> Result<Option<Sessio
         })
     })
     .transpose()
+}
+
+/// Ends the session of `kind` the cookie value belongs to (logging out).
+pub async fn close(pool: &Pool, kind: &str, cookie: &str) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "delete from web_sessions where digest = $1 and kind = $2",
+            &[&digest(cookie), &kind],
+        )
+        .await?;
+    Ok(())
 }

@@ -11,6 +11,8 @@ mod api;
 mod app_events;
 mod cli;
 mod cluster;
+mod console;
+mod console_browser;
 mod end_to_end;
 mod examples;
 mod failures;

@@ -1,9 +1,11 @@
 //! `appevents serve`: the HTTP side. Ingest (`ingest`), the management API
-//! (`management`), the Connect Portal's pages (`portal`), and the ops endpoints. Every `/v1`
-//! route needs a bearer key from `server.api_keys`; the portal's pages a session opened with
-//! a user token, never an API key. Route groups live in their own modules; `state` is what
-//! the API's share, `pages` what every page group shares.
+//! (`management`), the Connect Portal's pages (`portal`), the operator console (`console`),
+//! and the ops endpoints. Every `/v1` route needs a bearer key from `server.api_keys`; the
+//! portal's pages a session opened with a user token, never an API key; the console's a
+//! session opened with an operator key. Route groups live in their own modules; `state` is
+//! what the API's share, `pages` what every page group shares.
 
+mod console;
 mod ingest;
 mod management;
 mod pages;
@@ -80,10 +82,12 @@ pub async fn run(
         Arc::new(KeyRing::from_settings(&settings.user_tokens)?),
         &settings.portal,
     );
+    let console = console::Console::new(&settings, pool.clone(), state.keyring.clone())?;
     let listener = tokio::net::TcpListener::bind(&settings.server.listen).await?;
     let addr = listener.local_addr()?;
     let app = router(state.clone(), settings.server.max_body_bytes)
         .merge(portal::routes(portal))
+        .merge(console::routes(console))
         .merge(ops::router(OpsState {
             metrics,
             health: health.clone(),

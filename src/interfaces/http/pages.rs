@@ -1,9 +1,10 @@
-//! What every page group shares (the Connect Portal now, an operator console later):
-//! askama templates rendered with a status, the security headers of every page, CSRF
-//! tokens checked in constant time, the session cookie, and the stylesheet.
+//! What every page group shares (the Connect Portal, the operator console): askama
+//! templates rendered with a status, the security headers of every page, CSRF tokens
+//! checked in constant time, the session cookie, the stylesheet and the vendored htmx.
 //!
-//! Pages are rendered on the server and escaped by askama; they need no JavaScript. The
-//! Content-Security-Policy allows nothing but our own stylesheet, forms that post to this
+//! Pages are rendered on the server and escaped by askama; they need no JavaScript to be
+//! read. The Content-Security-Policy allows nothing but our own stylesheet (and, for the
+//! console, our own copy of htmx and requests back to this server), forms that post to this
 //! server (or lead to an OAuth provider's authorize page) and the configured parent origins.
 
 use askama::Template;
@@ -23,9 +24,29 @@ const STYLESHEET: &str = include_str!("../../../assets/pages.css");
 /// Where the stylesheet is served.
 pub const STYLESHEET_PATH: &str = "/assets/pages.css";
 
-/// The shared routes: the stylesheet.
+/// htmx 2.0.11 (0BSD), vendored unchanged from the `htmx.org` npm package's
+/// `dist/htmx.min.js`: the console's progress and refreshes, with no JavaScript build.
+const HTMX: &str = include_str!("../../../assets/vendor/htmx.min.js");
+
+/// Where htmx is served.
+pub const HTMX_PATH: &str = "/assets/htmx.min.js";
+
+/// The shared routes: the stylesheet and htmx.
 pub fn assets() -> Router {
-    Router::new().route(STYLESHEET_PATH, get(stylesheet))
+    Router::new()
+        .route(STYLESHEET_PATH, get(stylesheet))
+        .route(HTMX_PATH, get(htmx))
+}
+
+async fn htmx() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        HTMX,
+    )
+        .into_response()
 }
 
 async fn stylesheet() -> Response {
@@ -83,6 +104,16 @@ impl Security {
     /// `frame_ancestors`: the origins that may embed the pages (none: they cannot be
     /// framed); `form_targets`: origins besides this server that a form may lead to.
     pub fn new(frame_ancestors: &[String], form_targets: &[String]) -> Security {
+        Security::with_policy(frame_ancestors, form_targets, "")
+    }
+
+    /// The console's: never framed, forms to this server only, and our own scripts (htmx)
+    /// with their requests back to this server. No inline script, no eval.
+    pub fn console() -> Security {
+        Security::with_policy(&[], &[], " script-src 'self'; connect-src 'self';")
+    }
+
+    fn with_policy(frame_ancestors: &[String], form_targets: &[String], scripts: &str) -> Security {
         let ancestors = if frame_ancestors.is_empty() {
             "'none'".to_owned()
         } else {
@@ -93,7 +124,7 @@ impl Security {
             .collect::<Vec<_>>()
             .join(" ");
         let policy = format!(
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action {forms}; \
+            "default-src 'none';{scripts} style-src 'self'; img-src 'self'; form-action {forms}; \
              frame-ancestors {ancestors}; base-uri 'none'"
         );
         // Origins were checked when the configuration loaded; a value that still cannot be
@@ -134,27 +165,48 @@ pub fn csrf_matches(expected: &str, presented: &str) -> bool {
     expected.len() == presented.len() && bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
 }
 
-/// A session cookie: HttpOnly (no script reads it), SameSite=Lax (no other site's form or
-/// frame sends it; a provider's redirect back, a top-level GET, does), limited to `path`,
-/// and Secure unless turned off for plain-HTTP development.
+/// A session cookie: HttpOnly (no script reads it), limited to `path`, Secure unless
+/// turned off for plain-HTTP development, and SameSite as `same_site` says.
 #[derive(Debug, Clone)]
 pub struct SessionCookie {
     pub name: &'static str,
     pub path: &'static str,
     pub secure: bool,
+    pub same_site: SameSite,
+}
+
+/// Which requests from elsewhere carry the cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    /// No other site's form or frame sends it; a provider's redirect back, a top-level GET,
+    /// does (the portal needs that).
+    Lax,
+    /// Only requests from this site's own pages send it (the console: nothing an operator
+    /// follows from elsewhere acts with their session).
+    Strict,
 }
 
 impl SessionCookie {
     /// The `Set-Cookie` value that stores `value` for `max_age_secs`.
     pub fn set(&self, value: &SecretString, max_age_secs: u64) -> Option<HeaderValue> {
         let secure = if self.secure { "; Secure" } else { "" };
+        let same_site = match self.same_site {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+        };
         HeaderValue::from_str(&format!(
-            "{}={}; Path={}; Max-Age={max_age_secs}; HttpOnly; SameSite=Lax{secure}",
+            "{}={}; Path={}; Max-Age={max_age_secs}; HttpOnly; SameSite={same_site}{secure}",
             self.name,
             value.expose_secret(),
             self.path
         ))
         .ok()
+    }
+
+    /// The `Set-Cookie` value that removes the cookie.
+    pub fn clear(&self) -> HeaderValue {
+        self.set(&SecretString::from(""), 0)
+            .unwrap_or(HeaderValue::from_static("Max-Age=0"))
     }
 
     /// The cookie's value in a request, if it has one.
@@ -213,6 +265,7 @@ mod tests {
             name: "s",
             path: "/p",
             secure: true,
+            same_site: SameSite::Lax,
         };
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, HeaderValue::from_static("a=1; s=xyz; b=2"));
@@ -224,5 +277,25 @@ mod tests {
             set.to_str().expect("ascii"),
             "s=v; Path=/p; Max-Age=60; HttpOnly; SameSite=Lax; Secure"
         );
+        let strict = SessionCookie {
+            same_site: SameSite::Strict,
+            secure: false,
+            ..cookie
+        };
+        assert_eq!(
+            strict.clear().to_str().expect("ascii"),
+            "s=; Path=/p; Max-Age=0; HttpOnly; SameSite=Strict"
+        );
+    }
+
+    #[test]
+    fn the_console_may_run_its_own_scripts_only() {
+        let csp = Security::console();
+        let csp = csp.csp.to_str().expect("ascii");
+        assert!(csp.contains("script-src 'self';"), "{csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert!(!csp.contains("unsafe"), "{csp}");
+        let portal = Security::new(&[], &[]);
+        assert!(!portal.csp.to_str().expect("ascii").contains("script-src"));
     }
 }

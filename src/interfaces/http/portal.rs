@@ -30,7 +30,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::pages::{self, ErrorPage, Security, SessionCookie};
+use super::pages::{self, ErrorPage, SameSite, Security, SessionCookie};
 use crate::catalog::connect::{Callback, Caller, ConnectError, Connector};
 use crate::catalog::connections;
 use crate::catalog::{subscriptions, workflows};
@@ -74,6 +74,7 @@ impl Portal {
                 name: "appevents_portal",
                 path: "/portal",
                 secure: settings.secure_cookie,
+                same_site: SameSite::Lax,
             },
         }
     }
