@@ -366,3 +366,100 @@ async fn retrying_a_dead_run_moves_its_letter_back_and_is_audited() {
     assert!(finished);
     console.stop().await;
 }
+
+#[tokio::test]
+async fn the_overview_and_catalog_show_what_needs_attention_and_never_a_secret() {
+    let mut console = ConsoleApp::start().await;
+    let secret = "sekrit-access-token-of-grace";
+    let revoked = console
+        .app
+        .connection(
+            "grace",
+            appevents::core::provider::Provider::Hubspot,
+            &console.crm.url(),
+            secret,
+        )
+        .await;
+    let client_db = console.app.pool.get().await.expect("db");
+    client_db
+        .execute(
+            "update connections set status = 'needs_reauth', status_reason = 'invalid_grant' where id = $1",
+            &[&revoked],
+        )
+        .await
+        .expect("revoke");
+    console.runs("u", 3, None).await;
+    console.runs("u2", 2, Some("nope")).await;
+    console
+        .dead_letter(
+            "evt-x",
+            json!({"email": "x@example.com"}),
+            ReasonCode::Exhausted,
+            "retries exhausted: x",
+        )
+        .await;
+    console.app.start_worker().await;
+    let worker: uuid::Uuid = client_db
+        .query_one("select id from workers where alive_until > now()", &[])
+        .await
+        .expect("a worker's heartbeat")
+        .get(0);
+    let mut client = console.operator().await;
+
+    let overview = client.get("/console").await;
+    let catalog = client.get("/console/catalog").await;
+    let test = client
+        .get(&format!(
+            "/console/catalog/workflows/{}/test?user=u",
+            console.workflow
+        ))
+        .await;
+
+    assert_eq!(overview.status, 200, "{}", overview.body);
+    assert!(
+        overview
+            .body
+            .contains("aria-label=\"Events per minute, last hour\"")
+    );
+    assert!(
+        overview.body.contains("hubspot · succeeded</text>"),
+        "{}",
+        overview.body
+    );
+    assert!(overview.body.contains("hubspot · dead</text>"));
+    assert!(
+        overview.body.contains("exhausted</a> <strong>1</strong>"),
+        "{}",
+        overview.body
+    );
+    assert!(
+        overview.body.contains(&worker.to_string()),
+        "the live worker is listed"
+    );
+    assert!(
+        overview.body.contains("invalid_grant"),
+        "the revoked connection is listed"
+    );
+    assert_eq!(catalog.status, 200);
+    assert!(catalog.body.contains("Contact Created"));
+    assert!(
+        catalog.body.contains("{{payload.email}}"),
+        "the mapping is shown"
+    );
+    assert!(catalog.body.contains("needs_reauth: invalid_grant"));
+    assert_eq!(test.status, 200, "{}", test.body);
+    assert!(test.body.contains("id=\"dry-run\""), "{}", test.body);
+    assert!(
+        test.body.contains("/crm/v3/objects/contacts"),
+        "{}",
+        test.body
+    );
+    for page in [&overview, &catalog, &test] {
+        assert!(!page.body.contains(secret));
+        assert!(
+            !page.body.contains("Bearer token"),
+            "the user's token is masked"
+        );
+    }
+    console.stop().await;
+}
