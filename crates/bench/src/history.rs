@@ -166,7 +166,7 @@ impl Bench {
     }
 
     /// The workflow the synthetic history and the drains use; one user subscribed to it.
-    async fn history_setup(&self) -> anyhow::Result<uuid::Uuid> {
+    pub(crate) async fn history_setup(&self) -> anyhow::Result<uuid::Uuid> {
         appevents::catalog::app_events::create(
             &self.pool,
             EVENT,
@@ -194,7 +194,7 @@ impl Bench {
     /// The indexes and constraints of both tables are dropped for the fill and made again
     /// from their own definitions after it: one sorted build each instead of 50 million
     /// random insertions, the same store in the end.
-    async fn fill(&self, workflow: uuid::Uuid, runs: i64) -> anyhow::Result<Duration> {
+    pub(crate) async fn fill(&self, workflow: uuid::Uuid, runs: i64) -> anyhow::Result<Duration> {
         let started = Instant::now();
         // A connection of its own: the settings below are for the fill alone.
         let client = db::connect(&self.settings.database).await?;

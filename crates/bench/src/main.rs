@@ -17,7 +17,8 @@
 //!    delays the measurements after it instead of hiding them (no coordinated omission);
 //! 4. with `--backlog`, the worker's peak RSS while draining that many queued events.
 //!
-//! `--history N` measures the run store instead: see the `history` module.
+//! `--history N` measures the run store instead: see the `history` module; `--console N` the
+//! operator console's pages: see the `console` module.
 //!
 //! Printed: events/s and the ratio to the ceiling, latency percentiles, the worker's peak RSS
 //! and CPU time per event.
@@ -52,6 +53,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
+mod console;
 mod history;
 
 const EVENT: &str = "Contact Created";
@@ -76,6 +78,10 @@ struct Args {
     /// measure it beside the empty store (claim, record, drain, listings, dropping a day).
     #[arg(long, default_value_t = 0)]
     history: i64,
+    /// Instead: time every operator console page on the empty store, then with this many
+    /// runs in the history (filled as --history fills it).
+    #[arg(long, default_value_t = 0)]
+    console: i64,
     /// The database to create, use and drop (default `appevents_bench_` and a random tag,
     /// which `ops/clean-test-leftovers.sh` drops if a run is interrupted).
     #[arg(long)]
@@ -145,7 +151,11 @@ async fn main() -> anyhow::Result<()> {
         return result;
     }
     let bench = Bench::setup(args).await?;
-    let result = bench.run().await;
+    let result = if bench.args.console > 0 {
+        bench.console(bench.args.console).await
+    } else {
+        bench.run().await
+    };
     bench.teardown().await;
     result
 }

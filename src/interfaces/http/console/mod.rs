@@ -38,6 +38,7 @@ use crate::integrations::Integrations;
 use crate::observe::errors::report;
 use crate::store::db::StoreError;
 use crate::store::vault::Keyring;
+use crate::transport::topology::Topology;
 use crate::transport::{broker, dead_letter};
 
 pub use self::access::Operator;
@@ -59,6 +60,9 @@ pub struct Console {
     operators: Arc<[(String, [u8; 32])]>,
     cookie: SessionCookie,
     jobs: jobs::Jobs,
+    /// The broker connection the dead-letter walks share, made on first use and again once
+    /// lost: a connection per page would cost about 100 ms of handshakes.
+    broker: Arc<tokio::sync::Mutex<Option<Arc<lapin::Connection>>>>,
 }
 
 impl Console {
@@ -82,6 +86,7 @@ impl Console {
                 same_site: SameSite::Strict,
             },
             jobs: jobs::Jobs::default(),
+            broker: Arc::default(),
         })
     }
 }
@@ -186,19 +191,35 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// One walk of the dead-letter queue on a connection of its own (`dead_letter::walk`, as
-/// the CLI's); the error is one line, the broker's password hidden.
+/// One walk of the dead-letter queue (`dead_letter::walk`, as the CLI's), on a channel of
+/// its own; the error is one line, the broker's password hidden.
 async fn walk_letters(
     console: &Console,
     filter: &dead_letter::Filter,
     action: dead_letter::Action,
     visit: impl FnMut(&dead_letter::Letter),
 ) -> Result<dead_letter::Report, String> {
-    let (connection, topology) =
-        broker::operator_session(&console.settings, "appevents console").await?;
-    let report = dead_letter::walk(&connection, &topology, filter, action, visit).await;
-    let _ = connection.close(200, "done".into()).await;
-    report.map_err(|err| err.to_string())
+    let connection = broker_connection(console).await?;
+    dead_letter::walk(&connection, &topology(console), filter, action, visit)
+        .await
+        .map_err(|err| err.to_string())
+}
+
+/// The queues the workers use.
+fn topology(console: &Console) -> Topology {
+    Topology::new(&console.settings.amqp, &console.settings.retry.schedule)
+}
+
+/// The console's broker connection, connecting when there is none or it was lost.
+async fn broker_connection(console: &Console) -> Result<Arc<lapin::Connection>, String> {
+    let mut slot = console.broker.lock().await;
+    if let Some(connection) = slot.as_ref().filter(|c| c.status().connected()) {
+        return Ok(connection.clone());
+    }
+    let (connection, _) = broker::operator_session(&console.settings, "appevents console").await?;
+    let connection = Arc::new(connection);
+    *slot = Some(connection.clone());
+    Ok(connection)
 }
 
 /// A page rendered with 200, or the error page when the template fails.

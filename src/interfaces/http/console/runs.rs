@@ -18,14 +18,15 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::dead_letters::FilterForm;
-use super::{Chrome, Console, Operator, Refusal, html, truncate, when};
+use super::{
+    Chrome, Console, Operator, Refusal, broker_connection, html, topology, truncate, when,
+};
 use crate::catalog::workflows::{self, Workflow};
 use crate::core::failure::Failure;
 use crate::interfaces::cli::runs::parse_time;
-use crate::pipeline::replay::{self, RetryError};
+use crate::pipeline::replay;
 use crate::pipeline::runs::{self, Run, RunFilter, RunStatus};
 use crate::store::audit::{self, Action};
-use crate::transport::broker;
 
 /// Runs on a page.
 const PAGE: i64 = 50;
@@ -382,14 +383,12 @@ pub(super) async fn retry(
     )
     .await?;
     tracing::info!(operator = %operator.name, run_id = %id, "console: retry");
-    let outcome = match broker::operator_session(&console.settings, "appevents console").await {
-        Ok((connection, topology)) => {
-            let retried = replay::retry_dead_run(&console.pool, &connection, &topology, id).await;
-            let _ = connection.close(200, "done".into()).await;
-            retried.map(|_| ()).map_err(|err| match err {
-                RetryError::Store(err) => err.to_string(),
-                other => other.to_string(),
-            })
+    let outcome = match broker_connection(&console).await {
+        Ok(connection) => {
+            replay::retry_dead_run(&console.pool, &connection, &topology(&console), id)
+                .await
+                .map(|_| ())
+                .map_err(|err| err.to_string())
         }
         Err(err) => Err(err),
     };
