@@ -98,19 +98,10 @@ async fn an_operator_replays_and_purges_dead_letters_in_a_real_browser() {
     );
     browser.screenshots("console-replay-preview").await;
     browser.click("#confirm").await;
-    let replayed = eventually(Duration::from_secs(15), || async {
-        state_of(&browser).await.as_deref() == Some("done")
-    })
-    .await;
+    let replayed = finished_job(&browser).await;
     assert!(
-        replayed,
-        "the job page reports the replay done (htmx polls it)"
-    );
-    assert!(
-        browser
-            .text_of("#job-status")
-            .await
-            .contains("replayed 1 of 2 scanned")
+        replayed.contains("replayed 1 of 2 scanned"),
+        "the job page reports the replay done (htmx polls it): {replayed}"
     );
     browser.screenshots("console-replay-done").await;
 
@@ -149,12 +140,8 @@ async fn an_operator_replays_and_purges_dead_letters_in_a_real_browser() {
             .contains("deleted for good")
     );
     browser.click("#confirm").await;
-    let purged = eventually(Duration::from_secs(15), || async {
-        state_of(&browser).await.as_deref() == Some("done")
-    })
-    .await;
-    assert!(purged);
-    assert!(browser.text_of("#job-status").await.contains("purged 1"));
+    let purged = finished_job(&browser).await;
+    assert!(purged.contains("purged 1"), "{purged}");
     assert!(console.app.dead_letter_ids().await.is_empty());
     browser
         .goto(&format!("{url}/console/audit"))
@@ -213,14 +200,29 @@ async fn an_operator_replays_and_purges_dead_letters_in_a_real_browser() {
     console.stop().await;
 }
 
-/// The job page's state: running, done or failed.
-async fn state_of(browser: &browser::Session) -> Option<String> {
-    browser
-        .find(Locator::Css("#job-status"))
-        .await
-        .ok()?
-        .attr("data-state")
-        .await
-        .ok()
-        .flatten()
+/// The job page's status once it is no longer running: its text. Read in one script, as
+/// htmx may swap the element between two WebDriver calls.
+async fn finished_job(browser: &browser::Session) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = browser
+            .execute(
+                "const s = document.querySelector('#job-status'); \
+                 return s ? [s.dataset.state, s.textContent] : null;",
+                vec![],
+            )
+            .await
+            .ok()
+            .and_then(|v| serde_json::from_value::<(String, String)>(v).ok());
+        if let Some((state, text)) = status
+            && state != "running"
+        {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job did not finish within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
