@@ -751,35 +751,55 @@ impl TestApp {
         workflow: Uuid,
         payload: Value,
     ) {
+        let failure = appevents::core::failure::Failure::new(
+            appevents::core::failure::FailureKind::Transient,
+            "scripted outage",
+        );
+        let reason = appevents::transport::dead_letter::Reason {
+            code: appevents::transport::dead_letter::ReasonCode::Exhausted,
+            text: format!("retries exhausted: {}", failure.summary()),
+        };
+        let letter = SeededLetter {
+            event_id,
+            user,
+            workflow,
+            payload,
+            reason,
+            provider_calls: 9,
+            failure: Some(&failure),
+        };
+        self.seed_letter(publisher, letter).await;
+    }
+
+    /// Puts a dead letter of `Contact Created` in the queue, with the reason given.
+    pub async fn seed_letter(
+        &self,
+        publisher: &appevents::transport::publisher::Publisher,
+        seeded: SeededLetter<'_>,
+    ) {
         let body = serde_json::to_vec(&serde_json::json!({
-            "id": event_id, "name": CONTACT_CREATED, "user_id": user, "payload": payload
+            "id": seeded.event_id, "name": CONTACT_CREATED, "user_id": seeded.user,
+            "payload": seeded.payload
         }))
         .expect("body");
         let event = appevents::core::event::parse(
             &body,
             &appevents::core::event::MessageMeta::default(),
             appevents::core::event::Limits {
-                max_bytes: 1 << 20,
+                max_bytes: 1 << 22,
                 max_depth: 32,
             },
         )
         .expect("valid event");
-        let failure = appevents::core::failure::Failure::new(
-            appevents::core::failure::FailureKind::Transient,
-            "scripted outage",
-        );
         let letter = appevents::transport::dead_letter::DeadLetter {
-            reason: appevents::transport::dead_letter::Reason {
-                code: appevents::transport::dead_letter::ReasonCode::Exhausted,
-                text: format!("retries exhausted: {}", failure.summary()),
-            },
+            reason: seeded.reason,
             event: Some(&event),
-            workflow_id: Some(workflow),
-            provider_calls: Some(9),
-            failure: Some(&failure),
+            workflow_id: Some(seeded.workflow),
+            provider_calls: Some(seeded.provider_calls),
+            failure: seeded.failure,
         };
         let properties = appevents::transport::dead_letter::properties(
-            &appevents::transport::publisher::event_properties(event_id),
+            &appevents::transport::publisher::event_properties(seeded.event_id),
             &letter,
         );
         publisher
@@ -816,6 +836,17 @@ impl TestApp {
         channel.close(200, "peeked".into()).await.expect("close");
         ids
     }
+}
+
+/// A dead letter a test puts in the queue.
+pub struct SeededLetter<'a> {
+    pub event_id: &'a str,
+    pub user: &'a str,
+    pub workflow: Uuid,
+    pub payload: Value,
+    pub reason: appevents::transport::dead_letter::Reason,
+    pub provider_calls: u32,
+    pub failure: Option<&'a appevents::core::failure::Failure>,
 }
 
 /// A running `appevents serve`, in this process.

@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use appevents::transport::dead_letter::{self, DeadLetter, Reason, ReasonCode};
-use appevents::transport::publisher::{self, Publisher};
+use appevents::transport::dead_letter::{Reason, ReasonCode};
+use appevents::transport::publisher::Publisher;
 use appevents_standin as standin;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{CONTACT_CREATED, ServerHandle, TestApp};
+use super::{CONTACT_CREATED, SeededLetter, ServerHandle, TestApp};
 
 /// The operator of the tests, and their key.
 pub const OPERATOR: &str = "ops-ada";
@@ -89,40 +89,20 @@ impl ConsoleApp {
         code: ReasonCode,
         reason: &str,
     ) {
-        let body = serde_json::to_vec(&json!({
-            "id": event_id, "name": CONTACT_CREATED, "user_id": "u", "payload": payload
-        }))
-        .expect("body");
-        let event = appevents::core::event::parse(
-            &body,
-            &appevents::core::event::MessageMeta::default(),
-            appevents::core::event::Limits {
-                max_bytes: 1 << 22,
-                max_depth: 32,
-            },
-        )
-        .expect("valid event");
-        let letter = DeadLetter {
+        let publisher = Publisher::open(&self.app.amqp).await.expect("publisher");
+        let letter = SeededLetter {
+            event_id,
+            user: "u",
+            workflow: self.workflow,
+            payload,
             reason: Reason {
                 code,
                 text: reason.to_owned(),
             },
-            event: Some(&event),
-            workflow_id: Some(self.workflow),
-            provider_calls: Some(3),
+            provider_calls: 3,
             failure: None,
         };
-        let properties = dead_letter::properties(&publisher::event_properties(event_id), &letter);
-        let publisher = Publisher::open(&self.app.amqp).await.expect("publisher");
-        publisher
-            .publish(
-                "",
-                &self.app.settings.amqp.dead_letter_queue,
-                &body,
-                properties,
-            )
-            .await
-            .expect("seed dead letter");
+        self.app.seed_letter(&publisher, letter).await;
     }
 
     /// Writes `n` finished runs of the test's workflow for user `user`, a millisecond
