@@ -73,6 +73,10 @@ pub struct WorkerSettings {
     pub run_timeout: Duration,
     /// For fault-injection tests only: exit abruptly right after a provider's answer.
     pub crash_after_provider_answer: bool,
+    /// For fault-injection tests only: exit abruptly right after the step of this name (of
+    /// a workflow of several steps) is recorded as succeeded. Empty: never.
+    #[serde(default)]
+    pub crash_after_step: String,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub ops_listen: String,

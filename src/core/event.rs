@@ -281,6 +281,22 @@ fn nests_deeper_than(text: &[u8], limit: usize) -> bool {
     false
 }
 
+/// An event of `payload` (an object) for the tests of what reads events.
+#[cfg(test)]
+pub(crate) fn test_event(payload: serde_json::Value) -> Event {
+    let serde_json::Value::Object(payload) = payload else {
+        panic!("test payload must be an object")
+    };
+    Event {
+        id: "evt_1".into(),
+        id_source: IdSource::Body,
+        name: "Contact Created".into(),
+        user_id: "user-1".into(),
+        payload,
+        occurred_at: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

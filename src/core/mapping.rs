@@ -1,8 +1,11 @@
-//! Field mapping templates: JSON whose string values may reference the event.
+//! Field mapping templates: JSON whose string values may reference the event and, in a
+//! workflow of several steps, the outputs of earlier steps.
 //!
 //! Rules (documented in docs/mapping.md):
 //! - `{{path}}` names a value of the event: `id`, `name`, `user_id`, `occurred_at`, or
-//!   `payload.a.b` (a number indexes an array: `payload.tags.0`). Nothing else is reachable.
+//!   `payload.a.b` (a number indexes an array: `payload.tags.0`); `steps.NAME.a.b`, the
+//!   output of an earlier step; `item.a`, the element of a step's `for_each`. Nothing else
+//!   is reachable. Which step names and whether `item` are allowed is the workflow's check.
 //! - A string that is exactly one reference takes the referenced value with its JSON type.
 //! - A string with text around references renders them as text (strings as they are,
 //!   numbers and booleans as written, null as nothing, objects and arrays as JSON).
@@ -22,9 +25,11 @@ pub enum TemplateError {
     #[error("empty reference `{{{{}}}}`")]
     Empty,
     #[error(
-        "`{0}` is not part of the event: a path starts with id, name, user_id, occurred_at or payload"
+        "`{0}` is not part of the event: a path starts with id, name, user_id, occurred_at, payload, steps or item"
     )]
     UnknownRoot(String),
+    #[error("`{0}` names no step: write steps.NAME.field")]
+    NoStep(String),
     #[error("`{0}` has an empty segment")]
     EmptySegment(String),
     #[error("`{0}` is a text field and has no fields below it")]
@@ -62,6 +67,8 @@ enum Piece {
 struct Path {
     root: Root,
     fields: Vec<String>,
+    /// The reference as written, for errors.
+    written: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,6 +78,38 @@ enum Root {
     UserId,
     OccurredAt,
     Payload,
+    /// `steps.NAME...`: the first field is the step's name.
+    Steps,
+    /// `item...`: the element of the step's `for_each`.
+    Item,
+}
+
+/// What a template may read: the event, the outputs of the steps run so far (by name), and
+/// the element of a `for_each`.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub event: &'a Event,
+    pub steps: Option<&'a Map<String, Value>>,
+    pub item: Option<&'a Value>,
+}
+
+impl<'a> Scope<'a> {
+    /// The event alone: what a one-step workflow's mapping sees.
+    pub fn event(event: &'a Event) -> Scope<'a> {
+        Scope {
+            event,
+            steps: None,
+            item: None,
+        }
+    }
+}
+
+/// A reference a template makes outside the event, for the workflow's checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach<'a> {
+    /// `steps.NAME...`, with the whole reference as written.
+    Step(&'a str, &'a str),
+    Item,
 }
 
 impl Template {
@@ -82,7 +121,84 @@ impl Template {
 
     /// Renders the template for one event. A top-level reference to a missing path is null.
     pub fn render(&self, event: &Event) -> Value {
-        render_node(&self.root, event).unwrap_or(Value::Null)
+        self.render_in(&Scope::event(event))
+    }
+
+    /// Renders the template with the outputs of earlier steps and a `for_each` element.
+    pub fn render_in(&self, scope: &Scope<'_>) -> Value {
+        render_node(&self.root, scope).unwrap_or(Value::Null)
+    }
+
+    /// The references outside the event: earlier steps' outputs and `item`.
+    pub fn reaches(&self) -> Vec<Reach<'_>> {
+        let mut out = Vec::new();
+        node_reaches(&self.root, &mut out);
+        out
+    }
+}
+
+fn node_reaches<'a>(node: &'a Node, out: &mut Vec<Reach<'a>>) {
+    match node {
+        Node::Literal(_) => {}
+        Node::Reference(path) => out.extend(path.reach()),
+        Node::Text(pieces) => out.extend(pieces.iter().filter_map(Piece::reach)),
+        Node::Object(fields) => fields.iter().for_each(|(_, n)| node_reaches(n, out)),
+        Node::Array(items) => items.iter().for_each(|n| node_reaches(n, out)),
+    }
+}
+
+impl Piece {
+    fn reach(&self) -> Option<Reach<'_>> {
+        match self {
+            Piece::Text(_) => None,
+            Piece::Reference(path) => path.reach(),
+        }
+    }
+}
+
+impl Path {
+    fn reach(&self) -> Option<Reach<'_>> {
+        match self.root {
+            Root::Steps => self
+                .fields
+                .first()
+                .map(|step| Reach::Step(step.as_str(), self.written.as_str())),
+            Root::Item => Some(Reach::Item),
+            _ => None,
+        }
+    }
+}
+
+/// A path reference (`payload.items`, `steps.find.records`) compiled on its own: what a
+/// `for_each` iterates over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reference {
+    path: Path,
+}
+
+impl Reference {
+    /// Compiles `payload.items` or `{{payload.items}}`.
+    pub fn compile(text: &str) -> Result<Reference, TemplateError> {
+        let text = text.trim();
+        let inner = text
+            .strip_prefix("{{")
+            .and_then(|t| t.strip_suffix("}}"))
+            .unwrap_or(text);
+        Ok(Reference {
+            path: compile_path(inner)?,
+        })
+    }
+
+    pub fn lookup(&self, scope: &Scope<'_>) -> Option<Value> {
+        lookup(&self.path, scope)
+    }
+
+    pub fn reach(&self) -> Option<Reach<'_>> {
+        self.path.reach()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.path.written
     }
 }
 
@@ -95,19 +211,24 @@ impl TextTemplate {
 
     /// Renders to a string; each referenced value passes through `escape` (identity for
     /// headers, percent-encoding for URLs).
-    pub fn render_with(&self, event: &Event, escape: impl Fn(&str) -> String) -> String {
+    pub fn render_with(&self, scope: &Scope<'_>, escape: impl Fn(&str) -> String) -> String {
         let mut out = String::new();
         for piece in &self.pieces {
             match piece {
                 Piece::Text(text) => out.push_str(text),
                 Piece::Reference(path) => {
-                    if let Some(value) = lookup(path, event) {
+                    if let Some(value) = lookup(path, scope) {
                         out.push_str(&escape(&as_text(&value)));
                     }
                 }
             }
         }
         out
+    }
+
+    /// The references outside the event: earlier steps' outputs and `item`.
+    pub fn reaches(&self) -> Vec<Reach<'_>> {
+        self.pieces.iter().filter_map(Piece::reach).collect()
     }
 }
 
@@ -176,20 +297,29 @@ fn compile_path(reference: &str) -> Result<Path, TemplateError> {
         "user_id" => Root::UserId,
         "occurred_at" => Root::OccurredAt,
         "payload" => Root::Payload,
+        "steps" => Root::Steps,
+        "item" => Root::Item,
         _ => return Err(TemplateError::UnknownRoot(reference.to_owned())),
     };
     let fields: Vec<String> = segments.map(str::to_owned).collect();
     if fields.iter().any(String::is_empty) {
         return Err(TemplateError::EmptySegment(reference.to_owned()));
     }
-    if root != Root::Payload && !fields.is_empty() {
+    if !matches!(root, Root::Payload | Root::Steps | Root::Item) && !fields.is_empty() {
         return Err(TemplateError::NotAnObject(reference.to_owned()));
     }
-    Ok(Path { root, fields })
+    if root == Root::Steps && fields.is_empty() {
+        return Err(TemplateError::NoStep(reference.to_owned()));
+    }
+    Ok(Path {
+        root,
+        fields,
+        written: reference.to_owned(),
+    })
 }
 
 /// `None` when the path does not exist in this event.
-fn render_node(node: &Node, event: &Event) -> Option<Value> {
+fn render_node(node: &Node, event: &Scope<'_>) -> Option<Value> {
     match node {
         Node::Literal(value) => Some(value.clone()),
         Node::Reference(path) => lookup(path, event),
@@ -225,7 +355,8 @@ fn render_node(node: &Node, event: &Event) -> Option<Value> {
     }
 }
 
-fn lookup(path: &Path, event: &Event) -> Option<Value> {
+fn lookup(path: &Path, scope: &Scope<'_>) -> Option<Value> {
+    let event = scope.event;
     let text = |s: &str| Some(Value::String(s.to_owned()));
     match path.root {
         Root::Id => text(&event.id),
@@ -236,17 +367,25 @@ fn lookup(path: &Path, event: &Event) -> Option<Value> {
             let Some((first, rest)) = path.fields.split_first() else {
                 return Some(Value::Object(event.payload.clone()));
             };
-            let mut current = event.payload.get(first)?;
-            for field in rest {
-                current = match current {
-                    Value::Object(map) => map.get(field)?,
-                    Value::Array(items) => items.get(field.parse::<usize>().ok()?)?,
-                    _ => return None,
-                };
-            }
-            Some(current.clone())
+            descend(event.payload.get(first)?, rest)
         }
+        Root::Steps => {
+            let (step, rest) = path.fields.split_first()?;
+            descend(scope.steps?.get(step)?, rest)
+        }
+        Root::Item => descend(scope.item?, &path.fields),
     }
+}
+
+fn descend(mut current: &Value, fields: &[String]) -> Option<Value> {
+    for field in fields {
+        current = match current {
+            Value::Object(map) => map.get(field)?,
+            Value::Array(items) => items.get(field.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(current.clone())
 }
 
 fn as_text(value: &Value) -> String {
@@ -260,22 +399,9 @@ fn as_text(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::event::IdSource;
     use serde_json::json;
 
-    fn event(payload: Value) -> Event {
-        let Value::Object(payload) = payload else {
-            panic!("test payload must be an object")
-        };
-        Event {
-            id: "evt_1".into(),
-            id_source: IdSource::Body,
-            name: "Contact Created".into(),
-            user_id: "user-1".into(),
-            payload,
-            occurred_at: None,
-        }
-    }
+    use crate::core::event::test_event as event;
 
     fn render(template: Value, payload: Value) -> Value {
         Template::compile(&template)
@@ -351,7 +477,8 @@ mod tests {
     fn text_templates_escape_only_referenced_values() {
         let template =
             TextTemplate::compile("https://x.test/c/{{payload.email}}?s=1").expect("compiles");
-        let url = template.render_with(&event(json!({"email": "a b"})), |v| v.replace(' ', "%20"));
+        let event = event(json!({"email": "a b"}));
+        let url = template.render_with(&Scope::event(&event), |v| v.replace(' ', "%20"));
         assert_eq!(url, "https://x.test/c/a%20b?s=1");
     }
 }

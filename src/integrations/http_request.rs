@@ -8,8 +8,8 @@ use super::{
     Action, HeaderText, PreparedRequest, RawResponse, StepOutput, encode_segment, join_url,
 };
 use crate::core::connection::Connection;
-use crate::core::event::Event;
 use crate::core::failure::{Failure, FailureKind};
+use crate::core::mapping::Scope;
 use crate::core::mapping::TextTemplate;
 
 pub fn parse_options(options: &Map<String, Value>) -> Result<Action, String> {
@@ -67,9 +67,9 @@ pub fn prepare(
     url: &TextTemplate,
     headers: &[(String, TextTemplate)],
     body: Value,
-    event: &Event,
+    scope: &Scope<'_>,
 ) -> Result<PreparedRequest, Failure> {
-    let rendered = url.render_with(event, encode_segment);
+    let rendered = url.render_with(scope, encode_segment);
     let url = if rendered.starts_with("http://") || rendered.starts_with("https://") {
         rendered
     } else {
@@ -81,7 +81,7 @@ pub fn prepare(
         request = request.bearer(connection.access_token.as_ref());
     }
     for (name, template) in headers {
-        let value = template.render_with(event, str::to_owned);
+        let value = template.render_with(scope, str::to_owned);
         if value.chars().any(char::is_control) {
             return Err(Failure::new(
                 FailureKind::Permanent,
@@ -100,7 +100,8 @@ pub fn prepare(
 
 /// Any 2xx is success; an `id` in a JSON answer is kept as the provider's id.
 pub fn interpret(response: &RawResponse) -> StepOutput {
-    let provider_id = response.json().and_then(|body| match body.get("id")? {
+    let body = response.json();
+    let provider_id = body.as_ref().and_then(|body| match body.get("id")? {
         Value::String(id) => Some(id.clone()),
         Value::Number(id) => Some(id.to_string()),
         _ => None,
@@ -108,6 +109,7 @@ pub fn interpret(response: &RawResponse) -> StepOutput {
     StepOutput {
         provider_id,
         status: response.status,
+        body,
     }
 }
 

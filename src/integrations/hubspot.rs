@@ -102,6 +102,7 @@ pub fn interpret_found(response: &RawResponse) -> Option<StepOutput> {
     Some(StepOutput {
         provider_id: Some(id_of(Some(first))?),
         status: response.status,
+        body: None,
     })
 }
 
@@ -129,9 +130,11 @@ pub fn interpret_create(response: &RawResponse) -> Result<StepOutput, Failure> {
             &response.body,
         ));
     }
+    let body = response.json();
     Ok(StepOutput {
-        provider_id: id_of(response.json().as_ref()),
+        provider_id: id_of(body.as_ref()),
         status: response.status,
+        body,
     })
 }
 
@@ -157,6 +160,7 @@ pub fn interpret_upsert(response: &RawResponse) -> Result<StepOutput, Failure> {
     Ok(StepOutput {
         provider_id: id_of(result),
         status: response.status,
+        body: result.cloned(),
     })
 }
 

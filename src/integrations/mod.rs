@@ -25,9 +25,8 @@ use time::OffsetDateTime;
 
 use crate::config::{HttpSettings, SalesforceSettings};
 use crate::core::connection::Connection;
-use crate::core::event::Event;
 use crate::core::failure::{Failure, FailureKind};
-use crate::core::mapping::TextTemplate;
+use crate::core::mapping::{Scope, TextTemplate};
 use crate::core::provider::Provider;
 
 /// The step a workflow runs, parsed from its provider, action name and options.
@@ -332,6 +331,20 @@ pub struct StepOutput {
     /// The provider's id for what was created or updated.
     pub provider_id: Option<String>,
     pub status: u16,
+    /// The provider's answer, parsed, when it was JSON: what later steps of a workflow read.
+    pub body: Option<Value>,
+}
+
+impl StepOutput {
+    /// What later steps read as `steps.NAME`: the provider's JSON answer when it is an
+    /// object, else an object holding the provider's id (an answer without a body, a
+    /// record found rather than created).
+    pub fn output(&self) -> Value {
+        match &self.body {
+            Some(body @ Value::Object(_)) => body.clone(),
+            _ => serde_json::json!({"id": self.provider_id}),
+        }
+    }
 }
 
 /// HTTP clients for the steps: one keep-alive pool for the CRMs and token endpoints, one
@@ -396,7 +409,7 @@ impl Integrations {
         action: &Action,
         connection: &Connection,
         body: Value,
-        event: &Event,
+        scope: &Scope<'_>,
     ) -> Result<PreparedRequest, Failure> {
         match action {
             Action::SalesforceCreate { sobject, .. } => Ok(salesforce::create(
@@ -423,7 +436,7 @@ impl Integrations {
                 method,
                 url,
                 headers,
-            } => http_request::prepare(connection, method, url, headers, body, event),
+            } => http_request::prepare(connection, method, url, headers, body, scope),
         }
     }
 
@@ -436,10 +449,10 @@ impl Integrations {
         action: &Action,
         connection: &Connection,
         body: Value,
-        event: &Event,
+        scope: &Scope<'_>,
         earlier: Option<Earlier>,
     ) -> Result<StepOutput, Failure> {
-        let request = self.prepare(action, connection, body, event)?;
+        let request = self.prepare(action, connection, body, scope)?;
         match action {
             Action::SalesforceCreate {
                 sobject,
@@ -477,6 +490,7 @@ impl Integrations {
                         Ok(StepOutput {
                             provider_id: Some(id),
                             status: response.status,
+                            body: None,
                         })
                     }
                     _ => Err(classify::response(
@@ -523,6 +537,7 @@ impl Integrations {
                 Ok(StepOutput {
                     provider_id: Some(existing),
                     status: updated.status,
+                    body: None,
                 })
             }
             Action::HubspotUpsertContact { .. } => {

@@ -71,12 +71,14 @@ pub fn upsert(
 }
 
 pub fn interpret(response: &RawResponse) -> Result<StepOutput, Failure> {
-    let provider_id = response
-        .json()
+    let body = response.json();
+    let provider_id = body
+        .as_ref()
         .and_then(|body| body.get("id").and_then(Value::as_str).map(str::to_owned));
     Ok(StepOutput {
         provider_id,
         status: response.status,
+        body,
     })
 }
 
@@ -124,6 +126,7 @@ pub fn interpret_found(response: &RawResponse) -> Option<StepOutput> {
     Some(StepOutput {
         provider_id: Some(id),
         status: response.status,
+        body: None,
     })
 }
 

@@ -49,6 +49,8 @@ pub struct Context {
     pub run_timeout: Duration,
     /// Fault injection for tests: exit right after a provider's answer.
     pub crash_after_provider_answer: bool,
+    /// Fault injection (tests only): exit after recording the step of this name.
+    pub crash_after_step: Option<String>,
     pub max_deliveries: u32,
     /// This worker's liveness, which keeps its claims.
     pub liveness: Arc<Liveness>,
@@ -108,6 +110,8 @@ impl Context {
             claim_lease: settings.worker.claim_lease,
             run_timeout: settings.worker.run_timeout,
             crash_after_provider_answer: settings.worker.crash_after_provider_answer,
+            crash_after_step: Some(settings.worker.crash_after_step.clone())
+                .filter(|name| !name.is_empty()),
             liveness,
             max_deliveries: settings.worker.max_deliveries,
         })

@@ -345,6 +345,7 @@ mod tests {
         let output = StepOutput {
             provider_id: Some("003A".into()),
             status: 201,
+            body: None,
         };
 
         let decision = after_run(claim(0), 2, Ok(output), &policy(&[10]), 0);

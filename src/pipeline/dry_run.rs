@@ -20,6 +20,7 @@ use crate::catalog::workflows::{self, CompiledWorkflow, Workflow};
 use crate::core::connection::{Connection, ConnectionStatus};
 use crate::core::event::{Event, IdSource};
 use crate::core::failure::Failure;
+use crate::core::mapping::Scope;
 use crate::core::payload_check::{self, Difference, Shape};
 use crate::integrations::{Integrations, PreparedRequest, StepOutput};
 use crate::store::db::StoreError;
@@ -94,20 +95,37 @@ pub async fn prepare(
         workflow.id,
         workflow.name.clone(),
         workflow.provider,
-        &workflow.action,
-        &workflow.options,
-        &workflow.mapping,
+        workflow.condition.as_deref(),
+        &workflow.steps,
     )
     .map_err(|e| TestError::Invalid(format!("workflow {} cannot run: {e}", workflow.id)))?;
+    if !compiled.is_one_step() {
+        return Err(TestError::Invalid(format!(
+            "workflow test shows one-step workflows without conditions; {:?} has {} steps{}",
+            workflow.name,
+            workflow.steps.len(),
+            if workflow.condition.is_some() {
+                " and a condition"
+            } else {
+                ""
+            }
+        )));
+    }
     let app_event = app_events::get(pool, &workflow.app_event_id.to_string()).await?;
     let (connection, choice) = choose_connection(pool, keyring, &workflow, spec).await?;
     let example_payload = spec.payload.is_none();
     let payload = payload_object(spec.payload.as_ref().unwrap_or(&app_event.schema))?;
     let differences = Shape::infer(&app_event.schema).differences(&payload);
     let event = made_up_event(&app_event.name, &connection.user_id, payload);
-    let body = compiled.mapping.render(&event);
+    let step = compiled.first();
+    let body = step.mapping.render(&event);
     let request = integrations
-        .prepare(&compiled.action, &connection, body.clone(), &event)
+        .prepare(
+            &step.action,
+            &connection,
+            body.clone(),
+            &Scope::event(&event),
+        )
         .map_err(TestError::Step)?;
     Ok(WorkflowTest {
         workflow,
@@ -203,10 +221,10 @@ impl WorkflowTest {
         }
         integrations
             .execute(
-                &self.compiled.action,
+                &self.compiled.first().action,
                 &self.connection,
                 self.body.clone(),
-                &self.event,
+                &Scope::event(&self.event),
                 // A test send is a first attempt of its own.
                 None,
             )

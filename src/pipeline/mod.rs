@@ -5,10 +5,12 @@
 //! dead run, and `overview`, the console's figures.
 //!
 //! Lowest first: `batch`, `runs`, `liveness` (keeps a worker's claims), `resolve`, `retry`, `refresh`; `decision` (pure); the
-//! shared `context`; `step` (executing a claimed run); `settle`; the unit of work `work`;
+//! shared `context`; `step` (executing a claimed run), with `chain` running a workflow of
+//! several steps and `run_steps` recording each; `settle`; the unit of work `work`;
 //! `consume`. `dry_run` shows a workflow's request without any of it.
 
 pub(crate) mod batch;
+pub(crate) mod chain;
 pub(crate) mod consume;
 pub mod context;
 pub(crate) mod decision;
@@ -19,6 +21,7 @@ pub(crate) mod refresh;
 pub mod replay;
 pub(crate) mod resolve;
 pub(crate) mod retry;
+pub mod run_steps;
 pub mod runs;
 pub(crate) mod settle;
 pub(crate) mod step;

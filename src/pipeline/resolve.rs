@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::catalog::connections;
-use crate::catalog::workflows::CompiledWorkflow;
+use crate::catalog::workflows::{self, CompiledWorkflow};
 use crate::core::connection::Connection;
 use crate::core::payload_check::{Mode, PayloadCheck};
 use crate::core::provider::Provider;
@@ -100,7 +100,8 @@ pub struct Resolver {
 const RESOLVE: &str = "select e.id, s.id, w.id, w.name, w.provider, w.action, w.options, w.mapping, \
      w.updated_at, c.id, c.user_id, c.provider, c.base_url, c.settings, c.access_token, \
      c.refresh_token, c.token_url, c.client_id, c.client_secret, c.status, c.status_reason, \
-     e.name, e.payload_check, case when e.payload_check = 'off' then null else e.schema end \
+     e.name, e.payload_check, case when e.payload_check = 'off' then null else e.schema end, \
+     w.steps, w.condition \
      from app_event_names n \
      join app_events e on e.id = n.app_event_id \
      left join workflows w on w.app_event_id = e.id \
@@ -113,6 +114,8 @@ const RESOLVE: &str = "select e.id, s.id, w.id, w.name, w.provider, w.action, w.
 const CONNECTION_OFFSET: usize = 9;
 /// Where the app event's name, payload check mode and (when checked) example are.
 const APP_EVENT_OFFSET: usize = 21;
+/// Where a workflow's steps (null for one step) and condition are.
+const STEPS_OFFSET: usize = 24;
 
 impl Resolver {
     pub fn new(pool: Pool, keyring: Arc<Keyring>) -> Resolver {
@@ -227,13 +230,19 @@ impl Resolver {
             return Ok(compiled.clone());
         }
         let column = |index| row.try_get(index).map_err(|e| e.to_string());
+        let steps = workflows::stored_steps(
+            &row.try_get::<_, String>(5).map_err(|e| e.to_string())?,
+            &column(6)?,
+            &column(7)?,
+            row.try_get(STEPS_OFFSET).map_err(|e| e.to_string())?,
+        )?;
+        let condition: Option<String> = row.try_get(STEPS_OFFSET + 1).map_err(|e| e.to_string())?;
         let compiled = Arc::new(CompiledWorkflow::compile(
             id,
-            column(3)?,
+            row.try_get(3).map_err(|e| e.to_string())?,
             provider,
-            &row.try_get::<_, String>(5).map_err(|e| e.to_string())?,
-            &row.try_get(6).map_err(|e| e.to_string())?,
-            &row.try_get(7).map_err(|e| e.to_string())?,
+            condition.as_deref(),
+            &steps,
         )?);
         lock(&self.compiled).insert(id, (updated_at, compiled.clone()));
         Ok(compiled)

@@ -1,5 +1,7 @@
-//! Executing one claimed run's step: the mapping rendered, the provider called with quick
-//! in-process retries, and on expired credentials one token refresh and the call again.
+//! Executing one claimed run: each step's mapping rendered, the provider called with quick
+//! in-process retries, and on expired credentials one token refresh and the call again. A
+//! one-step workflow is that one call; a workflow of several steps runs them in order
+//! (`chain`), recording each.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::catalog::workflows::CompiledWorkflow;
 use crate::core::connection::{Connection, ConnectionStatus};
 use crate::core::event::Event;
 use crate::core::failure::{Failure, FailureKind};
-use crate::integrations::{Earlier, StepOutput};
+use crate::core::mapping::Scope;
+use crate::core::provider::Provider;
+use crate::integrations::{Action, Earlier, StepOutput};
 use crate::observe::metrics::label;
 use crate::pipeline::context::Context;
 use crate::pipeline::resolve::Target;
@@ -37,15 +40,16 @@ impl Context {
             claimed_before: claim.claims_before > 0,
             since: claim.first_claimed_at - CLOCK_SKEW,
         };
-        let result = tokio::time::timeout(run_timeout, self.execute(target, event, &attempt))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Failure::new(
-                    FailureKind::Transient,
-                    format!("run timed out after {run_timeout:?}"),
-                )
-                .with_code("TIMEOUT"))
-            });
+        let result =
+            tokio::time::timeout(run_timeout, self.execute(target, event, &attempt, claim))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure::new(
+                        FailureKind::Transient,
+                        format!("run timed out after {run_timeout:?}"),
+                    )
+                    .with_code("TIMEOUT"))
+                });
         (result, calls.load(Ordering::Relaxed))
     }
 
@@ -54,6 +58,7 @@ impl Context {
         target: &Target,
         event: &Event,
         attempt: &Attempt<'_>,
+        claim: &RunClaim,
     ) -> Result<StepOutput, Failure> {
         let workflow = target.workflow.as_ref().map_err(|e| {
             Failure::new(FailureKind::Permanent, format!("workflow cannot run: {e}"))
@@ -65,11 +70,38 @@ impl Context {
         if connection.status == ConnectionStatus::NeedsReauth {
             return Err(connection.needs_reauth());
         }
-        let body = workflow.mapping.render(event);
         let current = Mutex::new(connection.clone());
+        if !workflow.is_one_step() {
+            return self
+                .run_chain(workflow, &current, event, attempt, claim)
+                .await;
+        }
+        let step = workflow.first();
+        let body = step.mapping.render(event);
+        self.run_action(
+            workflow.provider,
+            &step.action,
+            &current,
+            &body,
+            &Scope::event(event),
+            attempt,
+        )
+        .await
+    }
+
+    /// One action with the worker's in-process retries and token refresh.
+    pub(super) async fn run_action(
+        &self,
+        provider: Provider,
+        action: &Action,
+        current: &Mutex<Arc<Connection>>,
+        body: &Value,
+        scope: &Scope<'_>,
+        attempt: &Attempt<'_>,
+    ) -> Result<StepOutput, Failure> {
         let (result, _tries) = self
             .policy
-            .run_in_process(|| self.try_step(workflow, &current, &body, event, attempt))
+            .run_in_process(|| self.try_step(provider, action, current, body, scope, attempt))
             .await;
         result
     }
@@ -77,14 +109,17 @@ impl Context {
     /// One in-process try: the step, and on expired credentials a refresh and the step again.
     async fn try_step(
         &self,
-        workflow: &CompiledWorkflow,
+        provider: Provider,
+        action: &Action,
         current: &Mutex<Arc<Connection>>,
         body: &Value,
-        event: &Event,
+        scope: &Scope<'_>,
         attempt: &Attempt<'_>,
     ) -> Result<StepOutput, Failure> {
         let connection = lock(current).clone();
-        let first = self.call(workflow, &connection, body, event, attempt).await;
+        let first = self
+            .call(provider, action, &connection, body, scope, attempt)
+            .await;
         let Err(failure) = &first else { return first };
         if failure.kind != FailureKind::ExpiredCredentials {
             return first;
@@ -104,7 +139,10 @@ impl Context {
             .inc();
         let refreshed = Arc::new(refreshed?);
         *lock(current) = refreshed.clone();
-        match self.call(workflow, &refreshed, body, event, attempt).await {
+        match self
+            .call(provider, action, &refreshed, body, scope, attempt)
+            .await
+        {
             Err(failure) if failure.kind == FailureKind::ExpiredCredentials => Err(Failure {
                 kind: FailureKind::Permanent,
                 message: format!(
@@ -119,10 +157,11 @@ impl Context {
 
     async fn call(
         &self,
-        workflow: &CompiledWorkflow,
+        provider: Provider,
+        action: &Action,
         connection: &Connection,
         body: &Value,
-        event: &Event,
+        scope: &Scope<'_>,
         attempt: &Attempt<'_>,
     ) -> Result<StepOutput, Failure> {
         let earlier = attempt.earlier();
@@ -130,7 +169,7 @@ impl Context {
         let started = Instant::now();
         let result = self
             .integrations
-            .execute(&workflow.action, connection, body.clone(), event, earlier)
+            .execute(action, connection, body.clone(), scope, earlier)
             .await;
         if self.crash_after_provider_answer && result.is_ok() {
             // Fault injection (tests only): die as a SIGKILL would, before recording.
@@ -139,19 +178,19 @@ impl Context {
         }
         self.metrics
             .step_seconds
-            .get_or_create(&label("provider", workflow.provider.as_str()))
+            .get_or_create(&label("provider", provider.as_str()))
             .observe(started.elapsed().as_secs_f64());
         result
     }
 }
 
 /// The attempts of one claim of a run.
-struct Attempt<'a> {
+pub(super) struct Attempt<'a> {
     /// Provider calls made under this claim.
-    calls: &'a AtomicU32,
+    pub(super) calls: &'a AtomicU32,
     /// The run was claimed before this claim.
-    claimed_before: bool,
-    since: time::OffsetDateTime,
+    pub(super) claimed_before: bool,
+    pub(super) since: time::OffsetDateTime,
 }
 
 impl Attempt<'_> {
@@ -163,7 +202,7 @@ impl Attempt<'_> {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

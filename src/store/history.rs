@@ -105,24 +105,11 @@ async fn prune_locked(client: &Client, retention: Duration) -> Result<Pruned, Db
     let now: time::OffsetDateTime = client.query_one("select now()", &[]).await?.try_get(0)?;
     let created = create_partitions(client, now).await?;
     let cutoff = now - retention;
-    let mut keys = 0;
-    loop {
-        let deleted = client
-            .execute(
-                "delete from run_keys where ctid = any(array(\
-                 select ctid from run_keys where created_at < $1 limit $2))",
-                &[&cutoff, &KEY_BATCH],
-            )
-            .await?;
-        keys += deleted;
-        if deleted < KEY_BATCH as u64 {
-            break;
-        }
-    }
+    let keys = delete_before(client, "run_keys", "created_at", cutoff).await?;
     let mut partitions = Vec::new();
     for row in client
         .query(
-            "select c.relname::text, i.inhdetachpending from pg_inherits i \
+            "select c.relname::text, i.inhdetachpending, b.upper_bound from pg_inherits i \
              join pg_class c on c.oid = i.inhrelid, appevents_run_partition_bounds(i.inhrelid) b \
              where i.inhparent = 'runs'::regclass and b.upper_bound <= $1 \
              order by b.upper_bound",
@@ -132,6 +119,9 @@ async fn prune_locked(client: &Client, retention: Duration) -> Result<Pruned, Db
     {
         let name: String = row.try_get(0)?;
         let pending: bool = row.try_get(1)?;
+        let upper: time::OffsetDateTime = row.try_get(2)?;
+        // The steps of the partition's runs go with them (rows of their own).
+        delete_before(client, "run_steps", "run_created_at", upper).await?;
         let quoted = quote(&name);
         // A detach interrupted earlier (a crash, a cancel) is finished rather than restarted.
         let how = if pending { "finalize" } else { "concurrently" };
@@ -149,6 +139,28 @@ async fn prune_locked(client: &Client, retention: Duration) -> Result<Pruned, Db
         partitions,
         created,
     })
+}
+
+/// Deletes the rows of `table` whose `column` is before `cutoff`, in batches of
+/// [`KEY_BATCH`] (row locks only, small WAL per statement). Returns how many.
+async fn delete_before(
+    client: &Client,
+    table: &str,
+    column: &str,
+    cutoff: time::OffsetDateTime,
+) -> Result<u64, DbError> {
+    let statement = format!(
+        "delete from {table} where ctid = any(array(\
+         select ctid from {table} where {column} < $1 limit $2))"
+    );
+    let mut total = 0;
+    loop {
+        let deleted = client.execute(&statement, &[&cutoff, &KEY_BATCH]).await?;
+        total += deleted;
+        if deleted < KEY_BATCH as u64 {
+            return Ok(total);
+        }
+    }
 }
 
 /// A partition detached by a pass that stopped before dropping it.

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::support::{CONTACT_CREATED, ServerHandle, TestApp, http_client};
 
-async fn call(
+pub async fn call(
     server: &ServerHandle,
     method: Method,
     path: &str,

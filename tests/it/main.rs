@@ -30,3 +30,4 @@ mod retries;
 mod security;
 mod settling;
 mod shutdown;
+mod steps;

@@ -411,6 +411,8 @@ impl TestApp {
                 action: action.to_owned(),
                 options,
                 mapping,
+                when: None,
+                steps: Vec::new(),
             },
         )
         .await

@@ -360,6 +360,8 @@ impl Bench {
                 action: action.into(),
                 options: json!({}),
                 mapping,
+                when: None,
+                steps: Vec::new(),
             },
         )
         .await?;

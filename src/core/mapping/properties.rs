@@ -228,7 +228,7 @@ proptest! {
             return Ok(());
         };
 
-        let rendered = compiled.render_with(&event, str::to_owned);
+        let rendered = compiled.render_with(&Scope::event(&event), str::to_owned);
 
         prop_assert!(
             rendered.contains(MARK) || rendered == without_references(&text),

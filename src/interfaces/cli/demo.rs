@@ -242,6 +242,8 @@ async fn ensure_workflow(
             action: action.to_owned(),
             options,
             mapping,
+            when: None,
+            steps: Vec::new(),
         },
     )
     .await?)

@@ -9,6 +9,7 @@ use super::output::{print_json, print_table};
 use crate::config::Settings;
 use crate::core::failure::Failure;
 use crate::pipeline::replay;
+use crate::pipeline::run_steps;
 use crate::pipeline::runs::{self, RunFilter, RunStatus};
 use crate::store::db;
 
@@ -16,7 +17,7 @@ use crate::store::db;
 pub(super) enum RunsCommand {
     /// Runs, newest first.
     List(RunsListArgs),
-    /// One run in full.
+    /// One run in full, with each step of a workflow of several steps.
     Show { id: Uuid },
     /// Re-run one dead run: replays its dead letter (that workflow only, a fresh attempt budget).
     Retry { id: Uuid },
@@ -119,7 +120,7 @@ pub(super) async fn run(settings: &Settings, command: RunsCommand) -> anyhow::Re
                 &rows,
             );
         }
-        RunsCommand::Show { id } => print_json(&runs::get(pool, id).await?)?,
+        RunsCommand::Show { id } => print_json(&run_steps::show(pool, id).await?)?,
         RunsCommand::Retry { id } => retry(settings, id).await?,
     }
     Ok(())

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::output::{json_arg, print_json, print_table};
-use crate::catalog::workflows::{self, NewWorkflow, WorkflowChanges};
+use crate::catalog::workflows::{self, NewWorkflow, StepDefinition, WorkflowChanges};
 use crate::config::Settings;
 use crate::core::provider::Provider;
 use crate::integrations::Integrations;
@@ -39,14 +39,23 @@ pub(super) enum WorkflowCommand {
         /// Another app event to trigger it (name or id).
         #[arg(long)]
         event: Option<String>,
-        /// Another action of the same provider.
+        /// Another action of the same provider (a one-step workflow).
         #[arg(long)]
         action: Option<String>,
-        /// New field mapping: JSON, or @FILE.
+        /// New field mapping: JSON, or @FILE (a one-step workflow).
         #[arg(long, value_name = "JSON|@FILE")]
         mapping: Option<String>,
         #[command(flatten)]
         options: StepOptions,
+        /// A new condition (CEL) on the event; the workflow runs only when it holds.
+        #[arg(long, value_name = "CEL", conflicts_with = "no_when")]
+        when: Option<String>,
+        /// Remove the workflow's condition.
+        #[arg(long)]
+        no_when: bool,
+        /// New steps, replacing all: a JSON array, or @FILE (see docs/workflows.md).
+        #[arg(long, value_name = "JSON|@FILE", conflicts_with_all = ["action", "mapping"])]
+        steps: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -91,15 +100,29 @@ pub(super) struct WorkflowArgs {
     #[arg(long)]
     provider: Provider,
     /// salesforce: create | upsert; hubspot: create-contact | upsert-contact; http: request.
-    #[arg(long)]
-    action: String,
+    #[arg(long, required_unless_present = "steps")]
+    action: Option<String>,
     /// Field mapping template: JSON, or @FILE.
-    #[arg(long, value_name = "JSON|@FILE")]
-    mapping: String,
+    #[arg(long, value_name = "JSON|@FILE", required_unless_present = "steps")]
+    mapping: Option<String>,
     #[command(flatten)]
     options: StepOptions,
+    /// A condition (CEL) on the event: the workflow runs only when it holds, e.g.
+    /// 'payload.plan == "pro"'.
+    #[arg(long, value_name = "CEL")]
+    when: Option<String>,
+    /// The steps, instead of --action and --mapping: a JSON array of
+    /// {name, action, options, mapping, when, for_each, on_error}, or @FILE.
+    #[arg(long, value_name = "JSON|@FILE", conflicts_with_all = ["action", "mapping"])]
+    steps: Option<String>,
     #[arg(long)]
     json: bool,
+}
+
+/// `--steps`: a JSON array of step definitions.
+fn steps_arg(text: &str) -> anyhow::Result<Vec<StepDefinition>> {
+    let value = json_arg(text, "--steps")?;
+    serde_json::from_value(value).context("--steps must be a JSON array of steps")
 }
 
 /// The step's options, as flags or as one JSON object.
@@ -176,13 +199,23 @@ pub(super) async fn run(settings: &Settings, command: WorkflowCommand) -> anyhow
     let pool = &db::pool(&settings.database)?;
     match command {
         WorkflowCommand::Create(args) => {
+            let steps = args.steps.as_deref().map(steps_arg).transpose()?;
+            let options = args.options.to_value()?;
+            if steps.is_some() && options.is_some() {
+                bail!("--steps carries each step's options: give no option flags with it");
+            }
             let new = NewWorkflow {
                 name: args.name,
                 event: args.event,
                 provider: args.provider,
-                action: args.action,
-                options: args.options.to_value()?.unwrap_or_else(|| json!({})),
-                mapping: json_arg(&args.mapping, "--mapping")?,
+                action: args.action.unwrap_or_default(),
+                options: options.unwrap_or_else(|| json!({})),
+                mapping: match &args.mapping {
+                    Some(mapping) => json_arg(mapping, "--mapping")?,
+                    None => json!({}),
+                },
+                when: args.when,
+                steps: steps.unwrap_or_default(),
             };
             let created = workflows::create(pool, &new).await?;
             if args.json {
@@ -227,6 +260,9 @@ pub(super) async fn run(settings: &Settings, command: WorkflowCommand) -> anyhow
             action,
             mapping,
             options,
+            when,
+            no_when,
+            steps,
             json,
         } => {
             let changes = WorkflowChanges {
@@ -235,9 +271,13 @@ pub(super) async fn run(settings: &Settings, command: WorkflowCommand) -> anyhow
                 action,
                 options: options.to_value()?,
                 mapping: mapping.map(|m| json_arg(&m, "--mapping")).transpose()?,
+                when: if no_when { Some(None) } else { when.map(Some) },
+                steps: steps.as_deref().map(steps_arg).transpose()?,
             };
             if changes.is_empty() {
-                bail!("nothing to update: give --name, --event, --action, an option or --mapping");
+                bail!(
+                    "nothing to update: give --name, --event, --action, an option, --mapping, --when, --no-when or --steps"
+                );
             }
             let updated = workflows::update(pool, id, &changes).await?;
             if json {

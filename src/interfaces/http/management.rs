@@ -19,10 +19,11 @@ use super::state::{ApiError, AppState};
 use crate::catalog::app_events::{self, AppEventChanges};
 use crate::catalog::connections::{self, NewConnection};
 use crate::catalog::subscriptions;
-use crate::catalog::workflows::{self, NewWorkflow, WorkflowChanges};
+use crate::catalog::workflows::{self, NewWorkflow, StepDefinition, WorkflowChanges};
 use crate::core::payload_check::Mode;
 use crate::core::provider::Provider;
 use crate::observe::errors::report;
+use crate::pipeline::run_steps;
 use crate::pipeline::runs::{self, RunFilter, RunStatus};
 use crate::store::db::StoreError;
 
@@ -59,6 +60,7 @@ pub(super) fn routes() -> Router<AppState> {
             post(enable_workflow).delete(disable_workflow),
         )
         .route("/v1/users/{user}/runs", get(user_runs))
+        .route("/v1/users/{user}/runs/{id}", get(user_run))
 }
 
 impl From<StoreError> for ApiError {
@@ -211,10 +213,17 @@ struct WorkflowBody {
     name: String,
     event: String,
     provider: Provider,
+    /// A one-step workflow's step; or `steps`.
+    #[serde(default)]
     action: String,
     #[serde(default)]
     options: Option<Value>,
-    mapping: Value,
+    #[serde(default)]
+    mapping: Option<Value>,
+    #[serde(default)]
+    when: Option<String>,
+    #[serde(default)]
+    steps: Vec<StepDefinition>,
 }
 
 #[derive(Deserialize)]
@@ -225,6 +234,19 @@ struct WorkflowPatch {
     action: Option<String>,
     options: Option<Value>,
     mapping: Option<Value>,
+    /// `null` removes the condition.
+    #[serde(default, deserialize_with = "present")]
+    when: Option<Option<String>>,
+    steps: Option<Vec<StepDefinition>>,
+}
+
+/// A field that is present (even as `null`) is `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -250,7 +272,9 @@ async fn create_workflow(
         provider: body.provider,
         action: body.action,
         options: body.options.unwrap_or_else(|| json!({})),
-        mapping: body.mapping,
+        mapping: body.mapping.unwrap_or_else(|| json!({})),
+        when: body.when,
+        steps: body.steps,
     };
     Ok(created(workflows::create(&state.pool, &new).await?))
 }
@@ -273,10 +297,12 @@ async fn update_workflow(
         action: body.action,
         options: body.options,
         mapping: body.mapping,
+        when: body.when,
+        steps: body.steps,
     };
     if changes.is_empty() {
         return Err(ApiError::bad_request(
-            "nothing to update: give name, event, action, options and/or mapping",
+            "nothing to update: give name, event, action, options, mapping, when and/or steps",
         ));
     }
     Ok(Json(workflows::update(&state.pool, id, &changes).await?).into_response())
@@ -416,6 +442,19 @@ struct RunsQuery {
     status: Option<String>,
     event_id: Option<String>,
     limit: Option<i64>,
+}
+
+/// One of the user's runs with its steps; another user's run is not found.
+async fn user_run(
+    State(state): State<AppState>,
+    ApiPath((user, id)): ApiPath<(String, String)>,
+) -> Answer {
+    let id = uuid(&id, "run")?;
+    let shown = run_steps::show(&state.pool, id).await?;
+    if shown.run.user_id != user {
+        return Err(StoreError::NotFound(format!("no run {id}")).into());
+    }
+    Ok(Json(shown).into_response())
 }
 
 async fn user_runs(
