@@ -288,11 +288,8 @@ fn compile_step(
         return Err("mapping must be a JSON object".into());
     };
     check(mapping.reaches(), "mapping")?;
-    if let Action::HttpRequest { url, headers, .. } = &action {
-        check(url.reaches(), "options.url")?;
-        for (header, template) in headers {
-            check(template.reaches(), &format!("options.headers.{header}"))?;
-        }
+    for (option, template) in action.templates() {
+        check(template.reaches(), &format!("options.{option}"))?;
     }
     if let Action::SalesforceCreate { match_fields, .. } = &action
         && let Some(missing) = match_fields.iter().find(|f| !fields.contains_key(*f))

@@ -230,6 +230,54 @@ impl TextTemplate {
     pub fn reaches(&self) -> Vec<Reach<'_>> {
         self.pieces.iter().filter_map(Piece::reach).collect()
     }
+
+    /// Renders each referenced value (or `None` for a missing path) through `literal`: a
+    /// query language's literal, so a value can never become part of the query itself.
+    pub fn render_literals(
+        &self,
+        scope: &Scope<'_>,
+        literal: impl Fn(Option<&Value>) -> String,
+    ) -> String {
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(text) => out.push_str(text),
+                Piece::Reference(path) => out.push_str(&literal(lookup(path, scope).as_ref())),
+            }
+        }
+        out
+    }
+
+    /// The literal text up to the first reference.
+    pub fn text_before_first_reference(&self) -> &str {
+        match self.pieces.first() {
+            Some(Piece::Text(text)) => text,
+            _ => "",
+        }
+    }
+
+    /// Whether a reference sits inside a `quote`-delimited literal of the text around it
+    /// (`'{{payload.email}}'`), where a rendered literal would not belong. A quote preceded
+    /// by a backslash is escaped.
+    pub fn reference_inside_quotes(&self, quote: char) -> bool {
+        let mut inside = false;
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(text) => {
+                    let mut escaped = false;
+                    for c in text.chars() {
+                        if c == quote && !escaped {
+                            inside = !inside;
+                        }
+                        escaped = c == '\\' && !escaped;
+                    }
+                }
+                Piece::Reference(_) if inside => return true,
+                Piece::Reference(_) => {}
+            }
+        }
+        false
+    }
 }
 
 fn compile_node(value: &Value) -> Result<Node, TemplateError> {

@@ -34,6 +34,36 @@ pub fn update_contact(connection: &Connection, id: &str, body: Option<Value>) ->
         .json(body.unwrap_or_else(|| json!({ "properties": {} })))
 }
 
+/// `POST .../contacts/search`: the rendered mapping is HubSpot's search body.
+pub fn search_contacts(connection: &Connection, search: Value) -> PreparedRequest {
+    PreparedRequest::new(
+        Method::POST,
+        join_url(&connection.base_url, &format!("{CONTACTS}/search")),
+    )
+    .bearer(connection.access_token.as_ref())
+    .json(search)
+}
+
+pub fn create_company(connection: &Connection, properties: Value) -> PreparedRequest {
+    PreparedRequest::new(
+        Method::POST,
+        join_url(&connection.base_url, "crm/v3/objects/companies"),
+    )
+    .bearer(connection.access_token.as_ref())
+    .json(json!({ "properties": properties }))
+}
+
+/// The default (unlabeled) association, v4: `PUT .../associations/default/...`, no body.
+pub fn associate(connection: &Connection, contact_id: &str, company_id: &str) -> PreparedRequest {
+    let path = format!(
+        "crm/v4/objects/contact/{}/associations/default/company/{}",
+        encode_segment(contact_id),
+        encode_segment(company_id)
+    );
+    PreparedRequest::new(Method::PUT, join_url(&connection.base_url, &path))
+        .bearer(connection.access_token.as_ref())
+}
+
 pub fn upsert_contact(
     connection: &Connection,
     id_property: &str,

@@ -43,8 +43,24 @@ pub enum Action {
         sobject: String,
         external_id_field: String,
     },
+    /// SOQL, whose references render as escaped literals; the answer (`totalSize`,
+    /// `records`) is the output. Reads only.
+    SalesforceQuery { soql: TextTemplate },
+    /// PATCH a record by its id (a text template, typically an earlier step's output).
+    SalesforceUpdate { sobject: String, id: TextTemplate },
     /// POST a contact; `409 CONTACT_EXISTS` becomes an update of the existing id.
     HubspotCreateContact,
+    /// `POST .../contacts/search`, the mapping as the search body. Reads only.
+    HubspotSearchContacts,
+    /// PATCH a contact by id, the mapping as its properties.
+    HubspotUpdateContact { id: TextTemplate },
+    /// POST a company, the mapping as its properties.
+    HubspotCreateCompany,
+    /// The default (v4, unlabeled) association of a contact with a company.
+    HubspotAssociate {
+        contact_id: TextTemplate,
+        company_id: TextTemplate,
+    },
     /// `batch/upsert` with `idProperty` (email by default).
     HubspotUpsertContact { id_property: String },
     /// Any HTTP call; URL and header values are text templates, the mapping is the body.
@@ -67,7 +83,33 @@ pub const ACTIONS: &[(Provider, &str, &str)] = &[
         "upsert",
         "options: sobject (default Contact), external_id_field (required)",
     ),
+    (
+        Provider::Salesforce,
+        "query",
+        "options: soql (required; references render as escaped literals: WHERE Email = {{payload.email}})",
+    ),
+    (
+        Provider::Salesforce,
+        "update",
+        "options: sobject (default Contact), id (required, e.g. {{steps.find.records.0.Id}})",
+    ),
     (Provider::Hubspot, "create-contact", "no options"),
+    (
+        Provider::Hubspot,
+        "search-contacts",
+        "no options; the mapping is the search body (filterGroups, properties, limit)",
+    ),
+    (
+        Provider::Hubspot,
+        "update-contact",
+        "options: id (required, e.g. {{steps.find.results.0.id}})",
+    ),
+    (Provider::Hubspot, "create-company", "no options"),
+    (
+        Provider::Hubspot,
+        "associate",
+        "options: contact_id, company_id (both required): the default contact-company association",
+    ),
     (
         Provider::Hubspot,
         "upsert-contact",
@@ -86,7 +128,11 @@ impl Action {
         match (provider, action) {
             (Provider::Salesforce, "create") => &["sobject", "match_fields"],
             (Provider::Salesforce, "upsert") => &["sobject", "external_id_field"],
+            (Provider::Salesforce, "query") => &["soql"],
+            (Provider::Salesforce, "update") => &["sobject", "id"],
             (Provider::Hubspot, "upsert-contact") => &["id_property"],
+            (Provider::Hubspot, "update-contact") => &["id"],
+            (Provider::Hubspot, "associate") => &["contact_id", "company_id"],
             (Provider::Http, "request") => &["url", "method", "headers"],
             _ => &[],
         }
@@ -140,6 +186,11 @@ impl Action {
             check_api_name(&name, "sobject")?;
             Ok(name)
         };
+        let template = |key: &str| -> Result<TextTemplate, String> {
+            let source =
+                text(key)?.ok_or_else(|| format!("{provider} {action} needs option {key}"))?;
+            TextTemplate::compile(&source).map_err(|e| format!("option {key}: {e}"))
+        };
         match (provider, action) {
             (Provider::Salesforce, "create") => Ok(Action::SalesforceCreate {
                 sobject: sobject()?,
@@ -154,7 +205,25 @@ impl Action {
                     external_id_field: field,
                 })
             }
+            (Provider::Salesforce, "query") => {
+                let soql = template("soql")?;
+                salesforce::check_query(&soql)?;
+                Ok(Action::SalesforceQuery { soql })
+            }
+            (Provider::Salesforce, "update") => Ok(Action::SalesforceUpdate {
+                sobject: sobject()?,
+                id: template("id")?,
+            }),
             (Provider::Hubspot, "create-contact") => Ok(Action::HubspotCreateContact),
+            (Provider::Hubspot, "search-contacts") => Ok(Action::HubspotSearchContacts),
+            (Provider::Hubspot, "update-contact") => Ok(Action::HubspotUpdateContact {
+                id: template("id")?,
+            }),
+            (Provider::Hubspot, "create-company") => Ok(Action::HubspotCreateCompany),
+            (Provider::Hubspot, "associate") => Ok(Action::HubspotAssociate {
+                contact_id: template("contact_id")?,
+                company_id: template("company_id")?,
+            }),
             (Provider::Hubspot, "upsert-contact") => Ok(Action::HubspotUpsertContact {
                 id_property: text("id_property")?.unwrap_or_else(|| "email".to_owned()),
             }),
@@ -173,12 +242,53 @@ impl Action {
         }
     }
 
+    /// The options that are text templates, by name (`headers.NAME` for a header), so a
+    /// definition can check what they reference.
+    pub fn templates(&self) -> Vec<(String, &TextTemplate)> {
+        match self {
+            Action::HttpRequest { url, headers, .. } => {
+                let mut out = vec![("url".to_owned(), url)];
+                out.extend(
+                    headers
+                        .iter()
+                        .map(|(name, t)| (format!("headers.{name}"), t)),
+                );
+                out
+            }
+            Action::SalesforceQuery { soql } => vec![("soql".to_owned(), soql)],
+            Action::SalesforceUpdate { id, .. } | Action::HubspotUpdateContact { id } => {
+                vec![("id".to_owned(), id)]
+            }
+            Action::HubspotAssociate {
+                contact_id,
+                company_id,
+            } => vec![
+                ("contact_id".to_owned(), contact_id),
+                ("company_id".to_owned(), company_id),
+            ],
+            Action::SalesforceCreate { .. }
+            | Action::SalesforceUpsert { .. }
+            | Action::HubspotCreateContact
+            | Action::HubspotSearchContacts
+            | Action::HubspotUpsertContact { .. }
+            | Action::HubspotCreateCompany => Vec::new(),
+        }
+    }
+
     /// Whether running the step again after an attempt that may have reached the provider
     /// has the effect of running it once, so a crash between the provider's answer and
     /// recording it cannot create a duplicate.
     pub fn is_idempotent(&self) -> bool {
         match self {
             Action::SalesforceUpsert { .. } | Action::HubspotUpsertContact { .. } => true,
+            // Reads, and writes of a given id: the repeat changes nothing more.
+            Action::SalesforceQuery { .. }
+            | Action::SalesforceUpdate { .. }
+            | Action::HubspotSearchContacts
+            | Action::HubspotUpdateContact { .. }
+            | Action::HubspotAssociate { .. } => true,
+            // Nothing identifies a company an earlier attempt made.
+            Action::HubspotCreateCompany => false,
             // A second create meets 409 CONTACT_EXISTS and becomes an update.
             Action::HubspotCreateContact => true,
             // The record an earlier attempt made is looked up before creating another.
@@ -428,7 +538,34 @@ impl Integrations {
                 external_id_field,
                 body,
             ),
+            Action::SalesforceQuery { soql } => Ok(salesforce::query(
+                &self.salesforce,
+                connection,
+                &soql.render_literals(scope, salesforce::soql_value),
+            )),
+            Action::SalesforceUpdate { sobject, id } => salesforce::update(
+                &self.salesforce,
+                connection,
+                sobject,
+                &rendered_id(id, scope, "id")?,
+                body,
+            ),
             Action::HubspotCreateContact => Ok(hubspot::create_contact(connection, body)),
+            Action::HubspotSearchContacts => Ok(hubspot::search_contacts(connection, body)),
+            Action::HubspotUpdateContact { id } => Ok(hubspot::update_contact(
+                connection,
+                &rendered_id(id, scope, "id")?,
+                Some(serde_json::json!({ "properties": body })),
+            )),
+            Action::HubspotCreateCompany => Ok(hubspot::create_company(connection, body)),
+            Action::HubspotAssociate {
+                contact_id,
+                company_id,
+            } => Ok(hubspot::associate(
+                connection,
+                &rendered_id(contact_id, scope, "contact_id")?,
+                &rendered_id(company_id, scope, "company_id")?,
+            )),
             Action::HubspotUpsertContact { id_property } => {
                 hubspot::upsert_contact(connection, id_property, body)
             }
@@ -544,6 +681,17 @@ impl Integrations {
                 let response = self.send(&request, Provider::Hubspot, &[]).await?;
                 hubspot::interpret_upsert(&response)
             }
+            Action::SalesforceQuery { .. } | Action::SalesforceUpdate { .. } => {
+                let response = self.send(&request, Provider::Salesforce, &[]).await?;
+                Ok(answer(&response, request_id(action, scope)))
+            }
+            Action::HubspotSearchContacts
+            | Action::HubspotUpdateContact { .. }
+            | Action::HubspotCreateCompany
+            | Action::HubspotAssociate { .. } => {
+                let response = self.send(&request, Provider::Hubspot, &[]).await?;
+                Ok(answer(&response, request_id(action, scope)))
+            }
             Action::HttpRequest { .. } => {
                 let response = self.send(&request, Provider::Http, &[]).await?;
                 Ok(http_request::interpret(&response))
@@ -612,6 +760,49 @@ impl Integrations {
 
     pub(crate) fn max_response_bytes(&self) -> usize {
         self.max_response_bytes
+    }
+}
+
+/// An id rendered from a step's option: present and free of anything that could change the
+/// URL's path (it is percent-encoded as one segment besides).
+fn rendered_id(
+    template: &TextTemplate,
+    scope: &Scope<'_>,
+    option: &str,
+) -> Result<String, Failure> {
+    let id = template.render_with(scope, str::to_owned);
+    let id = id.trim();
+    if id.is_empty() {
+        return Err(Failure::new(
+            FailureKind::Permanent,
+            format!("option {option} rendered empty: the record to act on is not known"),
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+/// The id an action acts on, when it names one (an update).
+fn request_id(action: &Action, scope: &Scope<'_>) -> Option<String> {
+    match action {
+        Action::SalesforceUpdate { id, .. } | Action::HubspotUpdateContact { id } => {
+            Some(id.render_with(scope, str::to_owned).trim().to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// A 2xx answer as the step's output: its JSON body, and the id it names or `id`.
+fn answer(response: &RawResponse, id: Option<String>) -> StepOutput {
+    let body = response.json();
+    let named = body.as_ref().and_then(|b| match b.get("id")? {
+        Value::String(id) => Some(id.clone()),
+        Value::Number(id) => Some(id.to_string()),
+        _ => None,
+    });
+    StepOutput {
+        provider_id: named.or(id),
+        status: response.status,
+        body,
     }
 }
 

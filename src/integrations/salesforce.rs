@@ -18,6 +18,7 @@ use super::{PreparedRequest, RawResponse, StepOutput, encode_segment, join_url};
 use crate::config::SalesforceSettings;
 use crate::core::connection::Connection;
 use crate::core::failure::{Failure, FailureKind};
+use crate::core::mapping::TextTemplate;
 
 pub fn create(
     settings: &SalesforceSettings,
@@ -149,6 +150,66 @@ pub fn duplicate_of(response: &RawResponse) -> Option<String> {
 
 /// A value as a SOQL literal: strings quoted with SOQL's escapes, numbers and booleans as
 /// they are, anything else (missing, null, objects) as `null`.
+/// A query step's SOQL: what it renders, for one event.
+pub fn query(
+    settings: &SalesforceSettings,
+    connection: &Connection,
+    soql: &str,
+) -> PreparedRequest {
+    let path = format!(
+        "services/data/{}/query?q={}",
+        api_version(settings, connection),
+        encode_segment(soql)
+    );
+    PreparedRequest::new(Method::GET, join_url(&connection.base_url, &path))
+        .bearer(connection.access_token.as_ref())
+}
+
+/// A query step is a SELECT, and its references stand where a literal does, never inside
+/// quotes (`Email = {{payload.email}}`, not `Email = '{{payload.email}}'`).
+pub fn check_query(soql: &TextTemplate) -> Result<(), String> {
+    if !soql
+        .text_before_first_reference()
+        .trim_start()
+        .to_ascii_uppercase()
+        .starts_with("SELECT ")
+    {
+        return Err("option soql must be a SELECT query".into());
+    }
+    if soql.reference_inside_quotes('\'') {
+        return Err(
+            "option soql: a reference renders as a quoted literal itself: write Email = {{payload.email}}, not '{{payload.email}}'"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// A referenced value as a SOQL literal; a missing one is `null`.
+pub fn soql_value(value: Option<&Value>) -> String {
+    value.map_or_else(|| "null".to_owned(), soql_literal)
+}
+
+/// `PATCH .../sobjects/{sObject}/{id}`: 204 on success.
+pub fn update(
+    settings: &SalesforceSettings,
+    connection: &Connection,
+    sobject: &str,
+    id: &str,
+    body: Value,
+) -> Result<PreparedRequest, Failure> {
+    let path = format!(
+        "services/data/{}/sobjects/{sobject}/{}",
+        api_version(settings, connection),
+        encode_segment(id)
+    );
+    Ok(
+        PreparedRequest::new(Method::PATCH, join_url(&connection.base_url, &path))
+            .bearer(connection.access_token.as_ref())
+            .json(body),
+    )
+}
+
 fn soql_literal(value: &Value) -> String {
     match value {
         Value::String(text) => {

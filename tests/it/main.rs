@@ -7,6 +7,7 @@
 
 mod support;
 
+mod actions;
 mod api;
 mod app_events;
 mod cli;

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::support::{CONTACT_CREATED, TestApp, appevents_command};
 
-fn steps(value: Value) -> Vec<StepDefinition> {
+pub fn steps(value: Value) -> Vec<StepDefinition> {
     serde_json::from_value(value).expect("step definitions")
 }
 
@@ -35,13 +35,24 @@ fn account_contact_task() -> Vec<StepDefinition> {
 
 /// A Salesforce workflow of `steps` (and condition `when`) on for user "u".
 async fn chain(app: &TestApp, crm: &str, when: Option<&str>, steps: Vec<StepDefinition>) -> Uuid {
+    chain_of(app, Provider::Salesforce, crm, when, steps).await
+}
+
+/// A workflow of `provider` of `steps` (and condition `when`) on for user "u".
+pub async fn chain_of(
+    app: &TestApp,
+    provider: Provider,
+    crm: &str,
+    when: Option<&str>,
+    steps: Vec<StepDefinition>,
+) -> Uuid {
     app.app_event(CONTACT_CREATED).await;
     let workflow = workflows::create(
         &app.pool,
         &NewWorkflow {
             name: "chain".into(),
             event: CONTACT_CREATED.into(),
-            provider: Provider::Salesforce,
+            provider,
             action: String::new(),
             options: json!({}),
             mapping: json!({}),
@@ -51,9 +62,7 @@ async fn chain(app: &TestApp, crm: &str, when: Option<&str>, steps: Vec<StepDefi
     )
     .await
     .expect("workflow");
-    let connection = app
-        .connection("u", Provider::Salesforce, crm, "token")
-        .await;
+    let connection = app.connection("u", provider, crm, "token").await;
     app.subscribe("u", workflow.id, connection).await;
     workflow.id
 }
@@ -459,6 +468,22 @@ async fn bad_definitions_are_refused_in_one_line_by_the_cli_and_with_400_by_the_
     .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["steps"].as_array().map(Vec::len), Some(3), "{body}");
+    for file in [
+        "salesforce-find-or-create.json",
+        "hubspot-find-or-create.json",
+    ] {
+        let path = format!("{}/examples/workflows/{file}", env!("CARGO_MANIFEST_DIR"));
+        let example: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("file")).expect("JSON");
+        let (status, body) = crate::api::call(
+            &server,
+            reqwest::Method::POST,
+            "/v1/workflows",
+            Some(example),
+        )
+        .await;
+        assert_eq!(status, 201, "{file} as the API takes it: {body}");
+    }
     assert_eq!(body["when"], json!("payload.plan == \"pro\""));
     server.stop().await;
     app.cleanup().await;

@@ -189,6 +189,15 @@ impl Standin {
                 "/services/data/{version}/sobjects/{sobject}/{field}/{value}",
                 patch(salesforce_upsert),
             )
+            .route(
+                "/services/data/{version}/sobjects/{sobject}/{id}",
+                patch(salesforce_update),
+            )
+            .route("/crm/v3/objects/companies", post(hubspot_create_company))
+            .route(
+                "/crm/v4/objects/contact/{contact}/associations/default/company/{company}",
+                axum::routing::put(hubspot_associate),
+            )
             .route("/services/data/{version}/query", get(salesforce_query))
             .route("/crm/v3/objects/contacts", post(hubspot_create))
             .route("/crm/v3/objects/contacts/search", post(hubspot_search))
@@ -334,6 +343,28 @@ impl Inner {
         if !self.forget {
             self.records.push(record);
         }
+    }
+
+    /// Keeps a new HubSpot record of `object` and answers 201 with it.
+    fn create_hubspot(
+        &mut self,
+        object: &str,
+        fields: Map<String, Value>,
+        account: Option<String>,
+    ) -> Response {
+        let record = Record {
+            provider: "hubspot".into(),
+            object: object.into(),
+            id: self.new_id(""),
+            fields,
+            creates: 1,
+            updates: 0,
+            account,
+            created: 0,
+        };
+        let response = reply(StatusCode::CREATED, contact(&record, true));
+        self.keep(record);
+        response
     }
 
     fn new_id(&mut self, prefix: &str) -> String {
@@ -575,11 +606,22 @@ async fn salesforce_query(
         .records
         .iter()
         .filter(|r| r.provider == "salesforce" && r.account == account && query.matches(r))
+        .take(query.limit.unwrap_or(usize::MAX))
         .map(|r| {
-            json!({
-                "attributes": {"type": r.object, "url": format!("/services/data/{version}/sobjects/{}/{}", r.object, r.id)},
-                "Id": r.id,
-            })
+            let mut row = Map::new();
+            row.insert(
+                "attributes".into(),
+                json!({"type": r.object, "url": format!("/services/data/{version}/sobjects/{}/{}", r.object, r.id)}),
+            );
+            for field in &query.fields {
+                let value = if field.eq_ignore_ascii_case("Id") {
+                    json!(r.id)
+                } else {
+                    r.fields.get(field).cloned().unwrap_or(Value::Null)
+                };
+                row.insert(field.clone(), value);
+            }
+            Value::Object(row)
         })
         .collect();
     let response = reply(
@@ -648,19 +690,7 @@ async fn hubspot_create(
         );
         return inner.log(&method, &uri, response);
     }
-    let id = inner.new_id("");
-    let record = Record {
-        provider: "hubspot".into(),
-        object: "contacts".into(),
-        id,
-        fields,
-        creates: 1,
-        updates: 0,
-        account: account.clone(),
-        created: 0,
-    };
-    let response = reply(StatusCode::CREATED, contact(&record, true));
-    inner.keep(record);
+    let response = inner.create_hubspot("contacts", fields, account);
     inner.log(&method, &uri, response)
 }
 
@@ -763,6 +793,112 @@ fn search_filter_matches(record: &Record, filter: &Value) -> Result<bool, String
         "LTE" => compare(|a, b| a <= b),
         other => Err(format!("operator {other} is not supported here")),
     }
+}
+
+/// `PATCH .../sobjects/{sObject}/{id}`: 204 without a body; 404 `NOT_FOUND` for an unknown id.
+async fn salesforce_update(
+    State(standin): State<Standin>,
+    Path((_version, sobject, id)): Path<(String, String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Salesforce, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let account = standin.account_of(&headers);
+    let mut inner = standin.lock();
+    let found = inner.records.iter_mut().find(|r| {
+        r.provider == "salesforce" && r.object == sobject && r.id == id && r.account == account
+    });
+    let response = match found {
+        Some(record) => {
+            record.fields.extend(object_body(&body));
+            record.updates += 1;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        None => reply(
+            StatusCode::NOT_FOUND,
+            json!([{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}]),
+        ),
+    };
+    inner.log(&method, &uri, response)
+}
+
+/// `POST /crm/v3/objects/companies`: 201 with the company, as a contact's create answers.
+async fn hubspot_create_company(
+    State(standin): State<Standin>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Hubspot, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let account = standin.account_of(&headers);
+    let mut inner = standin.lock();
+    let response = inner.create_hubspot("companies", properties(&body), account);
+    inner.log(&method, &uri, response)
+}
+
+/// `PUT /crm/v4/objects/contact/{id}/associations/default/company/{id}`: the default
+/// (unlabeled) association, kept on the contact as `associatedcompanyid`. Doing it again
+/// changes nothing. 404 when either record is not the account's.
+async fn hubspot_associate(
+    State(standin): State<Standin>,
+    Path((contact_id, company_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Hubspot, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let account = standin.account_of(&headers);
+    let mut inner = standin.lock();
+    let is = |r: &Record, object: &str, id: &str| {
+        r.provider == "hubspot" && r.object == object && r.id == id && r.account == account
+    };
+    let company_exists = inner
+        .records
+        .iter()
+        .any(|r| is(r, "companies", &company_id));
+    let contact = inner
+        .records
+        .iter_mut()
+        .find(|r| is(r, "contacts", &contact_id));
+    let response = match contact {
+        Some(contact) if company_exists => {
+            contact
+                .fields
+                .insert("associatedcompanyid".into(), json!(company_id));
+            reply(
+                StatusCode::OK,
+                json!({"status": "COMPLETE", "results": [
+                    {"from": {"id": contact_id}, "to": {"id": company_id},
+                     "associationSpec": {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 279}},
+                    {"from": {"id": company_id}, "to": {"id": contact_id},
+                     "associationSpec": {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 280}}
+                ]}),
+            )
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            json!({"status": "error", "message": "resource not found", "category": "OBJECT_NOT_FOUND"}),
+        ),
+    };
+    inner.log(&method, &uri, response)
 }
 
 async fn hubspot_update(

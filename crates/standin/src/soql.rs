@@ -1,5 +1,8 @@
-//! The SOQL subset appevents sends to find a record an earlier attempt created:
-//! `SELECT Id FROM Contact WHERE Email = 'a\'b@example.com' AND CreatedDate >= 2026-12-07T11:00:00Z`.
+//! The SOQL subset appevents sends: the lookup for a record an earlier attempt created,
+//! `SELECT Id FROM Contact WHERE Email = 'a\'b@example.com' AND CreatedDate >= 2026-12-07T11:00:00Z`,
+//! and a workflow's `query` step, `SELECT Id, Name FROM Contact WHERE Email = '…' AND
+//! Name != null LIMIT 1`: fields, `=` and `!=` joined by `AND`, `LIMIT`. `OR`, functions
+//! and relationships are refused, as a malformed query would be.
 
 use serde_json::Value;
 
@@ -8,8 +11,13 @@ use crate::Record;
 #[derive(Debug, PartialEq)]
 pub struct Query {
     pub object: String,
+    /// The selected fields, `Id` first when selected.
+    pub fields: Vec<String>,
     /// (field, value) pairs that must all be equal; `None` is SOQL's `null`.
     pub equal: Vec<(String, Option<String>)>,
+    /// (field, value) pairs that must all differ.
+    pub not_equal: Vec<(String, Option<String>)>,
+    pub limit: Option<usize>,
     /// `CreatedDate >= ...`, in seconds since the Unix epoch.
     pub created_since: Option<u64>,
 }
@@ -20,33 +28,51 @@ impl Query {
             && self
                 .created_since
                 .is_none_or(|since| record.created >= since)
-            && self.equal.iter().all(|(field, value)| {
-                let actual = record.fields.get(field).and_then(|v| match v {
-                    Value::Null => None,
-                    Value::String(text) => Some(text.clone()),
-                    other => Some(other.to_string()),
-                });
-                actual == *value
-            })
+            && self
+                .equal
+                .iter()
+                .all(|(field, value)| field_text(record, field) == *value)
+            && self
+                .not_equal
+                .iter()
+                .all(|(field, value)| field_text(record, field) != *value)
     }
+}
+
+fn field_text(record: &Record, field: &str) -> Option<String> {
+    if field.eq_ignore_ascii_case("Id") {
+        return Some(record.id.clone());
+    }
+    record.fields.get(field).and_then(|v| match v {
+        Value::Null => None,
+        Value::String(text) => Some(text.clone()),
+        other => Some(other.to_string()),
+    })
 }
 
 pub fn parse(text: &str) -> Result<Query, String> {
     let mut tokens = Tokens::new(text)?;
     tokens.keyword("SELECT")?;
-    let field = tokens.word()?;
-    if !field.eq_ignore_ascii_case("Id") {
-        return Err(format!("only SELECT Id is supported, not {field}"));
+    let mut fields = vec![tokens.word()?];
+    while tokens.peeked == Some(Token::Comma) {
+        tokens.next();
+        fields.push(tokens.word()?);
     }
     tokens.keyword("FROM")?;
     let object = tokens.word()?;
     let mut query = Query {
         object,
+        fields,
         equal: Vec::new(),
+        not_equal: Vec::new(),
+        limit: None,
         created_since: None,
     };
     if tokens.is_done() {
         return Ok(query);
+    }
+    if tokens.peek_keyword("LIMIT") {
+        return limit(tokens, query);
     }
     tokens.keyword("WHERE")?;
     loop {
@@ -57,22 +83,43 @@ pub fn parse(text: &str) -> Result<Query, String> {
                 let literal = tokens.word()?;
                 query.created_since = Some(datetime(&literal)?);
             }
-            (_, Token::Operator(op)) if op == "=" => {
+            (_, Token::Operator(op)) if op == "=" || op == "!=" => {
                 let value = match tokens.next().ok_or("expected a value")? {
                     Token::Text(text) => Some(text),
                     Token::Word(word) if word.eq_ignore_ascii_case("null") => None,
                     Token::Word(word) => Some(word),
-                    Token::Operator(op) => return Err(format!("unexpected {op}")),
+                    other => return Err(format!("unexpected {other:?}")),
                 };
-                query.equal.push((field, value));
+                if op == "=" {
+                    query.equal.push((field, value));
+                } else {
+                    query.not_equal.push((field, value));
+                }
             }
             (_, other) => return Err(format!("unsupported condition on {field}: {other:?}")),
         }
         if tokens.is_done() {
             return Ok(query);
         }
+        if tokens.peek_keyword("LIMIT") {
+            return limit(tokens, query);
+        }
         tokens.keyword("AND")?;
     }
+}
+
+fn limit(mut tokens: Tokens, mut query: Query) -> Result<Query, String> {
+    tokens.keyword("LIMIT")?;
+    let count = tokens.word()?;
+    query.limit = Some(
+        count
+            .parse()
+            .map_err(|_| format!("LIMIT {count:?} is not a number"))?,
+    );
+    if !tokens.is_done() {
+        return Err(format!("unexpected {:?} after LIMIT", tokens.next()));
+    }
+    Ok(query)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +127,7 @@ enum Token {
     Word(String),
     Text(String),
     Operator(String),
+    Comma,
 }
 
 struct Tokens {
@@ -94,6 +142,9 @@ impl Tokens {
         while let Some(&c) = chars.peek() {
             if c.is_whitespace() {
                 chars.next();
+            } else if c == ',' {
+                chars.next();
+                tokens.push(Token::Comma);
             } else if c == '\'' {
                 chars.next();
                 tokens.push(Token::Text(quoted(&mut chars)?));
@@ -128,6 +179,10 @@ impl Tokens {
 
     fn is_done(&self) -> bool {
         self.peeked.is_none()
+    }
+
+    fn peek_keyword(&self, keyword: &str) -> bool {
+        matches!(&self.peeked, Some(Token::Word(word)) if word.eq_ignore_ascii_case(keyword))
     }
 
     fn word(&mut self) -> Result<String, String> {
@@ -218,9 +273,24 @@ mod tests {
     }
 
     #[test]
+    fn a_query_step_s_fields_inequalities_and_limit_parse() {
+        let query =
+            parse(r"SELECT Id, Name FROM Contact WHERE Email = 'x\' OR Name != \'' AND Name != null LIMIT 1")
+                .expect("parses");
+        assert_eq!(query.fields, ["Id", "Name"]);
+        assert_eq!(
+            query.equal,
+            vec![("Email".to_owned(), Some("x' OR Name != '".to_owned()))]
+        );
+        assert_eq!(query.not_equal, vec![("Name".to_owned(), None)]);
+        assert_eq!(query.limit, Some(1));
+    }
+
+    #[test]
     fn what_is_outside_the_subset_is_refused() {
-        assert!(parse("SELECT Name FROM Contact").is_err());
         assert!(parse("SELECT Id FROM Contact WHERE Email = 'x' OR Email = 'y'").is_err());
+        assert!(parse("SELECT Id FROM Contact LIMIT 1 AND x = 'y'").is_err());
+        assert!(parse("SELECT COUNT() FROM Contact").is_err());
         assert!(parse("SELECT Id FROM Contact WHERE Email = 'unterminated").is_err());
         assert!(parse("SELECT Id FROM Contact WHERE CreatedDate >= yesterday").is_err());
     }
