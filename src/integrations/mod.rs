@@ -275,6 +275,15 @@ impl Action {
         }
     }
 
+    /// Whether the step only reads (a dry run with `--send-reads` sends it).
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            Action::SalesforceQuery { .. } | Action::HubspotSearchContacts => true,
+            Action::HttpRequest { method, .. } => *method == Method::GET,
+            _ => false,
+        }
+    }
+
     /// Whether running the step again after an attempt that may have reached the provider
     /// has the effect of running it once, so a crash between the provider's answer and
     /// recording it cannot create a duplicate.

@@ -363,3 +363,73 @@ async fn an_http_request_s_json_answer_is_what_later_steps_read() {
     server.verify().await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_dry_run_of_a_chain_renders_every_step_sends_reads_or_everything() {
+    let (crm, app) = running_example(Provider::Salesforce, "salesforce-find-or-create.json").await;
+    let id = appevents::catalog::workflows::list(&app.pool, None, None)
+        .await
+        .expect("list")[0]
+        .id
+        .to_string();
+    let test = |more: &[&str]| {
+        let mut args = vec!["workflow", "test", id.as_str(), "--user", "u"];
+        args.extend_from_slice(more);
+        args.into_iter().map(str::to_owned).collect::<Vec<String>>()
+    };
+    let run = |args: Vec<String>| {
+        let app = &app;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::cli::run(app, &args).await
+        }
+    };
+
+    let (code, out, err) = run(test(&[])).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("step 1/3 find: rendered"), "{out}");
+    assert!(out.contains("GET http://127.0.0.1:"), "{out}");
+    assert!(
+        out.contains("Email%20%3D%20%27ada%40example.com%27"),
+        "{out}"
+    );
+    assert!(out.contains("step 2/3 create: rendered"), "{out}");
+    assert!(out.contains("is not evaluated"), "{out}");
+    assert!(out.contains("step 3/3 update: unknown"), "{out}");
+    assert!(
+        out.contains("authorization: Bearer ****"),
+        "secret masked: {out}"
+    );
+    assert!(crm.standin.requests().is_empty(), "nothing sent");
+
+    let (code, out, err) = run(test(&["--send-reads", "--json"])).await;
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let outcomes: Vec<&str> = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["outcome"].as_str().expect("outcome"))
+        .collect();
+    assert_eq!(outcomes, ["sent", "rendered", "skipped"], "{report}");
+    assert_eq!(report["steps"][0]["output"]["totalSize"], json!(0));
+    assert_eq!(
+        report["steps"][1]["request"]["body"]["Email"],
+        json!("ada@example.com")
+    );
+    let methods: Vec<String> = crm
+        .standin
+        .requests()
+        .iter()
+        .map(|r| r.method.clone())
+        .collect();
+    assert_eq!(methods, ["GET"], "only the read was sent");
+
+    let (code, out, err) = run(test(&["--send"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("step 2/3 create: sent"), "{out}");
+    assert!(out.contains("step 3/3 update: skipped"), "{out}");
+    assert_eq!(crm.standin.records().len(), 1, "every step sent once");
+    assert!(app.all_runs().await.is_empty(), "a dry run records no run");
+    app.cleanup().await;
+}

@@ -81,9 +81,14 @@ pub(super) struct WorkflowTestArgs {
     #[arg(long, value_name = "JSON|@FILE")]
     payload: Option<String>,
     /// Really send it, once, through the worker's step (needs a real connection); prints
-    /// the response status and provider id, or the classified failure.
-    #[arg(long)]
+    /// the response status and provider id, or the classified failure. For a workflow of
+    /// several steps, every step in order.
+    #[arg(long, conflicts_with = "send_reads")]
     send: bool,
+    /// For a workflow of several steps: send the read-only steps (query, search, HTTP GET)
+    /// so later steps render with their real outputs; writes are shown, not sent.
+    #[arg(long)]
+    send_reads: bool,
     #[arg(long)]
     json: bool,
 }
@@ -308,6 +313,32 @@ async fn test(settings: &Settings, args: WorkflowTestArgs) -> anyhow::Result<()>
             .map(|p| json_arg(&p, "--payload"))
             .transpose()?,
     };
+    if !dry_run::is_one_step(&pool, spec.workflow).await? {
+        let sending = match (args.send, args.send_reads) {
+            (true, _) => dry_run::Sending::Everything,
+            (false, true) => dry_run::Sending::Reads,
+            (false, false) => dry_run::Sending::Nothing,
+        };
+        let test = dry_run::chain(&pool, &keyring, &integrations, &spec, sending).await?;
+        if args.json {
+            print_json(&test.to_json())?;
+        } else {
+            println!("{}", test.to_text());
+            if sending == dry_run::Sending::Nothing {
+                println!();
+                println!(
+                    "dry run: nothing was sent (--send-reads sends the reads, --send every step)"
+                );
+            }
+        }
+        if test.failed() {
+            bail!("a step failed or its condition could not be evaluated; see above");
+        }
+        return Ok(());
+    }
+    if args.send_reads {
+        bail!("--send-reads is for workflows of several steps; this one has one: use --send");
+    }
     let test = dry_run::prepare(&pool, &keyring, &integrations, &spec).await?;
     if args.send && !test.has_connection() {
         bail!(
