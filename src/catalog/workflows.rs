@@ -152,20 +152,19 @@ impl CompiledWorkflow {
         compile(id, name, provider, condition, steps, Action::parse)
     }
 
-    /// The first step (every workflow has one).
-    pub fn first(&self) -> &CompiledStep {
-        // `compile` refuses a workflow without steps.
-        &self.steps[0]
-    }
-
-    /// A workflow of one step and no condition: its run row is its whole record, and it
-    /// runs the way every workflow ran before steps existed.
-    pub fn is_one_step(&self) -> bool {
+    /// The only step of a workflow of one step and no condition: its run row is its whole
+    /// record, and it runs the way every workflow ran before steps existed. `None` for a
+    /// workflow with more.
+    pub fn one_step(&self) -> Option<&CompiledStep> {
         match self.steps.as_slice() {
-            [only] => {
-                self.condition.is_none() && only.condition.is_none() && only.for_each.is_none()
+            [only]
+                if self.condition.is_none()
+                    && only.condition.is_none()
+                    && only.for_each.is_none() =>
+            {
+                Some(only)
             }
-            _ => false,
+            _ => None,
         }
     }
 }
@@ -204,7 +203,7 @@ fn compile(
         })
         .transpose()?;
     // A one-step workflow's errors read as they always did, without a step to name.
-    let one_step = condition.is_none() && definitions.len() == 1 && definitions[0].is_plain();
+    let one_step = condition.is_none() && matches!(definitions, [only] if only.is_plain());
     let mut steps = Vec::with_capacity(definitions.len());
     for (index, definition) in definitions.iter().enumerate() {
         let step = compile_step(provider, definition, &all[..index], &all, parse, one_step)

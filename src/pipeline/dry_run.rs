@@ -22,7 +22,7 @@ use crate::core::event::{Event, IdSource};
 use crate::core::failure::Failure;
 use crate::core::mapping::Scope;
 use crate::core::payload_check::{self, Difference, Shape};
-use crate::integrations::{Integrations, PreparedRequest, StepOutput};
+use crate::integrations::{Action, Integrations, PreparedRequest, StepOutput};
 use crate::store::db::StoreError;
 use crate::store::vault::Keyring;
 
@@ -67,7 +67,8 @@ pub struct WorkflowTest {
     pub differences: Vec<Difference>,
     pub choice: ConnectionChoice,
     pub request: PreparedRequest,
-    compiled: CompiledWorkflow,
+    /// The one step's action.
+    action: Action,
     connection: Connection,
     body: Value,
 }
@@ -152,13 +153,13 @@ pub async fn prepare(
         differences,
         event,
     } = setup(pool, keyring, spec).await?;
-    if !compiled.is_one_step() {
+    let Some(step) = compiled.one_step() else {
         return Err(TestError::Invalid(format!(
             "workflow {:?} has several steps or conditions: its dry run shows each step",
             workflow.name
         )));
-    }
-    let step = compiled.first();
+    };
+    let action = step.action.clone();
     let body = step.mapping.render(&event);
     let request = integrations
         .prepare(
@@ -177,7 +178,7 @@ pub async fn prepare(
         differences,
         choice,
         request,
-        compiled,
+        action,
         connection,
         body,
     })
@@ -262,7 +263,7 @@ impl WorkflowTest {
         }
         integrations
             .execute(
-                &self.compiled.first().action,
+                &self.action,
                 &self.connection,
                 self.body.clone(),
                 &Scope::event(&self.event),

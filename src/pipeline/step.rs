@@ -71,12 +71,11 @@ impl Context {
             return Err(connection.needs_reauth());
         }
         let current = Mutex::new(connection.clone());
-        if !workflow.is_one_step() {
+        let Some(step) = workflow.one_step() else {
             return self
                 .run_chain(workflow, &current, event, attempt, claim)
                 .await;
-        }
-        let step = workflow.first();
+        };
         let body = step.mapping.render(event);
         self.run_action(
             workflow.provider,
