@@ -9,6 +9,10 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+pub mod rate_limit;
+
+use rate_limit::RateLimit;
+
 /// The defaults, compiled in so the binary runs anywhere with every setting present.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -27,6 +31,7 @@ pub struct Settings {
     pub history: HistorySettings,
     pub http: HttpSettings,
     pub salesforce: SalesforceSettings,
+    pub rate_limits: RateLimitSettings,
     pub server: ServerSettings,
     pub secrets: SecretSettings,
     pub user_tokens: UserTokenSettings,
@@ -118,6 +123,71 @@ pub struct HttpSettings {
     pub pool_max_idle_per_host: usize,
     pub allow: Vec<String>,
     pub user_agent: String,
+}
+
+/// Per-account rate limits, shared by the fleet (`pipeline::throttle`). Limits are written
+/// `calls/interval` ("100/10s"); "none" for no limit.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub hubspot: String,
+    pub salesforce: String,
+    pub http: String,
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    pub in_flight_per_connection: usize,
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+    pub salesforce_slow_down: f64,
+    pub salesforce_defer: f64,
+    #[serde(with = "humantime_serde")]
+    pub salesforce_slow_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub salesforce_defer_for: Duration,
+}
+
+impl RateLimitSettings {
+    /// The default limit of a provider's connections: `rate_limits.<provider>`.
+    pub fn default_for(&self, provider: &str) -> Result<Option<RateLimit>, String> {
+        let text = match provider {
+            "hubspot" => &self.hubspot,
+            "salesforce" => &self.salesforce,
+            _ => &self.http,
+        };
+        rate_limit::parse_optional(text).map_err(|e| format!("rate_limits.{provider}: {e}"))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for provider in ["hubspot", "salesforce", "http"] {
+            self.default_for(provider)?;
+        }
+        if self.in_flight_per_connection == 0 {
+            return Err("rate_limits.in_flight_per_connection must be at least 1".into());
+        }
+        let share = |key: &str, value: f64| {
+            if value > 0.0 && value <= 1.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "rate_limits.{key} must be a share of the daily limit above 0 and at most 1, not {value}"
+                ))
+            }
+        };
+        share("salesforce_slow_down", self.salesforce_slow_down)?;
+        share("salesforce_defer", self.salesforce_defer)?;
+        if self.salesforce_slow_down > self.salesforce_defer {
+            return Err(format!(
+                "rate_limits.salesforce_slow_down ({}) must not be above rate_limits.salesforce_defer ({})",
+                self.salesforce_slow_down, self.salesforce_defer
+            ));
+        }
+        if self.refresh.is_zero() || self.salesforce_defer_for.is_zero() {
+            return Err(
+                "rate_limits.refresh and rate_limits.salesforce_defer_for must be longer than zero"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -363,6 +433,9 @@ impl Settings {
             return fail("history.prune_interval must be longer than zero");
         }
         self.validate_retention()
+            .map_err(config::ConfigError::Message)?;
+        self.rate_limits
+            .validate()
             .map_err(config::ConfigError::Message)?;
         self.validate_portal()
             .map_err(config::ConfigError::Message)?;
@@ -701,6 +774,46 @@ mod tests {
         };
         let err = Settings::load(&sources).expect_err("refused");
         assert!(err.to_string().contains("worker.concurrency"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn bad_rate_limits_are_refused_at_startup_naming_the_key() {
+        let dir = std::env::temp_dir().join(format!("appevents-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (toml, key, says) in [
+            ("hubspot = \"0/10s\"", "rate_limits.hubspot", "at least 1"),
+            (
+                "salesforce = \"-3/1s\"",
+                "rate_limits.salesforce",
+                "at least 1",
+            ),
+            ("http = \"fast\"", "rate_limits.http", "not a limit"),
+            (
+                "in_flight_per_connection = 0",
+                "rate_limits.in_flight_per_connection",
+                "at least 1",
+            ),
+            (
+                "salesforce_defer = 0.0",
+                "rate_limits.salesforce_defer",
+                "above 0",
+            ),
+            (
+                "salesforce_slow_down = 0.99",
+                "rate_limits.salesforce_slow_down",
+                "must not be above",
+            ),
+        ] {
+            let file = dir.join("bad.toml");
+            std::fs::write(&file, format!("[rate_limits]\n{toml}\n")).expect("write");
+            let sources = Sources {
+                file: Some(file),
+                ..Sources::default()
+            };
+            let err = Settings::load(&sources).expect_err(toml).to_string();
+            assert!(err.contains(key) && err.contains(says), "{toml}: {err}");
+        }
         std::fs::remove_dir_all(dir).ok();
     }
 

@@ -8,6 +8,7 @@ pub(crate) mod classify;
 pub mod connect;
 pub(crate) mod http_request;
 pub(crate) mod hubspot;
+pub mod limits;
 pub(crate) mod oauth;
 pub(crate) mod outbound;
 pub(crate) mod salesforce;
@@ -754,6 +755,7 @@ impl Integrations {
         let response = builder.send().await.map_err(|e| classify::transport(&e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
+        limits::record(provider, &headers);
         let body = read_capped(response, self.max_response_bytes).await?;
         Ok(RawResponse {
             status,

@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -41,6 +42,18 @@ pub struct Metrics {
     pub history_pruned_keys: Counter,
     /// Daily partitions of expired runs dropped.
     pub history_pruned_partitions: Counter,
+    /// Provider requests answered, by provider: with `events`, the calls per event.
+    pub provider_calls: Family<Labels, Counter>,
+    /// Seconds a run waited in process for its account's budget, by provider.
+    pub throttle_waits: Family<Labels, Histogram>,
+    /// Runs appevents deferred through the broker to respect an account's limit, by provider
+    /// and reason: budget, in_flight, salesforce_daily.
+    pub throttled: Family<Labels, Counter>,
+    /// What the provider last said is left of the account's budget, by connection: HubSpot's
+    /// X-HubSpot-RateLimit-Remaining, Salesforce's daily limit less its api-usage.
+    pub budget_remaining: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// The share of its daily API limit a Salesforce org has used, by connection.
+    pub salesforce_api_usage: Family<Labels, Gauge<f64, AtomicU64>>,
 }
 
 fn step_histogram() -> Histogram {
@@ -139,7 +152,43 @@ impl Metrics {
             "Daily partitions of expired runs dropped",
             history_pruned_partitions.clone(),
         );
+        let provider_calls = Family::default();
+        registry.register(
+            "provider_calls",
+            "Provider requests answered, by provider",
+            provider_calls.clone(),
+        );
+        let throttle_waits =
+            Family::<Labels, Histogram>::new_with_constructor(step_histogram as fn() -> Histogram);
+        registry.register(
+            "throttle_wait_seconds",
+            "Time a run waited in process for its account's budget, by provider",
+            throttle_waits.clone(),
+        );
+        let throttled = Family::default();
+        registry.register(
+            "throttled_runs",
+            "Runs deferred through the broker to respect an account's limit, by provider and reason",
+            throttled.clone(),
+        );
+        let budget_remaining = Family::default();
+        registry.register(
+            "rate_budget_remaining",
+            "What the provider last said is left of the account's budget, by connection",
+            budget_remaining.clone(),
+        );
+        let salesforce_api_usage = Family::default();
+        registry.register(
+            "salesforce_api_usage_ratio",
+            "Share of its daily API limit a Salesforce org has used, by connection",
+            salesforce_api_usage.clone(),
+        );
         Metrics {
+            provider_calls,
+            throttle_waits: Family::clone(&throttle_waits),
+            throttled,
+            budget_remaining,
+            salesforce_api_usage,
             registry,
             events,
             unmatched,
