@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use crate::config::rate_limit::RateLimit;
 use crate::core::connection::{Connection, ConnectionStatus};
 use crate::core::provider::Provider;
 use crate::store::db::StoreError;
@@ -33,6 +34,16 @@ pub struct ConnectionSummary {
     pub token_refreshed_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The connection's own rate limit ("100/10s"), overriding its provider's default.
+    pub rate_limit: Option<String>,
+    /// The limit the provider reported for the account (HubSpot's headers).
+    pub learned_rate_limit: Option<String>,
+    /// What the provider last said is left: HubSpot's X-HubSpot-RateLimit-Remaining.
+    pub rate_limit_remaining: Option<i32>,
+    /// Salesforce's daily usage as last seen, "used/max".
+    pub api_usage: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub limits_observed_at: Option<OffsetDateTime>,
 }
 
 /// The fields of a new connection, or the credentials that replace a connection's.
@@ -271,7 +282,7 @@ pub async fn patch(
     if patch.is_empty() {
         return Err(StoreError::Invalid(
             "nothing to update: give --base-url, --access-token, --refresh-token with \
-             --token-url, --client-id, --client-secret and/or --api-version"
+             --token-url, --client-id, --client-secret, --api-version and/or --rate-limit"
                 .into(),
         ));
     }
@@ -455,10 +466,13 @@ pub async fn list(pool: &Pool, user: Option<&str>) -> Result<Vec<ConnectionSumma
     let client = pool.get().await?;
     let rows = client
         .query(
-            "select id, user_id, provider, base_url, settings, access_token is not null, \
-             refresh_token is not null, token_url, client_id, status, status_reason, \
-             token_refreshed_at, created_at \
-             from connections where ($1::text is null or user_id = $1) order by created_at",
+            "select c.id, c.user_id, c.provider, c.base_url, c.settings, \
+             c.access_token is not null, c.refresh_token is not null, c.token_url, c.client_id, \
+             c.status, c.status_reason, c.token_refreshed_at, c.created_at, \
+             c.rate_limit_calls, c.rate_limit_interval_ms, b.learned_calls, \
+             b.learned_interval_ms, b.remaining, b.api_used, b.api_max, b.observed_at \
+             from connections c left join rate_budgets b on b.connection_id = c.id \
+             where ($1::text is null or c.user_id = $1) order by c.created_at",
             &[&user],
         )
         .await?;
@@ -480,9 +494,46 @@ pub async fn list(pool: &Pool, user: Option<&str>) -> Result<Vec<ConnectionSumma
                 status_reason: row.try_get(10)?,
                 token_refreshed_at: row.try_get(11)?,
                 created_at: row.try_get(12)?,
+                rate_limit: RateLimit::from_columns(row.try_get(13)?, row.try_get(14)?)
+                    .map(|l| l.to_string()),
+                learned_rate_limit: RateLimit::from_columns(row.try_get(15)?, row.try_get(16)?)
+                    .map(|l| l.to_string()),
+                rate_limit_remaining: row.try_get(17)?,
+                api_usage: match (
+                    row.try_get::<_, Option<i64>>(18)?,
+                    row.try_get::<_, Option<i64>>(19)?,
+                ) {
+                    (Some(used), Some(max)) => Some(format!("{used}/{max}")),
+                    _ => None,
+                },
+                limits_observed_at: row.try_get(20)?,
             })
         })
         .collect()
+}
+
+/// Sets a connection's own rate limit (`None`: back to its provider's default). With
+/// `user`, only that user's connection.
+pub async fn set_rate_limit(
+    pool: &Pool,
+    id: Uuid,
+    user: Option<&str>,
+    limit: Option<RateLimit>,
+) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    let calls = limit.map(|l| i32::try_from(l.calls).unwrap_or(i32::MAX));
+    let interval = limit.map(|l| l.interval_ms());
+    let updated = client
+        .execute(
+            "update connections set rate_limit_calls = $3, rate_limit_interval_ms = $4, \
+             updated_at = now() where id = $1 and ($2::text is null or user_id = $2)",
+            &[&id, &user, &calls, &interval],
+        )
+        .await?;
+    if updated == 0 {
+        return Err(StoreError::NotFound(format!("no connection {id}")));
+    }
+    Ok(())
 }
 
 /// Deletes a connection; its subscriptions go with it. With `user`, only that user's.

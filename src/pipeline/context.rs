@@ -18,6 +18,7 @@ use crate::pipeline::refresh::Refresher;
 use crate::pipeline::resolve::Resolver;
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::runs::{self, ClaimRequest, Claimed, RunRecord};
+use crate::pipeline::throttle::Throttle;
 use crate::store::db::{self, StoreError};
 use crate::store::vault::Keyring;
 use crate::transport::publisher::Publisher;
@@ -39,6 +40,8 @@ pub struct Context {
     pub integrations: Integrations,
     pub refresher: Refresher,
     pub policy: RetryPolicy,
+    /// Per-account rate limits and the per-connection in-flight cap.
+    pub(crate) throttle: Throttle,
     pub topology: Topology,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -91,7 +94,10 @@ impl Context {
                 Ok::<_, StoreError>(records.iter().map(|r| !lost.contains(&r.run_id)).collect())
             }
         });
+        let throttle = Throttle::new(pool.clone(), &settings.rate_limits, metrics.clone())
+            .map_err(anyhow::Error::msg)?;
         Ok(Context {
+            throttle,
             claims,
             records,
             resolver: Arc::new(Resolver::new(pool.clone(), keyring.clone())),

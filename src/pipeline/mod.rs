@@ -25,4 +25,5 @@ pub mod run_steps;
 pub mod runs;
 pub(crate) mod settle;
 pub(crate) mod step;
+pub(crate) mod throttle;
 pub(crate) mod work;

@@ -77,7 +77,7 @@ impl Session {
         match decision {
             Decision::Skipped => count_run("skipped"),
             Decision::Deferred { delay } => {
-                tracing::debug!(wait = ?delay, "run held by another worker; waiting for its lease");
+                tracing::debug!(wait = ?delay, "run deferred: held by another worker, or its account throttled");
                 self.publish_held(message, target, *delay, abort).await?;
                 count_run("deferred");
             }

@@ -15,18 +15,22 @@
 //! Steps 2, 3 and 5 need the database or the broker; when either is down the step is
 //! retried with backoff while the message stays unacknowledged.
 
+use std::sync::Arc;
+
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::core::event::{self, Event, Invalid, MessageMeta};
 use crate::core::payload_check::{self, Mode};
+use crate::integrations::limits::{self, Observer};
 use crate::observe::metrics::label;
 use crate::pipeline::context::Session;
 use crate::pipeline::decision::{self, BeforeRun, Decision, Tally};
 use crate::pipeline::resolve::{MatchedEvent, Resolution, Target};
 use crate::pipeline::runs::{ClaimRequest, Claimed};
 use crate::pipeline::settle::{Message, Unsettled};
+use crate::pipeline::throttle::{Admission, Ticket};
 use crate::transport::dead_letter::{Reason, ReasonCode};
 use crate::transport::routing;
 
@@ -170,9 +174,28 @@ impl Session {
             }
         }
 
-        let requests: Vec<ClaimRequest> = targets
+        let message = Message {
+            body,
+            properties,
+            event: &event,
+            retries_done: routing.retries_done,
+        };
+        // Each account's limit first: a run that must wait longer than it may is deferred
+        // before it is claimed, and uses none of its retries.
+        let admissions =
+            futures::future::join_all(targets.iter().map(|t| context.throttle.admit(t))).await;
+        let mut admitted = Vec::new();
+        let mut deferred = Vec::new();
+        for (target, admission) in targets.iter().zip(admissions) {
+            match admission {
+                Admission::Go(ticket) => admitted.push((*target, ticket)),
+                Admission::Defer { delay } => deferred.push((*target, delay)),
+            }
+        }
+
+        let requests: Vec<ClaimRequest> = admitted
             .iter()
-            .map(|t| ClaimRequest {
+            .map(|(t, _)| ClaimRequest {
                 user_id: event.user_id.clone(),
                 event_id: event.id.clone(),
                 event_name: event.name.clone(),
@@ -189,21 +212,30 @@ impl Session {
             })
             .await?;
 
-        let message = Message {
-            body,
-            properties,
-            event: &event,
-            retries_done: routing.retries_done,
-        };
         // Each run is decided and settled on its own, so a fast run is recorded without
         // waiting for a slow sibling: a crash then leaves as little as possible unrecorded.
-        let work = targets
-            .iter()
+        let work = admitted
+            .into_iter()
             .zip(claims)
-            .map(|(target, claimed)| self.run_one(&message, target, claimed, abort));
+            .map(|((target, ticket), claimed)| {
+                self.run_one(&message, target, claimed, ticket, abort)
+            });
+        let deferrals = deferred.into_iter().map(|(target, delay)| {
+            let message = &message;
+            async move {
+                let decision = Decision::Deferred { delay };
+                self.settle(message, target, &decision, abort).await?;
+                Ok(decision)
+            }
+        });
+        let (ran, deferred) = futures::future::join(
+            futures::future::join_all(work),
+            futures::future::join_all(deferrals),
+        )
+        .await;
         let mut tally = Tally::default();
         let mut unsettled = None;
-        for result in futures::future::join_all(work).await {
+        for result in ran.into_iter().chain(deferred) {
             match result {
                 Ok(decision) => tally.count(&decision),
                 // Handing the message back wins over shutting down: either returns it to
@@ -226,6 +258,7 @@ impl Session {
         message: &Message<'_>,
         target: &Target,
         claimed: Claimed,
+        ticket: Ticket,
         abort: &CancellationToken,
     ) -> Result<Decision, Unsettled> {
         let context = &self.context;
@@ -236,13 +269,18 @@ impl Session {
         );
         let decision =
             match decision::before_run(claimed, context.max_deliveries, context.claim_lease) {
-                BeforeRun::Decided(decision) => decision,
+                BeforeRun::Decided(decision) => {
+                    context.throttle.finish(ticket, None);
+                    decision
+                }
                 BeforeRun::Execute(claim) => {
                     span.record("run_id", tracing::field::display(claim.run_id));
-                    let (result, calls) = context
-                        .run_step(target, message.event, &claim)
+                    let observer = Arc::new(Observer::default());
+                    let step = context.run_step(target, message.event, &claim);
+                    let (result, calls) = limits::observe(observer.clone(), step)
                         .instrument(span.clone())
                         .await;
+                    context.throttle.finish(ticket, Some(&observer));
                     decision::after_run(claim, calls, result, &context.policy, message.retries_done)
                 }
             };

@@ -25,6 +25,7 @@ mod logs;
 mod operations;
 mod portal;
 mod portal_browser;
+mod rate_limits;
 mod readme;
 mod recovery;
 mod retries;

@@ -76,6 +76,9 @@ pub fn test_settings(tag: &str) -> Settings {
     settings.retry.max_in_process_wait = Duration::from_secs(2);
     settings.retry.schedule = vec![Duration::from_millis(200), Duration::from_millis(400)];
     settings.retry.rate_limited_min_delay = Duration::from_millis(400);
+    // Tests of other behaviours send bursts to fakes that report no limit: HubSpot's
+    // configured default would pace them. The rate-limit tests set the limits they test.
+    settings.rate_limits.hubspot = "none".into();
     settings.http.timeout = Duration::from_secs(3);
     settings.http.allow = vec!["127.0.0.1".into()];
     settings.server.listen = "127.0.0.1:0".into();
@@ -601,6 +604,10 @@ pub fn settings_env(settings: &Settings) -> Vec<(String, String)> {
             ms(settings.retry.rate_limited_min_delay),
         ),
         ("APPEVENTS__HTTP__TIMEOUT", ms(settings.http.timeout)),
+        (
+            "APPEVENTS__RATE_LIMITS__HUBSPOT",
+            settings.rate_limits.hubspot.clone(),
+        ),
         ("APPEVENTS__HTTP__ALLOW", settings.http.allow.join(",")),
         (
             "APPEVENTS__SECRETS__ACTIVE_KEY",

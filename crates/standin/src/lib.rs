@@ -23,11 +23,13 @@
 //!   from then on only these access tokens are accepted (any is, until this is called);
 //! - `POST oauth` `{"clients": [{"provider": "hubspot", "client_id": "…", "client_secret": "…", "redirect_uris": ["…"]}], "omit_instance_url": false, "hubspot_deny_redirects": false, "fail_revoke": null}`:
 //!   the OAuth side ([`oauth`]): clients known besides the built-in two, and its faults;
+//! - `POST limits`: per-account limits and the limit headers ([`limits`]);
 //! - `POST reset`.
 //!
 //! Records created with an access token the OAuth side issued carry that account's id, so a
 //! test can tell in whose account a contact was made, and with which grant.
 
+pub mod limits;
 pub mod oauth;
 mod soql;
 
@@ -124,6 +126,7 @@ struct Inner {
     /// Answer as usual but keep no records or request log (for benchmarks).
     forget: bool,
     oauth: oauth::OAuth,
+    limits: limits::Limits,
 }
 
 #[derive(Clone, Default)]
@@ -245,10 +248,15 @@ impl Standin {
             .route("/_standin/faults", post(set_faults))
             .route("/_standin/tokens", post(set_tokens))
             .route("/_standin/reset", post(reset))
+            .route("/_standin/limits", post(set_limits))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                limits::enforce,
+            ))
             .with_state(self.clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -268,6 +276,16 @@ impl Standin {
         inner.fail_status = faults.fail_status;
         inner.latency = Duration::from_millis(faults.latency_ms);
         inner.script = faults.script.into();
+    }
+
+    /// Per-account limits ([`limits`]).
+    pub fn set_limits(&self, settings: limits::LimitSettings) {
+        self.lock().limits.configure(settings);
+    }
+
+    /// HubSpot calls answered 429 for being over the account's limit.
+    pub fn refused_for_limit(&self) -> u64 {
+        self.lock().limits.refused
     }
 
     /// Configures the OAuth side: clients to know, and its faults.
@@ -319,14 +337,14 @@ impl Standin {
     }
 
     /// The account whose OAuth access token a request carries, if the OAuth side issued it.
-    fn account_of(&self, headers: &HeaderMap) -> Option<String> {
+    pub(crate) fn account_of(&self, headers: &HeaderMap) -> Option<String> {
         let token = bearer(headers)?;
         self.lock().oauth.access.get(token).map(|a| a.id.clone())
     }
 }
 
 impl Inner {
-    fn log(&mut self, method: &Method, uri: &Uri, response: Response) -> Response {
+    pub(crate) fn log(&mut self, method: &Method, uri: &Uri, response: Response) -> Response {
         if self.forget {
             return response;
         }
@@ -1090,5 +1108,13 @@ async fn reset(State(standin): State<Standin>) -> StatusCode {
         forget,
         ..Inner::default()
     };
+    StatusCode::NO_CONTENT
+}
+
+async fn set_limits(
+    State(standin): State<Standin>,
+    Json(settings): Json<limits::LimitSettings>,
+) -> StatusCode {
+    standin.set_limits(settings);
     StatusCode::NO_CONTENT
 }

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::output::{print_json, print_table};
 use crate::catalog::connections::{self, ConnectionPatch, NewConnection};
 use crate::config::Settings;
+use crate::config::rate_limit::{self, RateLimit};
 use crate::core::provider::Provider;
 use crate::store::{db, vault};
 
@@ -66,6 +67,10 @@ pub(super) struct ConnectionArgs {
     /// Salesforce REST API version for this connection, e.g. v62.0.
     #[arg(long)]
     api_version: Option<String>,
+    /// This account's rate limit across the fleet, e.g. 100/10s, instead of the provider's
+    /// default (rate_limits.*) and what HubSpot's headers say.
+    #[arg(long, allow_hyphen_values = true)]
+    rate_limit: Option<RateLimit>,
     #[arg(long)]
     json: bool,
 }
@@ -94,6 +99,10 @@ pub(super) struct PatchArgs {
     /// New Salesforce REST API version, e.g. v62.0.
     #[arg(long)]
     api_version: Option<String>,
+    /// The account's own rate limit, e.g. 100/10s; "none" goes back to the provider's
+    /// default.
+    #[arg(long, allow_hyphen_values = true, value_parser = rate_limit::parse_optional)]
+    rate_limit: Option<Option<RateLimit>>,
 }
 
 pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyhow::Result<()> {
@@ -102,7 +111,11 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
         ConnectionCommand::Create(args) => {
             let keyring = vault::Keyring::from_settings(&settings.secrets)?;
             let json = args.json;
+            let limit = args.rate_limit;
             let id = connections::create(pool, &keyring, &args.into_new()).await?;
+            if limit.is_some() {
+                connections::set_rate_limit(pool, id, None, limit).await?;
+            }
             if json {
                 return print_json(&json!({"id": id}));
             }
@@ -110,7 +123,15 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
         }
         ConnectionCommand::Update { id, changes } => {
             let keyring = vault::Keyring::from_settings(&settings.secrets)?;
-            connections::patch(pool, &keyring, id, changes.into_patch()).await?;
+            let limit = changes.rate_limit;
+            let patch = changes.into_patch();
+            // A new limit alone is a change; nothing at all is refused by `patch`.
+            if limit.is_none() || !patch.is_empty() {
+                connections::patch(pool, &keyring, id, patch).await?;
+            }
+            if let Some(limit) = limit {
+                connections::set_rate_limit(pool, id, None, limit).await?;
+            }
             println!("{id}");
         }
         ConnectionCommand::List { user, json } => {
@@ -133,6 +154,8 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
                         yes_no(c.has_access_token),
                         yes_no(c.has_refresh_token),
                         status,
+                        limit_shown(settings, c),
+                        usage_shown(c),
                     ]
                 })
                 .collect::<Vec<_>>();
@@ -145,6 +168,8 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
                     "TOKEN",
                     "REFRESHABLE",
                     "STATUS",
+                    "LIMIT",
+                    "USAGE",
                 ],
                 &rows,
             );
@@ -163,6 +188,29 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
         }
     }
     Ok(())
+}
+
+/// The limit the fleet holds the account to, and where it comes from.
+fn limit_shown(settings: &Settings, c: &connections::ConnectionSummary) -> String {
+    if let Some(own) = &c.rate_limit {
+        return own.clone();
+    }
+    if let Some(learned) = &c.learned_rate_limit {
+        return format!("{learned} (learned)");
+    }
+    match settings.rate_limits.default_for(c.provider.as_str()) {
+        Ok(Some(limit)) => format!("{limit} (default)"),
+        _ => "none".to_owned(),
+    }
+}
+
+/// What the provider last said of the account's usage.
+fn usage_shown(c: &connections::ConnectionSummary) -> String {
+    match (&c.api_usage, c.rate_limit_remaining) {
+        (Some(usage), _) => format!("api-usage {usage}"),
+        (None, Some(remaining)) => format!("{remaining} left"),
+        (None, None) => "-".to_owned(),
+    }
 }
 
 fn yes_no(set: bool) -> String {

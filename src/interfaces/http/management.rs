@@ -20,6 +20,7 @@ use crate::catalog::app_events::{self, AppEventChanges};
 use crate::catalog::connections::{self, NewConnection};
 use crate::catalog::subscriptions;
 use crate::catalog::workflows::{self, NewWorkflow, StepDefinition, WorkflowChanges};
+use crate::config::rate_limit::RateLimit;
 use crate::core::payload_check::Mode;
 use crate::core::provider::Provider;
 use crate::observe::errors::report;
@@ -333,9 +334,21 @@ struct ConnectionBody {
     client_id: Option<String>,
     #[serde(default)]
     client_secret: Option<String>,
+    /// The account's own rate limit, "100/10s"; absent or null for the provider's default.
+    #[serde(default)]
+    rate_limit: Option<String>,
 }
 
 impl ConnectionBody {
+    /// The body's rate limit, refused before anything is stored when it is bad.
+    fn rate_limit(&self) -> Result<Option<RateLimit>, StoreError> {
+        self.rate_limit
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| StoreError::Invalid(format!("rate_limit: {e}")))
+    }
+
     fn into_new(self, user: String) -> NewConnection {
         NewConnection {
             user_id: user,
@@ -360,8 +373,13 @@ async fn create_connection(
     ApiPath(user): ApiPath<String>,
     body: Result<Json<ConnectionBody>, JsonRejection>,
 ) -> Answer {
-    let new = json_body(body)?.into_new(user);
+    let body = json_body(body)?;
+    let limit = body.rate_limit()?;
+    let new = body.into_new(user);
     let id = connections::create(&state.pool, &state.keyring, &new).await?;
+    if limit.is_some() {
+        connections::set_rate_limit(&state.pool, id, Some(&new.user_id), limit).await?;
+    }
     Ok(created(json!({"id": id})))
 }
 
@@ -371,8 +389,11 @@ async fn replace_connection(
     body: Result<Json<ConnectionBody>, JsonRejection>,
 ) -> Answer {
     let id = uuid(&id, "connection")?;
-    let new = json_body(body)?.into_new(user);
+    let body = json_body(body)?;
+    let limit = body.rate_limit()?;
+    let new = body.into_new(user);
     connections::replace(&state.pool, &state.keyring, id, &new).await?;
+    connections::set_rate_limit(&state.pool, id, Some(&new.user_id), limit).await?;
     Ok(Json(json!({"id": id})).into_response())
 }
 
