@@ -6,7 +6,7 @@
 //! Folders are layers, lowest first; a module imports only from its own layer or the ones
 //! below (`tests/architecture.rs` keeps it so, and finds any import cycle):
 //!
-//! - [`config`]: layered settings.
+//! - [`config`]: layered settings, and a rate limit as it is written (`100/10s`).
 //! - [`observe`]: how an error and its causes read as one line, logs, Prometheus metrics,
 //!   the health readiness reads.
 //! - [`core`]: the domain, free of I/O: the event contract ([`core::event`]), step
@@ -20,7 +20,7 @@
 //!   carry, confirmed publishing, events published by the CLI and ingest, dead letters.
 //! - `integrations`: the steps (Salesforce, HubSpot, generic HTTP), the classification of
 //!   every provider response, OAuth refresh, connecting an account (authorize URL, code
-//!   exchange, identity, revoke), the outbound rules.
+//!   exchange, identity, revoke), the outbound rules, the providers' rate-limit headers.
 //! - [`catalog`]: what an integration engineer manages: app events (with aliases kept on
 //!   rename), workflows, connections (secrets sealed), subscriptions; and how an end user
 //!   connects and disconnects an account ([`catalog::connect`]).
@@ -28,7 +28,9 @@
 //!   workflows its user has on, claim each of [`pipeline::runs`] (claims and records are
 //!   coalesced by `batch`), execute the step (`step`, refreshing credentials with
 //!   `refresh`), decide the run's fate once (`decision`, with the `retry` policy), settle
-//!   the decision (`settle`: republish, record, count), acknowledge. `work` is that unit of
+//!   the decision (`settle`: republish, record, count), acknowledge. Around each run's
+//!   step, `throttle` keeps the account within its fleet-wide rate limit and a connection
+//!   within its share of the worker. `work` is that unit of
 //!   work, `consume` the loop around it; `dry_run` shows a workflow's request
 //!   without any of it.
 //! - [`interfaces`]: how people and programs reach it: the command line
