@@ -68,6 +68,18 @@ impl FromStr for RateLimit {
     }
 }
 
+/// A limit, or `none` (no limit of its own), as an option takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitOrNone(pub Option<RateLimit>);
+
+impl FromStr for LimitOrNone {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<LimitOrNone, String> {
+        parse_optional(text).map(LimitOrNone)
+    }
+}
+
 /// An optional limit as configured: empty or `none` for no limit.
 pub fn parse_optional(text: &str) -> Result<Option<RateLimit>, String> {
     match text.trim() {

@@ -468,6 +468,36 @@ async fn bad_limits_are_refused_where_they_are_defined_naming_the_key() {
             .is_empty()
     );
 
+    // A connection's own limit is set and cleared by `connection update`.
+    let id = cli::ok(
+        &app,
+        &[
+            "connection",
+            "create",
+            "--user",
+            "w",
+            "--provider",
+            "hubspot",
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--access-token",
+            "t",
+        ],
+    )
+    .await;
+    cli::ok(&app, &["connection", "update", &id, "--rate-limit", "7/1s"]).await;
+    let listed = cli::ok(&app, &["connection", "list", "--user", "w"]).await;
+    assert!(listed.contains("7/1s"), "{listed}");
+    cli::ok(&app, &["connection", "update", &id, "--rate-limit", "none"]).await;
+    let listed = cli::ok(&app, &["connection", "list", "--user", "w"]).await;
+    assert!(
+        !listed.contains("7/1s") && listed.contains("none"),
+        "back to the default, none in tests: {listed}"
+    );
+    connections::delete(&app.pool, id.parse().expect("id"), None)
+        .await
+        .expect("delete");
+
     // The API: 400 naming the field; a good limit is stored and listed.
     let server = ServerHandle::start(&app.settings).await;
     let body = |limit: &str| json!({"provider": "hubspot", "base_url": "http://127.0.0.1:9", "access_token": "t", "rate_limit": limit});

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::output::{print_json, print_table};
 use crate::catalog::connections::{self, ConnectionPatch, NewConnection};
 use crate::config::Settings;
-use crate::config::rate_limit::{self, RateLimit};
+use crate::config::rate_limit::{LimitOrNone, RateLimit};
 use crate::core::provider::Provider;
 use crate::store::{db, vault};
 
@@ -101,8 +101,8 @@ pub(super) struct PatchArgs {
     api_version: Option<String>,
     /// The account's own rate limit, e.g. 100/10s; "none" goes back to the provider's
     /// default.
-    #[arg(long, allow_hyphen_values = true, value_parser = rate_limit::parse_optional)]
-    rate_limit: Option<Option<RateLimit>>,
+    #[arg(long, allow_hyphen_values = true)]
+    rate_limit: Option<LimitOrNone>,
 }
 
 pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyhow::Result<()> {
@@ -129,7 +129,7 @@ pub(super) async fn run(settings: &Settings, command: ConnectionCommand) -> anyh
             if limit.is_none() || !patch.is_empty() {
                 connections::patch(pool, &keyring, id, patch).await?;
             }
-            if let Some(limit) = limit {
+            if let Some(LimitOrNone(limit)) = limit {
                 connections::set_rate_limit(pool, id, None, limit).await?;
             }
             println!("{id}");
