@@ -28,9 +28,10 @@ create table rate_budgets (
 -- Leases up to p_want calls of a connection's budget, after charging p_debt calls made
 -- beyond earlier leases (a step's follow-up requests). The limit is the connection's own,
 -- else the one learned from the provider, else p_default_calls per p_default_interval_ms;
--- none at all grants everything asked. The bucket refills at 92 % of the limit's rate and
--- holds 5 % of it (at least one call), so that calls spread evenly stay under the limit in
--- any window of its interval, whichever way the provider's own window falls.
+-- none at all grants everything asked. The bucket refills at 90 % of the limit's rate and
+-- holds 3 % of it (at least one call): calls stay under the limit in any window of its
+-- interval, whichever way the provider's own window falls, with room for leases spent a
+-- little late.
 create function lease_rate_budget(
     p_connection uuid, p_default_calls integer, p_default_interval_ms integer,
     p_want integer, p_debt integer
@@ -65,8 +66,8 @@ begin
         return query select p_want, null::integer, null::integer, 0;
         return;
     end if;
-    v_rate := v_calls * 0.92 / (v_interval / 1000.0);
-    v_capacity := greatest(1.0, ceil(v_calls * 0.05));
+    v_rate := v_calls * 0.90 / (v_interval / 1000.0);
+    v_capacity := greatest(1.0, ceil(v_calls * 0.03));
     v_available := case when v_tokens is null then v_capacity
         else least(v_capacity,
                    v_tokens + v_rate * greatest(0, extract(epoch from v_now - v_refilled)))
@@ -79,4 +80,12 @@ begin
         case when v_granted > 0 then 0
              else ceil((1.0 - (v_available - v_granted)) / v_rate * 1000.0)::integer end;
 end;
+$$;
+
+-- The provider said the account has nothing left (HubSpot's X-HubSpot-RateLimit-Remaining:
+-- 0, another app may share it): the fleet's bucket is emptied, to refill at its rate.
+create function drain_rate_budget(p_connection uuid) returns void
+language sql as $$
+    update rate_budgets set tokens = least(coalesce(tokens, 0), 0), refilled_at = clock_timestamp()
+    where connection_id = p_connection;
 $$;

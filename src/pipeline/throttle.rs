@@ -376,6 +376,9 @@ impl Throttle {
                 .get_or_create(&label("connection", account.id.to_string()))
                 .set(f64::from(remaining));
         }
+        if limit.remaining == Some(0) {
+            self.drain(account);
+        }
         let mut known = lock(&account.hubspot);
         let changed = known.is_none_or(|k| k.max != limit.max || k.interval != limit.interval);
         *known = Some(limit);
@@ -411,6 +414,29 @@ impl Throttle {
             );
         }
         state.warned = above;
+    }
+
+    /// The provider says the account has nothing left: this worker's lease is dropped and
+    /// the fleet's bucket emptied (in the background), so no worker keeps calling into 429s.
+    fn drain(&self, account: &Account) {
+        if let Ok(mut budget) = account.budget.try_lock() {
+            budget.tokens = 0;
+        }
+        let pool = self.pool.clone();
+        let id = account.id;
+        tokio::spawn(async move {
+            let drained = match pool.get().await {
+                Ok(client) => client
+                    .execute("select drain_rate_budget($1)", &[&id])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = drained {
+                tracing::debug!(error = %e, "could not empty the account's budget");
+            }
+        });
     }
 
     /// Writes what the provider said to the connection's row, at most once per
