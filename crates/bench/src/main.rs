@@ -54,6 +54,7 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 mod console;
+mod fleet;
 mod history;
 
 const EVENT: &str = "Contact Created";
@@ -82,6 +83,11 @@ struct Args {
     /// runs in the history (filled as --history fills it).
     #[arg(long, default_value_t = 0)]
     console: i64,
+    /// Instead of the phases above: four workers against one HubSpot account that the
+    /// stand-in limits to this many calls per interval (`200/5s`), draining six intervals'
+    /// worth of events; prints the share of 429s and the throughput against the limit.
+    #[arg(long)]
+    fleet_limit: Option<appevents::config::rate_limit::RateLimit>,
     /// The database to create, use and drop (default `appevents_bench_` and a random tag,
     /// which `ops/clean-test-leftovers.sh` drops if a run is interrupted).
     #[arg(long)]
@@ -148,6 +154,13 @@ async fn main() -> anyhow::Result<()> {
         let result = full.history(&empty, full.args.history).await;
         empty.teardown().await;
         full.teardown().await;
+        return result;
+    }
+    if let Some(limit) = args.fleet_limit {
+        let bench = Bench::setup(args).await?;
+        let events = usize::try_from(limit.calls)? * 6;
+        let result = bench.fleet(limit.calls, limit.per, events).await;
+        bench.teardown().await;
         return result;
     }
     let bench = Bench::setup(args).await?;

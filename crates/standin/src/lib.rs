@@ -248,7 +248,7 @@ impl Standin {
             .route("/_standin/faults", post(set_faults))
             .route("/_standin/tokens", post(set_tokens))
             .route("/_standin/reset", post(reset))
-            .route("/_standin/limits", post(set_limits))
+            .route("/_standin/limits", post(set_limits).get(limit_counts))
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 limits::enforce,
@@ -1117,4 +1117,8 @@ async fn set_limits(
 ) -> StatusCode {
     standin.set_limits(settings);
     StatusCode::NO_CONTENT
+}
+
+async fn limit_counts(State(standin): State<Standin>) -> Json<limits::LimitCounts> {
+    Json(standin.lock().limits.counts())
 }

@@ -8,6 +8,7 @@
 //!   `Sforce-Limit-Info: api-usage=N/M`, N counting from `used` and growing by one per call
 //!   of the account.
 //!
+//! `GET /_standin/limits`: HubSpot calls let through and refused (`{"accepted", "refused"}`).
 //! `POST /_standin/limits` `{"hubspot": {"max": 100, "interval_ms": 10000}, "salesforce": {"used": 0, "max": 15000}}`.
 //! Until told, HubSpot allows 1,000,000 calls per 10 s (the headers are there, the limit
 //! never bites) and Salesforce's day is 0/15000. `"malformed": true` sends the headers
@@ -58,6 +59,15 @@ pub(crate) struct Limits {
     calls: HashMap<String, u64>,
     /// HubSpot calls refused with 429.
     pub(crate) refused: u64,
+    /// HubSpot calls let through.
+    pub(crate) accepted: u64,
+}
+
+/// `GET /_standin/limits`: HubSpot calls let through and refused for the limit, since start.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct LimitCounts {
+    pub accepted: u64,
+    pub refused: u64,
 }
 
 impl Default for Limits {
@@ -75,6 +85,7 @@ impl Default for Limits {
             windows: HashMap::new(),
             calls: HashMap::new(),
             refused: 0,
+            accepted: 0,
         }
     }
 }
@@ -83,6 +94,7 @@ impl Limits {
     pub(crate) fn configure(&mut self, settings: LimitSettings) {
         *self = Limits {
             refused: self.refused,
+            accepted: self.accepted,
             ..Limits::default()
         };
         if let Some(hubspot) = settings.hubspot {
@@ -111,7 +123,15 @@ impl Limits {
             return Err(());
         }
         window.push_back(now);
+        self.accepted += 1;
         Ok(self.hubspot.max - used - 1)
+    }
+
+    pub(crate) fn counts(&self) -> LimitCounts {
+        LimitCounts {
+            accepted: self.accepted,
+            refused: self.refused,
+        }
     }
 
     fn salesforce_call(&mut self, account: &str) -> u64 {
