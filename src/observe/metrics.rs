@@ -19,7 +19,7 @@ pub struct Metrics {
     /// Unmatched events by reason: unknown_event, no_subscription.
     pub unmatched: Family<Labels, Counter>,
     /// Runs by provider and outcome: succeeded, retry, dead, skipped, deferred (held by another
-    /// worker, waiting for its lease).
+    /// worker, waiting for its lease; or its account throttled, see `throttled`).
     pub runs: Family<Labels, Counter>,
     /// Broker-level retries scheduled, by failure kind.
     pub retries: Family<Labels, Counter>,
