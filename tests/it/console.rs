@@ -5,11 +5,14 @@
 
 use std::time::Duration;
 
+use appevents::catalog::workflows::{self, NewWorkflow};
+use appevents::core::provider::Provider;
+use appevents::pipeline::runs::RunStatus;
 use appevents::transport::dead_letter::ReasonCode;
 use serde_json::json;
 
 use crate::support::console::{ConsoleApp, OPERATOR, OPERATOR_KEY};
-use crate::support::eventually;
+use crate::support::{CONTACT_CREATED, eventually};
 
 #[tokio::test]
 async fn without_a_session_every_page_redirects_to_login_and_a_post_does_nothing() {
@@ -462,4 +465,93 @@ async fn the_overview_and_catalog_show_what_needs_attention_and_never_a_secret()
         );
     }
     console.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_of_several_steps_shows_each_step_with_its_request_and_output() {
+    let mut console = ConsoleApp::start().await;
+    let workflow = workflows::create(
+        &console.app.pool,
+        &NewWorkflow {
+            name: "account then contact".into(),
+            event: CONTACT_CREATED.into(),
+            provider: Provider::Salesforce,
+            action: String::new(),
+            options: json!({}),
+            mapping: json!({}),
+            when: None,
+            steps: crate::steps::steps(json!([
+                {"name": "account", "action": "create", "options": {"sobject": "Account"},
+                 "mapping": {"Name": "{{payload.company}}"}},
+                {"name": "contact", "action": "create",
+                 "mapping": {"LastName": "{{payload.last_name}}", "AccountId": "{{steps.account.id}}"}}
+            ])),
+        },
+    )
+    .await
+    .expect("workflow");
+    let connection = console
+        .app
+        .connection(
+            "steps-user",
+            Provider::Salesforce,
+            &console.crm.url(),
+            "secret-token",
+        )
+        .await;
+    console
+        .app
+        .subscribe("steps-user", workflow.id, connection)
+        .await;
+    console.app.start_worker().await;
+
+    console
+        .app
+        .publish(
+            CONTACT_CREATED,
+            "steps-user",
+            json!({"company": "Acme", "last_name": "Chain"}),
+            Some("evt-steps"),
+        )
+        .await;
+    let runs = console
+        .app
+        .wait_for_runs("evt-steps", 1, RunStatus::Succeeded)
+        .await;
+    let records = console.crm.standin.records();
+    let account = records
+        .iter()
+        .find(|r| r.object == "Account")
+        .expect("an account");
+    let contact = records
+        .iter()
+        .find(|r| r.object == "Contact")
+        .expect("a contact");
+
+    let mut client = console.operator().await;
+    let page = client.get(&format!("/console/runs/{}", runs[0].id)).await;
+
+    assert_eq!(page.status, 200, "{}", page.body);
+    let account_at = page.body.find("1. account").expect("step 1 named");
+    let contact_at = page.body.find("2. contact").expect("step 2 named");
+    assert!(account_at < contact_at, "in order");
+    assert!(
+        page.body.contains("/sobjects/Account"),
+        "step 1's request: {}",
+        page.body
+    );
+    assert!(
+        page.body.contains(&account.id),
+        "step 1's output names its id"
+    );
+    assert!(
+        page.body.contains(&contact.id),
+        "step 2's output names its id"
+    );
+    assert!(
+        !page.body.contains("secret-token"),
+        "never a credential: {}",
+        page.body
+    );
+    console.app.cleanup().await;
 }

@@ -3,9 +3,9 @@
 //! starts: no OFFSET, so page 500 costs what page 1 does); a run's page with its event, its
 //! steps, attempts and timings; and a retry button for a dead run.
 //!
-//! A run's steps: a workflow has one step today, and the run store records that step's
-//! outcome on the run itself. [`steps_of`] turns a run into the list of steps the page
-//! shows: the one place to read the run-steps table once workflows have several.
+//! A run's steps: a workflow of several steps records each in `run_steps`; a one-step
+//! workflow records its step's outcome on the run itself. [`steps_of`] turns either into the
+//! list of steps the page shows.
 
 use std::collections::HashMap;
 
@@ -25,6 +25,7 @@ use crate::catalog::workflows::{self, Workflow};
 use crate::core::failure::Failure;
 use crate::interfaces::cli::runs::parse_time;
 use crate::pipeline::replay;
+use crate::pipeline::run_steps::{self, RunWithSteps, StepRecord};
 use crate::pipeline::runs::{self, Run, RunFilter, RunStatus};
 use crate::store::audit::{self, Action};
 
@@ -244,11 +245,14 @@ pub(super) async fn list(
 /// One step of a run as the page shows it.
 pub struct StepView {
     pub name: String,
-    /// What was asked of the provider: provider, action, connection. No secret is stored
-    /// with a run, so none can show.
+    /// What was asked of the provider: for a recorded step its method, URL and body (never a
+    /// header: they carry the credentials); for a one-step workflow, provider, action and
+    /// connection (its run row keeps no request).
     pub request: String,
     /// The provider's id for what it made, when it succeeded.
     pub provider_id: Option<String>,
+    /// A recorded step's output (what later steps read), cut to [`OUTPUT_SHOWN`].
+    pub output: Option<String>,
     pub error: Option<Failure>,
     pub status: &'static str,
     pub attempts: i32,
@@ -257,9 +261,15 @@ pub struct StepView {
     pub took: Option<String>,
 }
 
-/// The steps of a run. Today a workflow is one step, recorded on the run itself; once
-/// workflows have several, this is where the run-steps table is read instead.
-pub fn steps_of(run: &Run, workflow: Option<&Workflow>) -> Vec<StepView> {
+/// Characters of a step's request or output shown on a run's page.
+const OUTPUT_SHOWN: usize = 2_000;
+
+/// The steps of a run: those recorded in `run_steps` for a workflow of several steps, else
+/// the one step a one-step workflow records on the run itself.
+pub fn steps_of(run: &Run, workflow: Option<&Workflow>, recorded: &[StepRecord]) -> Vec<StepView> {
+    if !recorded.is_empty() {
+        return recorded.iter().map(StepView::recorded).collect();
+    }
     let request = match workflow {
         Some(w) => format!(
             "{} {} with connection {}",
@@ -274,6 +284,7 @@ pub fn steps_of(run: &Run, workflow: Option<&Workflow>) -> Vec<StepView> {
         name: workflow.map_or_else(|| "step".to_owned(), |w| w.action.clone()),
         request,
         provider_id: run.provider_id.clone(),
+        output: None,
         error: failure_of(run),
         status: run.status.as_str(),
         attempts: run.attempts,
@@ -284,6 +295,45 @@ pub fn steps_of(run: &Run, workflow: Option<&Workflow>) -> Vec<StepView> {
             format!("{:.3} s", took.as_seconds_f64())
         }),
     }]
+}
+
+impl StepView {
+    fn recorded(step: &StepRecord) -> StepView {
+        let shown = |value: &serde_json::Value| truncate(&value.to_string(), OUTPUT_SHOWN).0;
+        let request = step.request.as_ref().map_or_else(String::new, |r| {
+            match (
+                r.get("method").and_then(|m| m.as_str()),
+                r.get("url").and_then(|u| u.as_str()),
+            ) {
+                (Some(method), Some(url)) => match r.get("body") {
+                    Some(body) if !body.is_null() => format!("{method} {url} {}", shown(body)),
+                    _ => format!("{method} {url}"),
+                },
+                _ => shown(r),
+            }
+        });
+        StepView {
+            name: match step.item {
+                Some(item) => format!("{} [{item}]", step.step),
+                None => step.step.clone(),
+            },
+            request,
+            provider_id: None,
+            output: step.output.as_ref().map(shown),
+            error: step
+                .error
+                .as_ref()
+                .and_then(|e| serde_json::from_value::<Failure>(e.clone()).ok()),
+            status: step.status.as_str(),
+            attempts: step.attempts,
+            started: when(step.started_at),
+            finished: Some(when(step.finished_at)),
+            took: Some(format!(
+                "{:.3} s",
+                (step.finished_at - step.started_at).as_seconds_f64()
+            )),
+        }
+    }
 }
 
 #[derive(Template)]
@@ -323,7 +373,10 @@ async fn run_page(
     notice: Option<String>,
     error: Option<String>,
 ) -> Result<RunPage, Refusal> {
-    let run = runs::get(&console.pool, id).await?;
+    let RunWithSteps {
+        run,
+        steps: recorded,
+    } = run_steps::show(&console.pool, id).await?;
     let workflow = workflows::get(&console.pool, run.workflow_id).await.ok();
     let letter_query = FilterForm {
         event_id: run.event_id.clone(),
@@ -338,7 +391,7 @@ async fn run_page(
         created: when(run.created_at),
         updated: when(run.updated_at),
         next_attempt: run.next_attempt_at.map(when),
-        steps: steps_of(&run, workflow.as_ref()),
+        steps: steps_of(&run, workflow.as_ref(), &recorded),
         letter_query,
         run,
         notice,
