@@ -133,7 +133,15 @@ struct Drain {
     events_per_sec: f64,
     cpu_per_event: Duration,
     peak_rss_kib: u64,
+    /// Transactions the bench database committed or rolled back during the drain, per event:
+    /// the worker's statements are each a transaction of its own, so this is its statements
+    /// per event (and a few of the worker's start and the bench's own reads).
+    transactions_per_event: f64,
 }
+
+/// The three-step find-or-create workflow of the examples, measured as documented.
+const FIND_OR_CREATE: &str =
+    include_str!("../../../examples/workflows/salesforce-find-or-create.json");
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -259,15 +267,19 @@ impl Bench {
                 json!({"email": "{{payload.email}}", "lastname": "{{payload.last_name}}"}),
             )
             .await?;
+        let find_or_create = self.find_or_create().await?;
         self.user("bench-0", &[]).await?;
         self.user("bench-1", &[salesforce]).await?;
         self.user("bench-2", &[salesforce, hubspot]).await?;
+        self.user("bench-3", &[find_or_create]).await?;
 
         // Each throughput phase runs `repeat` times, alternating, and the median is reported
         // with the range: on a shared machine single runs vary by a third.
         let mut publish_rates = Vec::new();
         let mut ceilings = Vec::new();
-        let mut drains: Vec<Vec<Drain>> = vec![Vec::new(), Vec::new(), Vec::new()];
+        // Users bench-0, -1 and -2 have that many one-step workflows; bench-3 the three-step
+        // find-or-create.
+        let mut drains: Vec<Vec<Drain>> = (0..4).map(|_| Vec::new()).collect();
         for round in 0..self.args.repeat {
             let (publish_rate, ceiling) = self.ceiling().await?;
             publish_rates.push(publish_rate);
@@ -297,11 +309,7 @@ impl Bench {
         for (workflows, runs) in drains.iter_mut().enumerate() {
             runs.sort_by(|a, b| a.events_per_sec.total_cmp(&b.events_per_sec));
             let rates: Vec<f64> = runs.iter().map(|d| d.events_per_sec).collect();
-            let label = match workflows {
-                0 => "worker, 0 workflows (resolved, unmatched, acked)".to_owned(),
-                1 => "worker, 1 workflow (HTTP 201 + run recorded)".to_owned(),
-                _ => format!("worker, {workflows} workflows per event"),
-            };
+            let label = phase_label(workflows);
             let middle = median(&rates);
             println!(
                 "{label:<58} {:>10}  {:>12.2}  {}",
@@ -336,10 +344,12 @@ impl Bench {
             );
         }
         println!();
-        for (workflows, drain) in drains.iter().enumerate() {
+        for (phase, drain) in drains.iter().enumerate() {
             println!(
-                "worker, {workflows} workflow(s): CPU {:.1} µs per event, peak RSS {:.1} MiB",
+                "{}: CPU {:.1} µs per event, {:.2} database transactions per event, peak RSS {:.1} MiB",
+                phase_label(phase),
                 drain.cpu_per_event.as_secs_f64() * 1e6,
+                drain.transactions_per_event,
                 drain.peak_rss_kib as f64 / 1024.0
             );
         }
@@ -355,6 +365,26 @@ impl Bench {
             );
         }
         Ok(())
+    }
+
+    /// examples/workflows/salesforce-find-or-create.json, as a workflow.
+    async fn find_or_create(&self) -> anyhow::Result<uuid::Uuid> {
+        let file: serde_json::Value = serde_json::from_str(FIND_OR_CREATE)?;
+        let created = workflows::create(
+            &self.pool,
+            &NewWorkflow {
+                name: "bench find or create".into(),
+                event: EVENT.into(),
+                provider: Provider::Salesforce,
+                action: String::new(),
+                options: json!({}),
+                mapping: json!({}),
+                when: file["when"].as_str().map(str::to_owned),
+                steps: serde_json::from_value(file["steps"].clone())?,
+            },
+        )
+        .await?;
+        Ok(created.id)
     }
 
     async fn workflow(
@@ -623,10 +653,32 @@ impl Bench {
         });
         self.publish(&self.settings.amqp.exchange, EVENT, bodies)
             .await?;
+        let transactions_before = self.transactions().await?;
         let mut worker = self.start_worker().await?;
         let result = self.time_drain(&worker, n).await;
         stop(&mut worker.child).await;
-        result
+        let mut drain = result?;
+        // Backends report their counts at most once a second.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let transactions = self
+            .transactions()
+            .await?
+            .saturating_sub(transactions_before);
+        drain.transactions_per_event = transactions as f64 / n.max(1) as f64;
+        Ok(drain)
+    }
+
+    /// Transactions committed and rolled back in the bench database so far.
+    async fn transactions(&self) -> anyhow::Result<i64> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "select (xact_commit + xact_rollback)::int8 from pg_stat_database \
+                 where datname = current_database()",
+                &[],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
     }
 
     async fn time_drain(&self, worker: &Worker, n: usize) -> anyhow::Result<Drain> {
@@ -650,6 +702,7 @@ impl Bench {
                     events_per_sec: counted as f64 / elapsed.as_secs_f64(),
                     cpu_per_event: cpu / u32::try_from(counted).unwrap_or(u32::MAX),
                     peak_rss_kib: peak_rss_kib(worker.pid)?,
+                    transactions_per_event: 0.0,
                 });
             }
             if now > deadline {
@@ -967,6 +1020,16 @@ fn spread(values: &[f64]) -> String {
         max,
         values.len()
     )
+}
+
+/// What the throughput phase of that index drains.
+fn phase_label(phase: usize) -> String {
+    match phase {
+        0 => "worker, 0 workflows (resolved, unmatched, acked)".to_owned(),
+        1 => "worker, 1 workflow (HTTP 201 + run recorded)".to_owned(),
+        2 => "worker, 2 workflows per event".to_owned(),
+        _ => "worker, 3-step find-or-create (query, then create)".to_owned(),
+    }
 }
 
 fn rate(per_sec: f64) -> String {
