@@ -8,7 +8,7 @@
 //! its whole definition in `steps`, and its first step in the columns too, so a reader of
 //! the columns alone (a listing, an old client) sees what the workflow starts with.
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -31,6 +31,10 @@ pub const ONE_STEP: &str = "main";
 #[derive(Debug, Clone, Serialize)]
 pub struct Workflow {
     pub id: Uuid,
+    /// The stable key of the file that defines it (`workflow apply`); none for a workflow
+    /// made otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub name: String,
     pub app_event_id: Uuid,
     pub event: String,
@@ -399,7 +403,7 @@ impl WorkflowChanges {
 }
 
 const SELECT: &str = "select w.id, w.name, w.app_event_id, e.name, w.provider, w.action, \
-     w.options, w.mapping, w.created_at, w.updated_at, w.steps, w.condition \
+     w.options, w.mapping, w.created_at, w.updated_at, w.steps, w.condition, w.key \
      from workflows w join app_events e on e.id = w.app_event_id";
 
 /// A workflow's steps from its columns: `steps` when set, else the one step of the others.
@@ -424,6 +428,7 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Workflow, StoreError> {
         stored_steps(&action, &options, &mapping, row.try_get(10)?).map_err(StoreError::Invalid)?;
     Ok(Workflow {
         id: row.try_get(0)?,
+        key: row.try_get(12)?,
         name: row.try_get(1)?,
         app_event_id: row.try_get(2)?,
         event: row.try_get(3)?,
@@ -493,29 +498,87 @@ pub async fn create(pool: &Pool, new: &NewWorkflow) -> Result<Workflow, StoreErr
     let steps = new.definitions()?;
     let when = new.when.as_deref();
     validate(&new.name, new.provider, when, &steps)?;
-    let stored = columns(when, &steps)?;
     let event = app_events::get(pool, &new.event).await?;
-    let id = Uuid::now_v7();
+    let definition = Definition {
+        key: None,
+        name: &new.name,
+        app_event_id: event.id,
+        provider: new.provider,
+        when,
+        steps: &steps,
+    };
     let client = pool.get().await?;
+    let id = insert(&client, &definition)
+        .await
+        .map_err(|err| named(err, &new.name))?;
+    get(pool, id).await
+}
+
+/// A validated definition as it is written.
+pub(crate) struct Definition<'a> {
+    pub key: Option<&'a str>,
+    pub name: &'a str,
+    pub app_event_id: Uuid,
+    pub provider: Provider,
+    pub when: Option<&'a str>,
+    pub steps: &'a [StepDefinition],
+}
+
+/// Writes a new workflow; returns its id.
+pub(crate) async fn insert(
+    client: &impl GenericClient,
+    definition: &Definition<'_>,
+) -> Result<Uuid, StoreError> {
+    let stored = columns(definition.when, definition.steps)?;
+    let id = Uuid::now_v7();
     client
         .execute(
             "insert into workflows (id, name, app_event_id, provider, action, options, mapping, \
-             steps, condition) values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             steps, condition, key) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             &[
                 &id,
-                &new.name,
-                &event.id,
-                &new.provider.as_str(),
+                &definition.name,
+                &definition.app_event_id,
+                &definition.provider.as_str(),
                 &stored.action,
                 &stored.options,
                 &stored.mapping,
                 &stored.steps,
-                &when,
+                &definition.when,
+                &definition.key,
             ],
         )
-        .await
-        .map_err(|err| named(err.into(), &new.name))?;
-    get(pool, id).await
+        .await?;
+    Ok(id)
+}
+
+/// Overwrites a workflow's definition (its provider stays: its subscriptions' connections
+/// are of that provider); a key given is set, none keeps the one it has.
+pub(crate) async fn overwrite(
+    client: &impl GenericClient,
+    id: Uuid,
+    definition: &Definition<'_>,
+) -> Result<(), StoreError> {
+    let stored = columns(definition.when, definition.steps)?;
+    client
+        .execute(
+            "update workflows set name = $2, app_event_id = $3, action = $4, options = $5, \
+             mapping = $6, steps = $7, condition = $8, key = coalesce($9, key), \
+             updated_at = now() where id = $1",
+            &[
+                &id,
+                &definition.name,
+                &definition.app_event_id,
+                &stored.action,
+                &stored.options,
+                &stored.mapping,
+                &stored.steps,
+                &definition.when,
+                &definition.key,
+            ],
+        )
+        .await?;
+    Ok(())
 }
 
 pub async fn get(pool: &Pool, id: Uuid) -> Result<Workflow, StoreError> {
@@ -549,7 +612,7 @@ pub async fn list(
 }
 
 /// A duplicate name, said in the user's terms.
-fn named(err: StoreError, name: &str) -> StoreError {
+pub(crate) fn named(err: StoreError, name: &str) -> StoreError {
     match err {
         StoreError::Conflict(detail) if detail.contains("lower(name)") => StoreError::Conflict(
             format!("a workflow named {name:?} exists already (names are unique, ignoring case)"),
@@ -608,29 +671,22 @@ pub async fn update(
         (None, false) => current.steps,
     };
     validate(&name, current.provider, when.as_deref(), &steps)?;
-    let stored = columns(when.as_deref(), &steps)?;
     let app_event_id = match &changes.event {
         Some(event) => app_events::get(pool, event).await?.id,
         None => current.app_event_id,
     };
+    let definition = Definition {
+        key: None,
+        name: &name,
+        app_event_id,
+        provider: current.provider,
+        when: when.as_deref(),
+        steps: &steps,
+    };
     let client = pool.get().await?;
-    client
-        .execute(
-            "update workflows set name = $2, app_event_id = $3, action = $4, options = $5, \
-             mapping = $6, steps = $7, condition = $8, updated_at = now() where id = $1",
-            &[
-                &id,
-                &name,
-                &app_event_id,
-                &stored.action,
-                &stored.options,
-                &stored.mapping,
-                &stored.steps,
-                &when,
-            ],
-        )
+    overwrite(&client, id, &definition)
         .await
-        .map_err(|err| named(err.into(), &name))?;
+        .map_err(|err| named(err, &name))?;
     get(pool, id).await
 }
 

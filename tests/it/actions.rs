@@ -15,11 +15,9 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::steps::{chain_of, steps};
 use crate::support::{CONTACT_CREATED, TestApp};
 
-/// An example workflow file: its condition and steps.
+/// An example workflow file, read as `workflow apply` reads it: its condition and steps.
 fn example(file: &str) -> (Option<String>, Value) {
-    let path = format!("{}/examples/workflows/{file}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).expect("example file");
-    let definition: Value = serde_json::from_str(&text).expect("example JSON");
+    let definition = crate::steps::example_file(file);
     let when = definition["when"].as_str().map(str::to_owned);
     (when, definition["steps"].clone())
 }
@@ -54,7 +52,7 @@ fn step(name: &str, status: StepStatus) -> (String, StepStatus) {
 
 #[tokio::test]
 async fn salesforce_find_or_create_creates_once_then_updates_what_it_found() {
-    let (crm, app) = running_example(Provider::Salesforce, "salesforce-find-or-create.json").await;
+    let (crm, app) = running_example(Provider::Salesforce, "salesforce-find-or-create.yaml").await;
     let ada = json!({"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"});
 
     app.publish(CONTACT_CREATED, "u", ada.clone(), Some("evt-1"))
@@ -103,7 +101,7 @@ async fn salesforce_find_or_create_creates_once_then_updates_what_it_found() {
 
 #[tokio::test]
 async fn a_soql_value_stays_a_literal_whatever_it_holds() {
-    let (crm, app) = running_example(Provider::Salesforce, "salesforce-find-or-create.json").await;
+    let (crm, app) = running_example(Provider::Salesforce, "salesforce-find-or-create.yaml").await;
     app.publish(
         CONTACT_CREATED,
         "u",
@@ -366,7 +364,7 @@ async fn an_http_request_s_json_answer_is_what_later_steps_read() {
 
 #[tokio::test]
 async fn the_dry_run_of_a_chain_renders_every_step_sends_reads_or_everything() {
-    let (crm, app) = running_example(Provider::Salesforce, "salesforce-find-or-create.json").await;
+    let (crm, app) = running_example(Provider::Salesforce, "salesforce-find-or-create.yaml").await;
     let id = appevents::catalog::workflows::list(&app.pool, None, None)
         .await
         .expect("list")[0]

@@ -33,3 +33,4 @@ mod security;
 mod settling;
 mod shutdown;
 mod steps;
+mod workflow_files;

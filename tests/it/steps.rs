@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use appevents::catalog::workflow_files;
 use appevents::catalog::workflows::{self, NewWorkflow, StepDefinition};
 use appevents::core::provider::Provider;
 use appevents::pipeline::run_steps::{self, StepStatus};
@@ -469,20 +470,18 @@ async fn bad_definitions_are_refused_in_one_line_by_the_cli_and_with_400_by_the_
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["steps"].as_array().map(Vec::len), Some(3), "{body}");
     for file in [
-        "salesforce-find-or-create.json",
+        "salesforce-find-or-create.yaml",
         "hubspot-find-or-create.json",
     ] {
-        let path = format!("{}/examples/workflows/{file}", env!("CARGO_MANIFEST_DIR"));
-        let example: Value =
-            serde_json::from_str(&std::fs::read_to_string(path).expect("file")).expect("JSON");
         let (status, body) = crate::api::call(
             &server,
             reqwest::Method::POST,
-            "/v1/workflows",
-            Some(example),
+            "/v1/workflows/apply",
+            Some(example_file(file)),
         )
         .await;
-        assert_eq!(status, 201, "{file} as the API takes it: {body}");
+        assert_eq!(status, 200, "{file} as the API takes it: {body}");
+        assert_eq!(body["workflows"][0]["change"], "created", "{body}");
     }
     assert_eq!(body["when"], json!("payload.plan == \"pro\""));
     server.stop().await;
@@ -518,4 +517,13 @@ async fn the_api_shows_a_run_with_its_steps_to_its_user_only() {
     assert_eq!(status, 404);
     server.stop().await;
     app.cleanup().await;
+}
+
+/// An example file of examples/workflows/, read as `workflow apply` reads it, as JSON.
+pub fn example_file(file: &str) -> Value {
+    let path = format!("{}/examples/workflows/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("example file");
+    let format = workflow_files::Format::of(file).expect("a workflow file's extension");
+    let document = workflow_files::parse(file, &text, format).expect("a valid example");
+    serde_json::to_value(document.file).expect("JSON")
 }

@@ -15,6 +15,7 @@ mod secrets;
 mod subscription;
 mod users;
 mod workflow;
+mod workflow_files;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::output::{json_arg, print_json, print_table};
+use super::workflow_files::{self as files, ApplyArgs, ExportArgs};
 use crate::catalog::workflows::{self, NewWorkflow, StepDefinition, WorkflowChanges};
 use crate::config::Settings;
 use crate::core::provider::Provider;
@@ -64,6 +65,11 @@ pub(super) enum WorkflowCommand {
     /// Dry run: print the request the worker would send for an event made from the app
     /// event's example payload, secrets masked. Sends nothing unless --send.
     Test(WorkflowTestArgs),
+    /// Create or update workflows from files (YAML or JSON), keyed by each file's `key`;
+    /// idempotent. See docs/workflows.md.
+    Apply(ApplyArgs),
+    /// Write the workflows that have a key as files that `apply` reads.
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -295,6 +301,8 @@ pub(super) async fn run(settings: &Settings, command: WorkflowCommand) -> anyhow
             println!("deleted");
         }
         WorkflowCommand::Test(args) => test(settings, args).await?,
+        WorkflowCommand::Apply(args) => files::apply(settings, args).await?,
+        WorkflowCommand::Export(args) => files::export(settings, args).await?,
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use super::state::{ApiError, AppState};
 use crate::catalog::app_events::{self, AppEventChanges};
 use crate::catalog::connections::{self, NewConnection};
 use crate::catalog::subscriptions;
+use crate::catalog::workflow_files;
 use crate::catalog::workflows::{self, NewWorkflow, StepDefinition, WorkflowChanges};
 use crate::config::rate_limit::RateLimit;
 use crate::core::payload_check::Mode;
@@ -41,6 +42,8 @@ pub(super) fn routes() -> Router<AppState> {
                 .delete(delete_app_event),
         )
         .route("/v1/workflows", get(list_workflows).post(create_workflow))
+        .route("/v1/workflows/apply", post(apply_workflows))
+        .route("/v1/workflows/export", get(export_workflows))
         .route(
             "/v1/workflows/{id}",
             get(get_workflow)
@@ -313,6 +316,52 @@ async fn delete_workflow(State(state): State<AppState>, ApiPath(id): ApiPath<Str
     let id = uuid(&id, "workflow")?;
     workflows::delete(&state.pool, id).await?;
     Ok(no_content())
+}
+
+// Workflows as files: the documents `workflow apply` reads, one or an array, as JSON.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn apply_workflows(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ApplyQuery>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Answer {
+    let documents = match json_body(body)? {
+        Value::Array(documents) => documents,
+        document => vec![document],
+    };
+    let mut read = Vec::with_capacity(documents.len());
+    let mut refused = Vec::new();
+    for (index, document) in documents.into_iter().enumerate() {
+        match workflow_files::read(&format!("document {}", index + 1), document) {
+            Ok(document) => read.push(document),
+            Err(message) => refused.push(message),
+        }
+    }
+    if !refused.is_empty() {
+        return Err(ApiError::bad_request(refused.join("; ")));
+    }
+    let outcomes = workflow_files::apply(&state.pool, read, query.dry_run).await?;
+    Ok(Json(json!({"dry_run": query.dry_run, "workflows": outcomes})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    key: Option<String>,
+}
+
+async fn export_workflows(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ExportQuery>,
+) -> Answer {
+    Ok(Json(workflow_files::export(&state.pool, query.key.as_deref()).await?).into_response())
 }
 
 // A user's connections.
