@@ -315,7 +315,7 @@ pub async fn export(pool: &Pool, key: Option<&str>) -> Result<Vec<WorkflowFile>,
         .into_iter()
         .filter_map(|w| {
             let own = w.key.clone()?;
-            key.is_none_or(|k| k == own).then(|| WorkflowFile {
+            key.is_none_or(|k| k == own).then_some(WorkflowFile {
                 key: own,
                 name: w.name,
                 event: w.event,

@@ -61,7 +61,14 @@ echo "succeeded runs: $succeeded"
 "#
     );
     let directory = std::env::temp_dir().join(format!("appevents-readme-{tag}"));
-    std::fs::create_dir_all(&directory).expect("temp dir");
+    // The story's files are the checkout's examples, at the same relative path.
+    let examples = directory.join("examples/workflows");
+    std::fs::create_dir_all(&examples).expect("temp dir");
+    let checkout = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/workflows");
+    for entry in std::fs::read_dir(checkout).expect("examples") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), examples.join(entry.file_name())).expect("copy");
+    }
 
     let output = tokio::time::timeout(
         Duration::from_secs(120),
@@ -105,6 +112,12 @@ echo "succeeded runs: $succeeded"
         "two succeeded runs: {stdout}\n{stderr}"
     );
     assert_eq!(crm.standin.records().len(), 2, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("created: contact-to-salesforce")
+            && stdout.contains("created: contact-to-hubspot")
+            && stdout.contains("dry run: nothing was changed"),
+        "the workflow files are applied after their dry run: {stdout}"
+    );
     assert!(
         stdout.contains("authorization: Bearer ****") && !stdout.contains("hs-token"),
         "the dry run shows the masked token: {stdout}"
