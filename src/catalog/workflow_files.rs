@@ -86,7 +86,7 @@ pub fn read(origin: &str, value: Value) -> Result<Document, String> {
             "a workflow file is one object (key, name, event, provider, when, steps)".into(),
         ));
     }
-    let head: Head = serde_json::from_value(value).map_err(|e| fail(e.to_string()))?;
+    let head: Head = from_value(value).map_err(fail)?;
     check_key(&head.key).map_err(fail)?;
     let mut steps = Vec::with_capacity(head.steps.len());
     for (index, step) in head.steps.into_iter().enumerate() {
@@ -96,7 +96,7 @@ pub fn read(origin: &str, value: Value) -> Result<Document, String> {
             .filter(|name| !name.trim().is_empty())
             .map_or_else(|| format!("#{}", index + 1), str::to_owned);
         let step: StepDefinition =
-            serde_json::from_value(step).map_err(|e| fail(format!("step {label}: {e}")))?;
+            from_value(step).map_err(|e| fail(format!("step {label}: {e}")))?;
         steps.push(step);
     }
     let file = WorkflowFile {
@@ -113,11 +113,36 @@ pub fn read(origin: &str, value: Value) -> Result<Document, String> {
         file.condition.as_deref(),
         &file.steps,
     )
-    .map_err(|e| fail(e.to_string()))?;
+    .map_err(|e| fail(named_step(&file.steps, e.to_string())))?;
     Ok(Document {
         origin: origin.to_owned(),
         file,
     })
+}
+
+/// A value read as `T`; an error names the field it is about (`on_error: unknown variant …`).
+fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().to_string();
+        // An unknown field's message names it already.
+        if path == "." || message.starts_with("unknown field") {
+            message
+        } else {
+            format!("{path}: {message}")
+        }
+    })
+}
+
+/// A one-step workflow's errors are said without its step (as `workflow create` says them);
+/// a file names it all the same.
+fn named_step(steps: &[StepDefinition], message: String) -> String {
+    match steps {
+        [only] if !message.starts_with("step ") && !message.starts_with("when: ") => {
+            format!("step {}: {message}", only.name)
+        }
+        _ => message,
+    }
 }
 
 fn check_key(key: &str) -> Result<(), String> {
@@ -392,6 +417,27 @@ mod tests {
         bad["key"] = json!("no spaces");
         let err = read("wf/sf.yaml", bad).expect_err("refused");
         assert!(err.starts_with("wf/sf.yaml: key \"no spaces\""), "{err}");
+
+        let mut bad = document();
+        bad["steps"][0]["on_error"] = json!("retry");
+        let err = read("wf/sf.yaml", bad).expect_err("refused");
+        assert!(
+            err.starts_with("wf/sf.yaml: step find: on_error: unknown variant `retry`"),
+            "{err}"
+        );
+
+        let mut bad = document();
+        bad["provider"] = json!("salesfarce");
+        let err = read("wf/sf.yaml", bad).expect_err("refused");
+        assert!(
+            err.starts_with("wf/sf.yaml: provider: unknown variant `salesfarce`"),
+            "{err}"
+        );
+
+        let mut bad = document();
+        bad["steps"] = json!([{"name": "main", "action": "delete"}]);
+        let err = read("wf/sf.yaml", bad).expect_err("refused");
+        assert!(err.starts_with("wf/sf.yaml: step main: "), "{err}");
 
         let err = parse("wf/x.yaml", "key: [", Format::Yaml).expect_err("refused");
         assert!(err.starts_with("wf/x.yaml: "), "{err}");

@@ -348,7 +348,7 @@ async fn the_api_applies_and_exports_the_same_documents() {
     assert_eq!(status, 400, "{body}");
     let error = body["error"].as_str().expect("error");
     assert!(
-        error.starts_with("document 2: step create: unknown variant `retry`"),
+        error.starts_with("document 2: step create: on_error: unknown variant `retry`"),
         "{error}"
     );
     assert_eq!(catalog(&app).await, first, "nothing applied");
