@@ -22,7 +22,8 @@
 //!   every provider response, OAuth refresh, connecting an account (authorize URL, code
 //!   exchange, identity, revoke), the outbound rules, the providers' rate-limit headers.
 //! - [`catalog`]: what an integration engineer manages: app events (with aliases kept on
-//!   rename), workflows, connections (secrets sealed), subscriptions; and how an end user
+//!   rename), workflows (and [`catalog::workflow_files`], workflows as files: apply and
+//!   export), connections (secrets sealed), subscriptions; and how an end user
 //!   connects and disconnects an account ([`catalog::connect`]).
 //! - [`pipeline`]: what happens to one message, in order: `resolve` the
 //!   workflows its user has on, claim each of [`pipeline::runs`] (claims and records are

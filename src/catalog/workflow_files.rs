@@ -22,7 +22,7 @@ pub struct WorkflowFile {
     /// Stable across renames: what `apply` finds the workflow by.
     pub key: String,
     pub name: String,
-    /// The app event that triggers it (its name; an alias or id is read too).
+    /// The app event that triggers it (its current name, or its id).
     pub event: String,
     pub provider: Provider,
     #[serde(default, rename = "when", skip_serializing_if = "Option::is_none")]
