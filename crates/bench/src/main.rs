@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use appevents::catalog::connections::{self, NewConnection};
+use appevents::catalog::workflow_files;
 use appevents::catalog::workflows::{self, NewWorkflow};
 use appevents::catalog::{app_events, subscriptions};
 use appevents::config::Settings;
@@ -141,7 +142,7 @@ struct Drain {
 
 /// The three-step find-or-create workflow of the examples, measured as documented.
 const FIND_OR_CREATE: &str =
-    include_str!("../../../examples/workflows/salesforce-find-or-create.json");
+    include_str!("../../../examples/workflows/salesforce-find-or-create.yaml");
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -367,20 +368,26 @@ impl Bench {
         Ok(())
     }
 
-    /// examples/workflows/salesforce-find-or-create.json, as a workflow.
+    /// examples/workflows/salesforce-find-or-create.yaml, read as `workflow apply` reads it.
     async fn find_or_create(&self) -> anyhow::Result<uuid::Uuid> {
-        let file: serde_json::Value = serde_json::from_str(FIND_OR_CREATE)?;
+        let file = workflow_files::parse(
+            "salesforce-find-or-create.yaml",
+            FIND_OR_CREATE,
+            workflow_files::Format::Yaml,
+        )
+        .map_err(anyhow::Error::msg)?
+        .file;
         let created = workflows::create(
             &self.pool,
             &NewWorkflow {
                 name: "bench find or create".into(),
                 event: EVENT.into(),
-                provider: Provider::Salesforce,
+                provider: file.provider,
                 action: String::new(),
                 options: json!({}),
                 mapping: json!({}),
-                when: file["when"].as_str().map(str::to_owned),
-                steps: serde_json::from_value(file["steps"].clone())?,
+                when: file.condition,
+                steps: file.steps,
             },
         )
         .await?;
