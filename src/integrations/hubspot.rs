@@ -12,10 +12,11 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use super::batch_api::{BatchKind, RecordAnswer};
 use super::classify;
 use super::{PreparedRequest, RawResponse, StepOutput, encode_segment, join_url};
 use crate::core::connection::Connection;
-use crate::core::failure::{Failure, FailureKind};
+use crate::core::failure::Failure;
 use crate::core::provider::Provider;
 
 const CONTACTS: &str = "crm/v3/objects/contacts";
@@ -69,20 +70,7 @@ pub fn upsert_contact(
     id_property: &str,
     properties: Value,
 ) -> Result<PreparedRequest, Failure> {
-    let id = properties
-        .get(id_property)
-        .and_then(|v| match v {
-            Value::String(text) if !text.is_empty() => Some(text.clone()),
-            Value::Number(number) => Some(number.to_string()),
-            _ => None,
-        })
-        .ok_or_else(|| {
-            Failure::new(
-                FailureKind::Permanent,
-                format!("the mapping gave no value for the id property {id_property}"),
-            )
-            .with_code("MISSING_ID_PROPERTY")
-        })?;
+    let id = id_property_value(&properties, id_property)?;
     let body = json!({
         "inputs": [{ "idProperty": id_property, "id": id, "properties": properties }]
     });
@@ -92,6 +80,76 @@ pub fn upsert_contact(
     )
     .bearer(connection.access_token.as_ref())
     .json(body))
+}
+
+/// The value of an upsert's id property among the mapped properties.
+pub fn id_property_value(properties: &Value, id_property: &str) -> Result<String, Failure> {
+    super::identifying_value(
+        properties,
+        id_property,
+        "id property",
+        "MISSING_ID_PROPERTY",
+    )
+}
+
+/// Each input's answer in a batch answer (`results` and, in a 207, `errors`), matched by
+/// the `objectWriteTraceId` the input carried (its place in the batch). A create's
+/// `CONFLICT` names the existing contact, which the run updates (alone, when it does not).
+pub fn batch_answers(kind: &BatchKind, response: &RawResponse, count: usize) -> Vec<RecordAnswer> {
+    let mut answers = vec![RecordAnswer::Unanswered; count];
+    let body = response.json().unwrap_or(Value::Null);
+    let place = |trace: Option<&Value>| -> Option<usize> {
+        let index: usize = trace?.as_str()?.parse().ok()?;
+        (index < count).then_some(index)
+    };
+    for result in body
+        .get("results")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(index) = place(result.get("objectWriteTraceId")) {
+            answers[index] = RecordAnswer::Done(StepOutput {
+                provider_id: id_of(Some(result)),
+                status: response.status,
+                body: Some(result.clone()),
+            });
+        }
+    }
+    for error in body
+        .get("errors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let category = error.get("category").and_then(Value::as_str);
+        let answer = if *kind == BatchKind::HubspotCreate && category == Some("CONFLICT") {
+            error
+                .get("message")
+                .and_then(Value::as_str)
+                .and_then(existing_id_in)
+                .map_or(RecordAnswer::Alone, RecordAnswer::Exists)
+        } else {
+            let bytes = serde_json::to_vec(error).unwrap_or_default();
+            let status = if category == Some("OBJECT_NOT_FOUND") {
+                404
+            } else {
+                400
+            };
+            let mut failure =
+                classify::response(Provider::Hubspot, status, &response.headers, &bytes);
+            failure.status = Some(response.status);
+            RecordAnswer::Failed(failure)
+        };
+        let traces = error
+            .get("context")
+            .and_then(|c| c.get("objectWriteTraceId"))
+            .and_then(Value::as_array);
+        for index in traces.into_iter().flatten().filter_map(|t| place(Some(t))) {
+            answers[index] = answer.clone();
+        }
+    }
+    answers
 }
 
 /// The search for a contact with the email that `body` (a create's body) gives, created at or
@@ -142,6 +200,11 @@ pub fn existing_contact_id(response: &RawResponse) -> Option<String> {
         return None;
     }
     let message = response.json()?.get("message")?.as_str()?.to_owned();
+    existing_id_in(&message)
+}
+
+/// The id in HubSpot's "Contact already exists. Existing ID: 123".
+fn existing_id_in(message: &str) -> Option<String> {
     let (_, tail) = message.split_once("Existing ID:")?;
     let id: String = tail
         .trim()
@@ -205,15 +268,10 @@ fn id_of(object: Option<&Value>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use reqwest::header::HeaderMap;
+    use crate::core::failure::FailureKind;
 
     fn response(status: u16, body: &str) -> RawResponse {
-        RawResponse {
-            status,
-            headers: HeaderMap::new(),
-            body: Bytes::from(body.to_owned()),
-        }
+        crate::integrations::test_response(status, body)
     }
 
     #[test]

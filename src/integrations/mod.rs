@@ -4,6 +4,7 @@
 //! and its response interpreted by the provider's module. Failures are classified by
 //! [`classify`]; this layer makes one attempt and never retries.
 
+pub mod batch_api;
 pub(crate) mod classify;
 pub mod connect;
 pub(crate) mod http_request;
@@ -679,13 +680,8 @@ impl Integrations {
                 let Some(existing) = hubspot::existing_contact_id(&response) else {
                     return hubspot::interpret_create(&response);
                 };
-                let update = hubspot::update_contact(connection, &existing, request.body);
-                let updated = self.send(&update, Provider::Hubspot, &[]).await?;
-                Ok(StepOutput {
-                    provider_id: Some(existing),
-                    status: updated.status,
-                    body: None,
-                })
+                self.update_existing_contact(connection, existing, request.body)
+                    .await
             }
             Action::HubspotUpsertContact { .. } => {
                 let response = self.send(&request, Provider::Hubspot, &[]).await?;
@@ -707,6 +703,23 @@ impl Integrations {
                 Ok(http_request::interpret(&response))
             }
         }
+    }
+
+    /// What a HubSpot create does when the contact exists: `body` (the create's, with its
+    /// `properties`) sent as an update of `existing`.
+    pub async fn update_existing_contact(
+        &self,
+        connection: &Connection,
+        existing: String,
+        body: Option<Value>,
+    ) -> Result<StepOutput, Failure> {
+        let update = hubspot::update_contact(connection, &existing, body);
+        let updated = self.send(&update, Provider::Hubspot, &[]).await?;
+        Ok(StepOutput {
+            provider_id: Some(existing),
+            status: updated.status,
+            body: None,
+        })
     }
 
     /// Sends a prepared request. A non-2xx answer is classified into a [`Failure`], except
@@ -771,6 +784,39 @@ impl Integrations {
 
     pub(crate) fn max_response_bytes(&self) -> usize {
         self.max_response_bytes
+    }
+}
+
+/// The text of the mapped field that identifies a record (an upsert's id property or
+/// external id): a non-empty string or a number; `Err` names the field and carries `code`.
+pub(crate) fn identifying_value(
+    fields: &Value,
+    field: &str,
+    what: &str,
+    code: &str,
+) -> Result<String, Failure> {
+    fields
+        .get(field)
+        .and_then(|value| match value {
+            Value::String(text) if !text.is_empty() => Some(text.clone()),
+            Value::Number(number) => Some(number.to_string()),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Failure::new(
+                FailureKind::Permanent,
+                format!("the mapping gave no value for the {what} {field}"),
+            )
+            .with_code(code)
+        })
+}
+
+#[cfg(test)]
+pub(crate) fn test_response(status: u16, body: &str) -> RawResponse {
+    RawResponse {
+        status,
+        headers: HeaderMap::new(),
+        body: Bytes::from(body.to_owned()),
     }
 }
 

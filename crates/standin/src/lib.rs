@@ -13,6 +13,13 @@
 //! (ORed; each group's `filters` ANDed) with EQ, NEQ, GT, GTE, LT and LTE, `createdate` in
 //! epoch milliseconds, and `limit`, and answers `{"total", "results": [{"id", "properties"}]}`.
 //!
+//! Batch endpoints: HubSpot's `POST /crm/v3/objects/contacts/batch/{create,update,upsert}`
+//! (at most 100 inputs; inputs with an `objectWriteTraceId` get multi-status answers, `207`
+//! with per-input errors naming the trace id) and Salesforce's sObject Collections
+//! (`POST /services/data/{version}/composite/sobjects`, `PATCH
+//! .../composite/sobjects/{sObject}/{externalIdField}`, at most 200 records, an array of
+//! per-record results, `allOrNone`).
+//!
 //! Salesforce's SOQL endpoint (`GET /services/data/{version}/query?q=`) understands the
 //! subset appevents sends: `SELECT Id FROM {sObject} WHERE {field} = {literal} [AND ...]`,
 //! with string literals in SOQL's escapes, `null`, numbers, booleans, and
@@ -204,9 +211,14 @@ impl Standin {
             .route("/services/data/{version}/query", get(salesforce_query))
             .route("/crm/v3/objects/contacts", post(hubspot_create))
             .route("/crm/v3/objects/contacts/search", post(hubspot_search))
+            .route("/crm/v3/objects/contacts/batch/{verb}", post(hubspot_batch))
             .route(
-                "/crm/v3/objects/contacts/batch/upsert",
-                post(hubspot_upsert),
+                "/services/data/{version}/composite/sobjects",
+                post(salesforce_collection),
+            )
+            .route(
+                "/services/data/{version}/composite/sobjects/{sobject}/{field}",
+                patch(salesforce_collection),
             )
             .route("/crm/v3/objects/contacts/{id}", patch(hubspot_update))
             .route("/oauth/token", post(token))
@@ -953,8 +965,14 @@ async fn hubspot_update(
     inner.log(&method, &uri, response)
 }
 
-async fn hubspot_upsert(
+/// `POST /crm/v3/objects/contacts/batch/{create,update,upsert}`, at most 100 inputs. Inputs
+/// carrying an `objectWriteTraceId` get multi-status answers: each input succeeds or fails
+/// alone, its error naming its trace id under `context.objectWriteTraceId`, and the answer is
+/// 207 when any failed (else 201 for create, 200 otherwise); results echo the trace id.
+/// Without trace ids, one bad input fails the whole batch and nothing is written.
+async fn hubspot_batch(
     State(standin): State<Standin>,
+    Path(verb): Path<String>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -973,44 +991,268 @@ async fn hubspot_upsert(
         .cloned()
         .unwrap_or_default();
     let mut inner = standin.lock();
+    if !["create", "update", "upsert"].contains(&verb.as_str()) {
+        let response = reply(
+            StatusCode::NOT_FOUND,
+            json!({"status": "error", "message": "resource not found", "category": "OBJECT_NOT_FOUND"}),
+        );
+        return inner.log(&method, &uri, response);
+    }
+    if inputs.len() > 100 {
+        let response = reply(
+            StatusCode::BAD_REQUEST,
+            json!({"status": "error", "message": format!("Batch input limit exceeded: {} inputs, at most 100", inputs.len()), "category": "VALIDATION_ERROR"}),
+        );
+        return inner.log(&method, &uri, response);
+    }
+    let traced = inputs.iter().all(|i| i.get("objectWriteTraceId").is_some());
+    if !traced
+        && let Some((status, error)) = inputs
+            .iter()
+            .find_map(|input| inner.batch_refusal(&verb, &account, input))
+    {
+        return inner.log(&method, &uri, reply(status, error));
+    }
     let mut results = Vec::new();
-    for input in inputs {
-        let id_property = input
-            .get("idProperty")
-            .map(text)
-            .unwrap_or_else(|| "email".into());
-        let id_value = input.get("id").map(text).unwrap_or_default();
-        let fields = properties(&input);
-        if let Some(invalid) = invalid_email(&fields) {
-            return inner.log(&method, &uri, invalid);
-        }
-        if let Some(record) = inner.find(&account, "hubspot", "contacts", &id_property, &id_value) {
-            record.fields.extend(fields);
-            record.updates += 1;
-            results.push(contact(record, false));
+    let mut errors = Vec::new();
+    for input in &inputs {
+        let trace = input.get("objectWriteTraceId").cloned();
+        if let Some((_, mut error)) = inner.batch_refusal(&verb, &account, input) {
+            error["context"] = json!({"objectWriteTraceId": [trace]});
+            errors.push(error);
             continue;
         }
-        let id = inner.new_id("");
+        let mut result = inner.batch_write(&verb, &account, input);
+        if let Some(trace) = trace {
+            result["objectWriteTraceId"] = trace;
+        }
+        results.push(result);
+    }
+    let status = if !errors.is_empty() {
+        StatusCode::MULTI_STATUS
+    } else if verb == "create" {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut answer = json!({"status": "COMPLETE", "results": results});
+    if !errors.is_empty() {
+        answer["numErrors"] = json!(errors.len());
+        answer["errors"] = json!(errors);
+    }
+    inner.log(&method, &uri, reply(status, answer))
+}
+
+impl Inner {
+    /// Why HubSpot refuses one batch input, with the status a batch of it alone would get.
+    fn batch_refusal(
+        &mut self,
+        verb: &str,
+        account: &Option<String>,
+        input: &Value,
+    ) -> Option<(StatusCode, Value)> {
+        let fields = properties(input);
+        if let Some(email) = fields.get("email").map(text)
+            && !email.contains('@')
+        {
+            return Some((
+                StatusCode::BAD_REQUEST,
+                json!({"status": "error", "message": format!("Property values were not valid: email {email:?} is not a valid email address"), "category": "VALIDATION_ERROR"}),
+            ));
+        }
+        let id = input.get("id").map(text).unwrap_or_default();
+        match verb {
+            "create" => {
+                let email = fields.get("email").map(text)?;
+                let existing = self.find(account, "hubspot", "contacts", "email", &email)?;
+                Some((
+                    StatusCode::CONFLICT,
+                    json!({"status": "error", "message": format!("Contact already exists. Existing ID: {}", existing.id), "category": "CONFLICT"}),
+                ))
+            }
+            "update" => {
+                let exists = self.records.iter().any(|r| {
+                    r.provider == "hubspot"
+                        && r.object == "contacts"
+                        && r.id == id
+                        && r.account == *account
+                });
+                (!exists).then(|| {
+                    (
+                        StatusCode::NOT_FOUND,
+                        json!({"status": "error", "message": format!("Object {id} not found"), "category": "OBJECT_NOT_FOUND"}),
+                    )
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes one accepted batch input and returns its result.
+    fn batch_write(&mut self, verb: &str, account: &Option<String>, input: &Value) -> Value {
+        let fields = properties(input);
+        let id = input.get("id").map(text).unwrap_or_default();
+        let id_property = match verb {
+            "update" => "hs_object_id".to_owned(),
+            _ => input
+                .get("idProperty")
+                .map(text)
+                .unwrap_or_else(|| "email".into()),
+        };
+        if verb != "create" {
+            let found = if verb == "update" {
+                self.records.iter_mut().find(|r| {
+                    r.provider == "hubspot"
+                        && r.object == "contacts"
+                        && r.id == id
+                        && r.account == *account
+                })
+            } else {
+                self.find(account, "hubspot", "contacts", &id_property, &id)
+            };
+            if let Some(record) = found {
+                record.fields.extend(fields);
+                record.updates += 1;
+                return contact(record, false);
+            }
+        }
         let mut fields = fields;
-        fields.insert(id_property, Value::String(id_value));
+        if verb == "upsert" {
+            fields.insert(id_property, Value::String(id));
+        }
         let record = Record {
             provider: "hubspot".into(),
             object: "contacts".into(),
-            id,
+            id: self.new_id(""),
             fields,
             creates: 1,
             updates: 0,
             account: account.clone(),
             created: 0,
         };
-        results.push(contact(&record, true));
-        inner.keep(record);
+        let result = contact(&record, true);
+        self.keep(record);
+        result
     }
-    let response = reply(
-        StatusCode::OK,
-        json!({"status": "COMPLETE", "results": results}),
-    );
-    inner.log(&method, &uri, response)
+}
+
+/// sObject Collections: `POST /services/data/{v}/composite/sobjects` creates, `PATCH
+/// .../composite/sobjects/{sObject}/{externalIdField}` upserts, at most 200 records, each
+/// with `attributes.type`. The answer is an array in the order of the records:
+/// `{"id", "success", "errors": [{"statusCode", "message", "fields"}]}` (`created` for an
+/// upsert). With `allOrNone: false` each record stands alone; with `true` one failure
+/// writes nothing.
+async fn salesforce_collection(
+    State(standin): State<Standin>,
+    Path(params): Path<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(answer) = standin
+        .gate(Provider::Salesforce, &method, &uri, &headers)
+        .await
+    {
+        return answer;
+    }
+    let account = standin.account_of(&headers);
+    let records = body
+        .get("records")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let all_or_none = body.get("allOrNone").and_then(Value::as_bool) == Some(true);
+    let external_id = params.get("field").cloned();
+    let mut inner = standin.lock();
+    if records.len() > 200 {
+        let response = reply(
+            StatusCode::BAD_REQUEST,
+            json!([{"message": "Maximum number of records is 200", "errorCode": "EXCEEDED_ID_LIMIT"}]),
+        );
+        return inner.log(&method, &uri, response);
+    }
+    let refusals: Vec<Option<Value>> = records
+        .iter()
+        .map(|record| collection_refusal(record, external_id.as_deref()))
+        .collect();
+    if all_or_none && refusals.iter().any(Option::is_some) {
+        let answers: Vec<Value> = refusals
+            .into_iter()
+            .map(|refusal| {
+                let error = refusal.unwrap_or_else(|| json!({"statusCode": "ALL_OR_NONE_OPERATION_ROLLED_BACK", "message": "Record rolled back because not all records were valid and the request was using AllOrNone header", "fields": []}));
+                json!({"success": false, "errors": [error]})
+            })
+            .collect();
+        return inner.log(&method, &uri, reply(StatusCode::OK, json!(answers)));
+    }
+    let mut answers = Vec::new();
+    for (record, refusal) in records.into_iter().zip(refusals) {
+        if let Some(error) = refusal {
+            answers.push(json!({"success": false, "errors": [error]}));
+            continue;
+        }
+        let sobject = record["attributes"]["type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let mut fields = object_body(&record);
+        fields.remove("attributes");
+        if let Some(field) = &external_id {
+            let value = fields.get(field).map(text).unwrap_or_default();
+            if let Some(existing) = inner.find(&account, "salesforce", &sobject, field, &value) {
+                existing.fields.extend(fields);
+                existing.updates += 1;
+                answers.push(
+                    json!({"id": existing.id, "success": true, "errors": [], "created": false}),
+                );
+                continue;
+            }
+        }
+        let id = inner.new_id("003");
+        inner.keep(Record {
+            provider: "salesforce".into(),
+            object: sobject,
+            id: id.clone(),
+            fields,
+            creates: 1,
+            updates: 0,
+            account: account.clone(),
+            created: 0,
+        });
+        let mut answer = json!({"id": id, "success": true, "errors": []});
+        if external_id.is_some() {
+            answer["created"] = json!(true);
+        }
+        answers.push(answer);
+    }
+    inner.log(&method, &uri, reply(StatusCode::OK, json!(answers)))
+}
+
+/// Why Salesforce refuses one record of a collection.
+fn collection_refusal(record: &Value, external_id: Option<&str>) -> Option<Value> {
+    let Some(sobject) = record
+        .get("attributes")
+        .and_then(|a| a.get("type"))
+        .and_then(Value::as_str)
+    else {
+        return Some(
+            json!({"statusCode": "INVALID_TYPE", "message": "Each record must have attributes.type", "fields": []}),
+        );
+    };
+    if let Some(field) = external_id
+        && record.get(field).is_none_or(Value::is_null)
+    {
+        return Some(
+            json!({"statusCode": "MISSING_ARGUMENT", "message": format!("{field} not specified"), "fields": [field]}),
+        );
+    }
+    if sobject == "Contact" && record.get("LastName").is_none_or(Value::is_null) {
+        return Some(
+            json!({"statusCode": "REQUIRED_FIELD_MISSING", "message": "Required fields are missing: [LastName]", "fields": ["LastName"]}),
+        );
+    }
+    None
 }
 
 async fn token(

@@ -1,0 +1,426 @@
+//! The providers' batch endpoints: several runs' records in one call, and each record's
+//! answer read back for its own run.
+//!
+//! - HubSpot: `POST /crm/v3/objects/contacts/batch/{create,update,upsert}`, at most 100
+//!   inputs. Each input carries an `objectWriteTraceId` (its place in the batch), which turns
+//!   on multi-status answers: `201`/`200` when every input succeeded, `207` with `errors`,
+//!   each naming its inputs' trace ids under `context.objectWriteTraceId`. Results are
+//!   matched by that id, never by position.
+//! - Salesforce sObject Collections: `POST .../composite/sobjects` (create) and
+//!   `PATCH .../composite/sobjects/{sObject}/{externalIdField}` (upsert), at most 200
+//!   records, `allOrNone: false`. The answer is an array in the order of the records, each
+//!   `{"id", "success", "errors": [{"statusCode", "message", "fields"}]}`.
+//!
+//! What a record's answer can be is [`RecordAnswer`]; a record the answer says nothing of is
+//! [`RecordAnswer::Unanswered`], never a success.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{
+    Action, PreparedRequest, RawResponse, StepOutput, classify, hubspot, join_url, rendered_id,
+    salesforce,
+};
+use crate::config::SalesforceSettings;
+use crate::core::connection::Connection;
+use crate::core::failure::{Failure, FailureKind};
+use crate::core::mapping::Scope;
+use crate::core::provider::Provider;
+
+/// Most HubSpot inputs in one batch call.
+pub const HUBSPOT_MAX: usize = 100;
+/// Most Salesforce records in one sObject Collections call.
+pub const SALESFORCE_MAX: usize = 200;
+
+/// An action whose records can share one call: runs of it on the same connection are
+/// batched together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BatchKind {
+    HubspotCreate,
+    HubspotUpdate,
+    HubspotUpsert {
+        id_property: String,
+    },
+    SalesforceCreate {
+        sobject: String,
+    },
+    SalesforceUpsert {
+        sobject: String,
+        external_id_field: String,
+    },
+}
+
+/// The batchable actions, as `provider action`: what `batching.off` may name.
+pub const BATCHABLE: &[&str] = &[
+    "hubspot create-contact",
+    "hubspot update-contact",
+    "hubspot upsert-contact",
+    "salesforce create",
+    "salesforce upsert",
+];
+
+impl BatchKind {
+    /// The batch kind of an action, `None` for one that has no batch endpoint.
+    pub fn of(action: &Action) -> Option<BatchKind> {
+        match action {
+            Action::HubspotCreateContact => Some(BatchKind::HubspotCreate),
+            Action::HubspotUpdateContact { .. } => Some(BatchKind::HubspotUpdate),
+            Action::HubspotUpsertContact { id_property } => Some(BatchKind::HubspotUpsert {
+                id_property: id_property.clone(),
+            }),
+            Action::SalesforceCreate { sobject, .. } => Some(BatchKind::SalesforceCreate {
+                sobject: sobject.clone(),
+            }),
+            Action::SalesforceUpsert {
+                sobject,
+                external_id_field,
+            } => Some(BatchKind::SalesforceUpsert {
+                sobject: sobject.clone(),
+                external_id_field: external_id_field.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// `provider action`, as in [`BATCHABLE`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            BatchKind::HubspotCreate => "hubspot create-contact",
+            BatchKind::HubspotUpdate => "hubspot update-contact",
+            BatchKind::HubspotUpsert { .. } => "hubspot upsert-contact",
+            BatchKind::SalesforceCreate { .. } => "salesforce create",
+            BatchKind::SalesforceUpsert { .. } => "salesforce upsert",
+        }
+    }
+
+    pub fn provider(&self) -> Provider {
+        match self {
+            BatchKind::HubspotCreate
+            | BatchKind::HubspotUpdate
+            | BatchKind::HubspotUpsert { .. } => Provider::Hubspot,
+            BatchKind::SalesforceCreate { .. } | BatchKind::SalesforceUpsert { .. } => {
+                Provider::Salesforce
+            }
+        }
+    }
+
+    /// Most records the provider takes in one call.
+    pub fn max_records(&self) -> usize {
+        match self.provider() {
+            Provider::Salesforce => SALESFORCE_MAX,
+            _ => HUBSPOT_MAX,
+        }
+    }
+
+    /// Whether sending a record again after an attempt that may have reached the provider
+    /// has the effect of sending it once. Creates are not: after an earlier attempt they run
+    /// alone, through the single call's lookup of what that attempt made.
+    pub fn repeats_safely(&self) -> bool {
+        !matches!(
+            self,
+            BatchKind::HubspotCreate | BatchKind::SalesforceCreate { .. }
+        )
+    }
+}
+
+/// One run's record, checked and rendered as its batch input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRecord {
+    /// The mapped fields (HubSpot: the properties).
+    pub fields: Value,
+    /// HubSpot update: the contact's id; upsert: the id property's value.
+    pub id: Option<String>,
+}
+
+/// Renders a run's record for a batch, refusing what the single call would refuse before
+/// sending (a missing id, id property or external id) with the same failure.
+pub fn record(
+    action: &Action,
+    kind: &BatchKind,
+    fields: Value,
+    scope: &Scope<'_>,
+) -> Result<BatchRecord, Failure> {
+    let id = match (kind, action) {
+        (BatchKind::HubspotUpdate, Action::HubspotUpdateContact { id }) => {
+            Some(rendered_id(id, scope, "id")?)
+        }
+        (BatchKind::HubspotUpsert { id_property }, _) => {
+            Some(hubspot::id_property_value(&fields, id_property)?)
+        }
+        (
+            BatchKind::SalesforceUpsert {
+                external_id_field, ..
+            },
+            _,
+        ) => {
+            salesforce::external_id_value(&fields, external_id_field)?;
+            None
+        }
+        _ => None,
+    };
+    Ok(BatchRecord { fields, id })
+}
+
+/// The call that sends `records` in one batch.
+pub fn request(
+    settings: &SalesforceSettings,
+    kind: &BatchKind,
+    connection: &Connection,
+    records: &[&BatchRecord],
+) -> PreparedRequest {
+    let hubspot_call = |verb: &str, inputs: Vec<Value>| {
+        PreparedRequest::new(
+            Method::POST,
+            join_url(
+                &connection.base_url,
+                &format!("crm/v3/objects/contacts/batch/{verb}"),
+            ),
+        )
+        .bearer(connection.access_token.as_ref())
+        .json(json!({ "inputs": inputs }))
+    };
+    let traced = |index: usize, mut input: Value| {
+        input["objectWriteTraceId"] = json!(index.to_string());
+        input
+    };
+    match kind {
+        BatchKind::HubspotCreate => hubspot_call(
+            "create",
+            records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| traced(i, json!({ "properties": r.fields })))
+                .collect(),
+        ),
+        BatchKind::HubspotUpdate => hubspot_call(
+            "update",
+            records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| traced(i, json!({ "id": r.id, "properties": r.fields })))
+                .collect(),
+        ),
+        BatchKind::HubspotUpsert { id_property } => hubspot_call(
+            "upsert",
+            records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    traced(
+                        i,
+                        json!({ "idProperty": id_property, "id": r.id, "properties": r.fields }),
+                    )
+                })
+                .collect(),
+        ),
+        BatchKind::SalesforceCreate { sobject } => {
+            salesforce::collection(settings, connection, sobject, None, records)
+        }
+        BatchKind::SalesforceUpsert {
+            sobject,
+            external_id_field,
+        } => salesforce::collection(
+            settings,
+            connection,
+            sobject,
+            Some(external_id_field),
+            records,
+        ),
+    }
+}
+
+/// What became of one record of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordAnswer {
+    Done(StepOutput),
+    Failed(Failure),
+    /// The batch cannot tell this record's fate in a way the single call handles better
+    /// (a conflict the single create turns into an update, a refusal of the whole batch):
+    /// the run sends its record alone.
+    Alone,
+    /// A HubSpot create found the contact existing, with this id: the run updates it, as a
+    /// single create does after its `409`.
+    Exists(String),
+    /// The answer says nothing of this record: it is not known to have been written, and
+    /// is tried again, never taken as a success.
+    Unanswered,
+}
+
+/// Each record's answer, in the order of the records; `Err` when the whole batch failed in
+/// a way every record shares (a 429, a 5xx, expired credentials): each run handles it as
+/// its own call's failure.
+pub fn answers(
+    kind: &BatchKind,
+    response: &RawResponse,
+    count: usize,
+) -> Result<Vec<RecordAnswer>, Failure> {
+    let provider = kind.provider();
+    let multi_status = provider == Provider::Hubspot && response.status == 207;
+    if !response.is_success() || (multi_status && response.json().is_none()) {
+        let failure =
+            classify::response(provider, response.status, &response.headers, &response.body);
+        if failure.kind == FailureKind::Permanent {
+            // A refusal of the whole batch (a malformed input, a duplicate within it): each
+            // record's own call says which run it belongs to.
+            tracing::info!(status = response.status, error = %failure.message, "the provider refused the batch as a whole; its records are sent one by one");
+            return Ok(vec![RecordAnswer::Alone; count]);
+        }
+        return Err(failure);
+    }
+    Ok(match provider {
+        Provider::Salesforce => salesforce::collection_answers(response, count),
+        _ => hubspot::batch_answers(kind, response, count),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, body: Value) -> RawResponse {
+        crate::integrations::test_response(status, &body.to_string())
+    }
+
+    #[test]
+    fn hubspot_answers_are_matched_by_trace_id_not_position() {
+        let answer = response(
+            207,
+            json!({
+                "status": "COMPLETE",
+                "results": [
+                    {"id": "12", "properties": {}, "objectWriteTraceId": "2"},
+                    {"id": "10", "properties": {}, "objectWriteTraceId": "0"},
+                ],
+                "numErrors": 2,
+                "errors": [
+                    {"status": "error", "category": "VALIDATION_ERROR", "message": "Property values were not valid",
+                     "context": {"objectWriteTraceId": ["1"]}},
+                    {"status": "error", "category": "CONFLICT", "message": "Contact already exists. Existing ID: 7",
+                     "context": {"objectWriteTraceId": ["3"]}},
+                ],
+            }),
+        );
+
+        let answers = answers(&BatchKind::HubspotCreate, &answer, 5).expect("per record");
+
+        let id = |a: &RecordAnswer| match a {
+            RecordAnswer::Done(output) => output.provider_id.clone(),
+            _ => None,
+        };
+        assert_eq!(id(&answers[0]).as_deref(), Some("10"));
+        assert_eq!(id(&answers[2]).as_deref(), Some("12"));
+        assert!(
+            matches!(&answers[1], RecordAnswer::Failed(f) if f.kind == FailureKind::Permanent && f.code.as_deref() == Some("VALIDATION_ERROR"))
+        );
+        assert_eq!(
+            answers[3],
+            RecordAnswer::Exists("7".into()),
+            "a conflict names the contact to update"
+        );
+        assert_eq!(answers[4], RecordAnswer::Unanswered, "never a success");
+    }
+
+    #[test]
+    fn salesforce_answers_are_by_position_and_a_short_answer_leaves_the_rest_unanswered() {
+        let answer = response(
+            200,
+            json!([
+                {"id": "003A", "success": true, "errors": []},
+                {"success": false, "errors": [{"statusCode": "REQUIRED_FIELD_MISSING", "message": "Required fields are missing: [LastName]", "fields": ["LastName"]}]},
+                {"success": false, "errors": [{"statusCode": "UNABLE_TO_LOCK_ROW", "message": "unable to obtain exclusive access", "fields": []}]},
+            ]),
+        );
+        let kind = BatchKind::SalesforceCreate {
+            sobject: "Contact".into(),
+        };
+
+        let answers = answers(&kind, &answer, 4).expect("per record");
+
+        assert!(
+            matches!(&answers[0], RecordAnswer::Done(o) if o.provider_id.as_deref() == Some("003A"))
+        );
+        assert!(
+            matches!(&answers[1], RecordAnswer::Failed(f) if f.kind == FailureKind::Permanent && f.message.contains("LastName"))
+        );
+        assert!(matches!(&answers[2], RecordAnswer::Failed(f) if f.kind == FailureKind::Transient));
+        assert_eq!(answers[3], RecordAnswer::Unanswered);
+    }
+
+    #[test]
+    fn a_whole_batch_s_failure_is_each_run_s_or_sends_them_alone() {
+        let kind = BatchKind::HubspotUpsert {
+            id_property: "email".into(),
+        };
+        let limited = response(
+            429,
+            json!({"status": "error", "category": "RATE_LIMITS", "errorType": "RATE_LIMIT", "message": "slow down"}),
+        );
+        assert_eq!(
+            answers(&kind, &limited, 3).expect_err("shared").kind,
+            FailureKind::RateLimited
+        );
+        let down = response(503, json!({"status": "error", "message": "down"}));
+        assert_eq!(
+            answers(&kind, &down, 3).expect_err("shared").kind,
+            FailureKind::Transient
+        );
+        let refused = response(
+            400,
+            json!({"status": "error", "category": "VALIDATION_ERROR", "message": "Duplicate IDs found in batch input"}),
+        );
+        assert_eq!(
+            answers(&kind, &refused, 2).expect("each alone"),
+            vec![RecordAnswer::Alone, RecordAnswer::Alone]
+        );
+    }
+
+    #[test]
+    fn each_provider_s_batch_request_has_its_shape() {
+        let hubspot =
+            Connection::without_credentials("u", Provider::Hubspot, "https://api.example");
+        let records = [
+            BatchRecord {
+                fields: json!({"email": "a@example.com"}),
+                id: Some("a@example.com".into()),
+            },
+            BatchRecord {
+                fields: json!({"email": "b@example.com"}),
+                id: Some("b@example.com".into()),
+            },
+        ];
+        let refs: Vec<&BatchRecord> = records.iter().collect();
+        let settings = SalesforceSettings {
+            api_version: "v62.0".into(),
+        };
+        let kind = BatchKind::HubspotUpsert {
+            id_property: "email".into(),
+        };
+        let upsert = request(&settings, &kind, &hubspot, &refs);
+        assert_eq!(
+            upsert.url,
+            "https://api.example/crm/v3/objects/contacts/batch/upsert"
+        );
+        assert_eq!(
+            upsert.body.expect("body")["inputs"][1],
+            json!({"idProperty": "email", "id": "b@example.com", "properties": {"email": "b@example.com"}, "objectWriteTraceId": "1"})
+        );
+        let salesforce =
+            Connection::without_credentials("u", Provider::Salesforce, "https://org.example");
+        let kind = BatchKind::SalesforceUpsert {
+            sobject: "Contact".into(),
+            external_id_field: "Email".into(),
+        };
+        let collection = request(&settings, &kind, &salesforce, &refs);
+        assert_eq!(collection.method, Method::PATCH);
+        assert_eq!(
+            collection.url,
+            "https://org.example/services/data/v62.0/composite/sobjects/Contact/Email"
+        );
+        let body = collection.body.expect("body");
+        assert_eq!(body["allOrNone"], json!(false));
+        assert_eq!(
+            body["records"][0],
+            json!({"attributes": {"type": "Contact"}, "email": "a@example.com"})
+        );
+    }
+}
