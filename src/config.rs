@@ -32,6 +32,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub salesforce: SalesforceSettings,
     pub rate_limits: RateLimitSettings,
+    pub batching: BatchingSettings,
     pub server: ServerSettings,
     pub secrets: SecretSettings,
     pub user_tokens: UserTokenSettings,
@@ -185,6 +186,46 @@ impl RateLimitSettings {
                 "rate_limits.refresh and rate_limits.salesforce_defer_for must be longer than zero"
                     .into(),
             );
+        }
+        Ok(())
+    }
+}
+
+/// Runs of one action on one connection sent together through the provider's batch
+/// endpoint (`pipeline::provider_batch`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchingSettings {
+    pub enabled: bool,
+    /// The longest a run waits for others to share its call.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Batchable actions sent one record per call all the same, as `provider action`.
+    pub off: Vec<String>,
+}
+
+impl BatchingSettings {
+    /// Whether runs of the action named `provider action` are batched.
+    pub fn batches(&self, name: &str) -> bool {
+        self.enabled && !self.off.iter().any(|off| off == name)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.window.is_zero() || self.window > Duration::from_secs(1) {
+            return Err(format!(
+                "batching.window must be longer than zero and at most 1s, not {:?}",
+                self.window
+            ));
+        }
+        let batchable = crate::integrations::batch_api::BATCHABLE;
+        if let Some(unknown) = self
+            .off
+            .iter()
+            .find(|name| !batchable.contains(&name.as_str()))
+        {
+            return Err(format!(
+                "batching.off: {unknown:?} is not a batchable action; expected one of {}",
+                batchable.join(", ")
+            ));
         }
         Ok(())
     }
@@ -435,6 +476,9 @@ impl Settings {
         self.validate_retention()
             .map_err(config::ConfigError::Message)?;
         self.rate_limits
+            .validate()
+            .map_err(config::ConfigError::Message)?;
+        self.batching
             .validate()
             .map_err(config::ConfigError::Message)?;
         self.validate_portal()
@@ -815,6 +859,40 @@ mod tests {
             assert!(err.contains(key) && err.contains(says), "{toml}: {err}");
         }
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn bad_batching_is_refused_at_startup_naming_the_key() {
+        let dir = std::env::temp_dir().join(format!("appevents-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (toml, says) in [
+            (
+                "window = \"0ms\"",
+                "batching.window must be longer than zero",
+            ),
+            ("window = \"5s\"", "at most 1s"),
+            (
+                "off = [\"hubspot associate\"]",
+                "batching.off: \"hubspot associate\" is not a batchable action",
+            ),
+        ] {
+            let file = dir.join("bad.toml");
+            std::fs::write(&file, format!("[batching]\n{toml}\n")).expect("write");
+            let sources = Sources {
+                file: Some(file),
+                ..Sources::default()
+            };
+            let err = Settings::load(&sources).expect_err(toml).to_string();
+            assert!(err.contains(says), "{toml}: {err}");
+        }
+        std::fs::remove_dir_all(dir).ok();
+        let settings = Settings::defaults().expect("defaults");
+        assert!(settings.batching.batches("hubspot upsert-contact"));
+        let off = BatchingSettings {
+            off: vec!["salesforce create".into()],
+            ..settings.batching.clone()
+        };
+        assert!(!off.batches("salesforce create") && off.batches("salesforce upsert"));
     }
 
     #[test]

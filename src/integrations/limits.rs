@@ -42,6 +42,9 @@ impl ApiUsage {
 #[derive(Debug, Default)]
 pub struct Observer {
     requests: AtomicU32,
+    /// Calls of the account's budget the step took itself (a batch's call), beyond its
+    /// ticket's.
+    prepaid: AtomicU32,
     hubspot: Mutex<Option<HubspotLimit>>,
     salesforce: Mutex<Option<ApiUsage>>,
 }
@@ -50,6 +53,10 @@ impl Observer {
     /// Requests that got an answer.
     pub fn requests(&self) -> u32 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn prepaid(&self) -> u32 {
+        self.prepaid.load(Ordering::Relaxed)
     }
 
     pub fn hubspot(&self) -> Option<HubspotLimit> {
@@ -68,6 +75,13 @@ tokio::task_local! {
 /// Runs `step` with its responses recorded in `observer`.
 pub async fn observe<F: Future>(observer: Arc<Observer>, step: F) -> F::Output {
     OBSERVER.scope(observer, step).await
+}
+
+/// Notes, in the observer of the step under way, a call of budget the step took itself.
+pub(crate) fn prepaid_call() {
+    let _outside_a_step = OBSERVER.try_with(|observer| {
+        observer.prepaid.fetch_add(1, Ordering::Relaxed);
+    });
 }
 
 /// Records one response's headers in the observer of the step under way, if any.

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub history_pruned_partitions: Counter,
     /// Provider requests answered, by provider: with `events`, the calls per event.
     pub provider_calls: Family<Labels, Counter>,
+    /// Records per call of a provider's batch endpoint, by action (`hubspot upsert-contact`).
+    pub batch_records: Family<Labels, Histogram>,
     /// Seconds a run waited in process for its account's budget, by provider.
     pub throttle_waits: Family<Labels, Histogram>,
     /// Runs appevents deferred through the broker to respect an account's limit, by provider
@@ -60,6 +62,10 @@ fn step_histogram() -> Histogram {
     Histogram::new([
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ])
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 150.0, 200.0])
 }
 
 impl Default for Metrics {
@@ -158,6 +164,13 @@ impl Metrics {
             "Provider requests answered, by provider",
             provider_calls.clone(),
         );
+        let batch_records =
+            Family::<Labels, Histogram>::new_with_constructor(batch_histogram as fn() -> Histogram);
+        registry.register(
+            "batch_records",
+            "Records per call of a provider's batch endpoint, by action",
+            batch_records.clone(),
+        );
         let throttle_waits =
             Family::<Labels, Histogram>::new_with_constructor(step_histogram as fn() -> Histogram);
         registry.register(
@@ -185,6 +198,7 @@ impl Metrics {
         );
         Metrics {
             provider_calls,
+            batch_records: Family::clone(&batch_records),
             throttle_waits: Family::clone(&throttle_waits),
             throttled,
             budget_remaining,

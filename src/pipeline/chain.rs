@@ -224,6 +224,8 @@ impl Context {
             calls: &calls,
             claimed_before: attempt.claimed_before,
             since: attempt.since,
+            rides: false,
+            paid: attempt.paid,
         };
         let result = self
             .run_action(

@@ -14,6 +14,7 @@ use crate::observe::health::Health;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::batch::Batcher;
 use crate::pipeline::liveness::Liveness;
+use crate::pipeline::provider_batch::Batches;
 use crate::pipeline::refresh::Refresher;
 use crate::pipeline::resolve::Resolver;
 use crate::pipeline::retry::RetryPolicy;
@@ -42,6 +43,8 @@ pub struct Context {
     pub policy: RetryPolicy,
     /// Per-account rate limits and the per-connection in-flight cap.
     pub(crate) throttle: Throttle,
+    /// Runs gathered into the providers' batch calls.
+    pub(crate) batches: Batches,
     pub topology: Topology,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -98,6 +101,7 @@ impl Context {
             .map_err(anyhow::Error::msg)?;
         Ok(Context {
             throttle,
+            batches: Batches::new(&settings.batching),
             claims,
             records,
             resolver: Arc::new(Resolver::new(pool.clone(), keyring.clone())),

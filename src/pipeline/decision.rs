@@ -38,6 +38,14 @@ pub enum Decision {
         failure: Failure,
         delay: Duration,
     },
+    /// Its batch found no budget for its call: sent through the held queue to come back
+    /// after `delay`, using none of its retries; its claim is given up meanwhile.
+    Throttled {
+        claim: RunClaim,
+        calls: u32,
+        failure: Failure,
+        delay: Duration,
+    },
     /// Dead-lettered.
     Dead {
         claim: RunClaim,
@@ -108,6 +116,14 @@ pub fn after_run(
         }
         Err(failure) => failure,
     };
+    if let Some(delay) = crate::pipeline::provider_batch::throttled_delay(&failure) {
+        return Decision::Throttled {
+            claim,
+            calls,
+            failure,
+            delay,
+        };
+    }
     match policy.next(&failure, retries_done) {
         Next::Retry { delay } => Decision::Retry {
             claim,
@@ -151,6 +167,12 @@ impl Decision {
                 None,
             ),
             Decision::Retry {
+                claim,
+                calls,
+                failure,
+                delay,
+            }
+            | Decision::Throttled {
                 claim,
                 calls,
                 failure,
@@ -211,7 +233,7 @@ impl Tally {
     pub fn count(&mut self, decision: &Decision) {
         let counter = match decision {
             Decision::Skipped => &mut self.skipped,
-            Decision::Deferred { .. } => &mut self.deferred,
+            Decision::Deferred { .. } | Decision::Throttled { .. } => &mut self.deferred,
             Decision::Succeeded { .. } => &mut self.succeeded,
             Decision::Retry { .. } => &mut self.retrying,
             Decision::Dead { .. } => &mut self.dead,

@@ -6,7 +6,8 @@
 //!
 //! Lowest first: `batch`, `runs`, `liveness` (keeps a worker's claims), `resolve`, `retry`, `refresh`; `decision` (pure); the
 //! shared `context`; `step` (executing a claimed run), with `chain` running a workflow of
-//! several steps and `run_steps` recording each; `settle`; the unit of work `work`;
+//! several steps and `run_steps` recording each, and `provider_batch` gathering one-step runs into the
+//! providers' batch calls; `settle`; the unit of work `work`;
 //! `consume`. `dry_run` shows a workflow's request without any of it.
 
 pub(crate) mod batch;
@@ -17,6 +18,7 @@ pub(crate) mod decision;
 pub(crate) mod dry_run;
 pub mod liveness;
 pub mod overview;
+pub(crate) mod provider_batch;
 pub(crate) mod refresh;
 pub mod replay;
 pub(crate) mod resolve;

@@ -111,6 +111,10 @@ impl RetryPolicy {
     /// The wait before the next in-process try, or `None` to stop trying in process.
     /// `exponential` is the backoff's current ceiling; full jitter picks uniformly below it.
     pub fn in_process_delay(&self, failure: &Failure, exponential: Duration) -> Option<Duration> {
+        if crate::pipeline::provider_batch::throttled_delay(failure).is_some() {
+            // Throttled by appevents itself: the run goes to the held queue, not round again.
+            return None;
+        }
         match failure.kind {
             FailureKind::Transient => match failure.retry_after {
                 Some(wait) if wait > self.max_in_process_wait => None,

@@ -90,6 +90,12 @@ impl Session {
                 self.record(decision, run, now, abort).await?;
                 count_run("succeeded");
             }
+            Decision::Throttled { delay, .. } => {
+                tracing::info!(wait = ?delay, "run deferred: its batch found the account's budget spent");
+                self.publish_held(message, target, *delay, abort).await?;
+                self.record(decision, run, now, abort).await?;
+                count_run("deferred");
+            }
             Decision::Retry { failure, delay, .. } => {
                 tracing::warn!(error = %failure, retry_in = ?delay, "run failed; retrying later");
                 let retries_done = message.retries_done + 1;

@@ -14,9 +14,11 @@ use crate::core::event::Event;
 use crate::core::failure::{Failure, FailureKind};
 use crate::core::mapping::Scope;
 use crate::core::provider::Provider;
+use crate::integrations::batch_api::{self, BatchKind, RecordAnswer};
 use crate::integrations::{Action, Earlier, StepOutput};
 use crate::observe::metrics::label;
 use crate::pipeline::context::Context;
+use crate::pipeline::provider_batch::{self, Ridden};
 use crate::pipeline::resolve::Target;
 use crate::pipeline::runs::RunClaim;
 
@@ -27,11 +29,13 @@ const CLOCK_SKEW: Duration = Duration::from_secs(60);
 impl Context {
     /// Runs the target's step for the event. Returns its result and the provider calls
     /// made, within `worker.run_timeout`.
+    /// `paid`: the run's ticket took a call of its account's budget.
     pub(crate) async fn run_step(
         &self,
         target: &Target,
         event: &Event,
         claim: &RunClaim,
+        paid: bool,
     ) -> (Result<StepOutput, Failure>, u32) {
         let calls = AtomicU32::new(0);
         let run_timeout = self.run_timeout;
@@ -39,6 +43,8 @@ impl Context {
             calls: &calls,
             claimed_before: claim.claims_before > 0,
             since: claim.first_claimed_at - CLOCK_SKEW,
+            rides: self.rides(target),
+            paid,
         };
         let result =
             tokio::time::timeout(run_timeout, self.execute(target, event, &attempt, claim))
@@ -51,6 +57,18 @@ impl Context {
                     .with_code("TIMEOUT"))
                 });
         (result, calls.load(Ordering::Relaxed))
+    }
+
+    /// Whether the target's runs go out in batches: a workflow of one step whose action has
+    /// a batch endpoint that `batching` leaves on.
+    pub(crate) fn rides(&self, target: &Target) -> bool {
+        let Ok(workflow) = &target.workflow else {
+            return false;
+        };
+        workflow
+            .one_step()
+            .and_then(|step| BatchKind::of(&step.action))
+            .is_some_and(|kind| self.batches.batches(&kind))
     }
 
     async fn execute(
@@ -165,6 +183,30 @@ impl Context {
     ) -> Result<StepOutput, Failure> {
         let earlier = attempt.earlier();
         attempt.calls.fetch_add(1, Ordering::Relaxed);
+        if attempt.rides
+            && let Some(kind) = BatchKind::of(action)
+            && (earlier.is_none() || kind.repeats_safely())
+        {
+            let record = batch_api::record(action, &kind, body.clone(), scope)?;
+            match self.ride(kind, connection, record, attempt.paid).await {
+                Ridden::Answer(RecordAnswer::Done(output)) => return Ok(output),
+                Ridden::Answer(RecordAnswer::Failed(failure)) | Ridden::Failed(failure) => {
+                    return Err(failure);
+                }
+                Ridden::Answer(RecordAnswer::Exists(existing)) => {
+                    let body = serde_json::json!({ "properties": body });
+                    return self
+                        .integrations
+                        .update_existing_contact(connection, existing, Some(body))
+                        .await;
+                }
+                Ridden::Answer(RecordAnswer::Unanswered) => {
+                    return Err(provider_batch::unanswered());
+                }
+                // Sent alone below: the batch wrote nothing of this record.
+                Ridden::Answer(RecordAnswer::Alone) => {}
+            }
+        }
         let started = Instant::now();
         let result = self
             .integrations
@@ -190,6 +232,10 @@ pub(super) struct Attempt<'a> {
     /// The run was claimed before this claim.
     pub(super) claimed_before: bool,
     pub(super) since: time::OffsetDateTime,
+    /// The run's record goes out in a batch with others' (`provider_batch`).
+    pub(super) rides: bool,
+    /// The run's ticket took a call of its account's budget.
+    pub(super) paid: bool,
 }
 
 impl Attempt<'_> {

@@ -41,10 +41,20 @@ pub enum Admission {
     Defer { delay: Duration },
 }
 
-/// A run's place among its connection's calls: one call of budget and an in-flight slot.
+/// A run's place among its connection's calls: one call of budget and an in-flight slot,
+/// or neither for a run that rides in a batch whose call takes them.
 pub struct Ticket {
     account: Option<Arc<Account>>,
     _slot: Option<OwnedSemaphorePermit>,
+    /// Calls of budget taken for the run.
+    paid: u32,
+}
+
+impl Ticket {
+    /// Whether the ticket took a call of the account's budget.
+    pub fn paid(&self) -> bool {
+        self.paid > 0
+    }
 }
 
 /// What a worker knows of one connection's limits.
@@ -134,13 +144,17 @@ impl Throttle {
     }
 
     /// Decides whether the target's run may call its provider now, waiting at most
-    /// `rate_limits.max_wait`.
-    pub async fn admit(&self, target: &Target) -> Admission {
+    /// `rate_limits.max_wait`. A run that `rides` in a batch takes neither budget nor slot
+    /// while its account has budget: its batch's call takes them ([`Throttle::take_call`]).
+    /// While the account is throttled it is admitted as any run, so its backlog cannot hold
+    /// the worker's slots.
+    pub async fn admit(&self, target: &Target, rides: bool) -> Admission {
         let Ok(connection) = &target.connection else {
             // The step fails without calling anyone.
             return Admission::Go(Ticket {
                 account: None,
                 _slot: None,
+                paid: 0,
             });
         };
         let account = self.account(connection.id, target.provider);
@@ -148,6 +162,13 @@ impl Throttle {
         let deadline = started + self.settings.max_wait;
         if let Some(delay) = self.salesforce_deferral(&account) {
             return self.defer(&account, delay, "salesforce_daily");
+        }
+        if rides && !*account.throttled.borrow() {
+            return Admission::Go(Ticket {
+                account: Some(account),
+                _slot: None,
+                paid: 0,
+            });
         }
         let slot = match account.in_flight.clone().try_acquire_owned() {
             Ok(slot) => slot,
@@ -183,10 +204,48 @@ impl Throttle {
         Admission::Go(Ticket {
             account: Some(account),
             _slot: Some(slot),
+            paid: 1,
         })
     }
 
+    /// Takes one call of the connection's budget for a batch's call, waiting at most
+    /// `rate_limits.max_wait` (and spacing a Salesforce org's calls above its slow-down
+    /// share). The call is noted in the observer of the step under way, whose run's ticket
+    /// settles it. `Err` is how long until there may be budget.
+    pub async fn take_call(&self, connection_id: Uuid, provider: Provider) -> Result<(), Duration> {
+        let account = self.account(connection_id, provider);
+        let started = Instant::now();
+        let deadline = started + self.settings.max_wait;
+        let refused = |delay: Duration, reason| {
+            self.count_throttled(&account, delay, reason);
+            Err(delay)
+        };
+        if let Some(delay) = self.salesforce_deferral(&account) {
+            return refused(delay, "salesforce_daily");
+        }
+        if let Err(delay) = self.take_budget(&account, deadline).await {
+            return refused(delay, "budget");
+        }
+        if let Err(delay) = self.salesforce_pace(&account, deadline).await {
+            return refused(delay, "salesforce_daily");
+        }
+        crate::integrations::limits::prepaid_call();
+        let waited = started.elapsed();
+        if !waited.is_zero() {
+            self.metrics
+                .throttle_waits
+                .get_or_create(&label("provider", provider.as_str()))
+                .observe(waited.as_secs_f64());
+        }
+        Ok(())
+    }
+
     fn defer(&self, account: &Account, delay: Duration, reason: &'static str) -> Admission {
+        self.count_throttled(account, delay, reason);
+        Admission::Defer { delay }
+    }
+
+    fn count_throttled(&self, account: &Account, delay: Duration, reason: &'static str) {
         tracing::info!(connection_id = %account.id, wait = ?delay, reason, "account throttled; run deferred without using a retry");
         self.metrics
             .throttled
@@ -197,7 +256,6 @@ impl Throttle {
                 reason,
             ))
             .inc();
-        Admission::Defer { delay }
     }
 
     /// Takes one call of the account's budget, leasing more from Postgres when this
@@ -333,27 +391,24 @@ impl Throttle {
     }
 
     /// After the step (or after deciding not to run it): charges the requests it made beyond
-    /// the one its ticket paid for, gives back an unused call, and keeps what the provider's
+    /// the calls paid for (its ticket's, and a batch call's it took), gives back unused ones, and keeps what the provider's
     /// headers said. `observer` is `None` when the step did not run.
     pub fn finish(&self, ticket: Ticket, observer: Option<&Observer>) {
         let Some(account) = ticket.account else {
             return;
         };
         let requests = observer.map_or(0, Observer::requests);
+        let paid = ticket.paid + observer.map_or(0, Observer::prepaid);
         self.metrics
             .provider_calls
             .get_or_create(&label("provider", account.provider.as_str()))
             .inc_by(u64::from(requests));
-        match requests {
-            0 => {
-                if let Ok(mut budget) = account.budget.try_lock() {
-                    budget.tokens += 1;
-                }
+        if requests < paid {
+            if let Ok(mut budget) = account.budget.try_lock() {
+                budget.tokens += paid - requests;
             }
-            1 => {}
-            more => {
-                account.debt.fetch_add(more - 1, Ordering::Relaxed);
-            }
+        } else if requests > paid {
+            account.debt.fetch_add(requests - paid, Ordering::Relaxed);
         }
         let Some(observer) = observer else { return };
         let hubspot = observer.hubspot();

@@ -182,8 +182,12 @@ impl Session {
         };
         // Each account's limit first: a run that must wait longer than it may is deferred
         // before it is claimed, and uses none of its retries.
-        let admissions =
-            futures::future::join_all(targets.iter().map(|t| context.throttle.admit(t))).await;
+        let admissions = futures::future::join_all(
+            targets
+                .iter()
+                .map(|t| context.throttle.admit(t, context.rides(t))),
+        )
+        .await;
         let mut admitted = Vec::new();
         let mut deferred = Vec::new();
         for (target, admission) in targets.iter().zip(admissions) {
@@ -276,7 +280,7 @@ impl Session {
                 BeforeRun::Execute(claim) => {
                     span.record("run_id", tracing::field::display(claim.run_id));
                     let observer = Arc::new(Observer::default());
-                    let step = context.run_step(target, message.event, &claim);
+                    let step = context.run_step(target, message.event, &claim, ticket.paid());
                     let (result, calls) = limits::observe(observer.clone(), step)
                         .instrument(span.clone())
                         .await;

@@ -1,0 +1,324 @@
+//! Batching runs into the providers' batch endpoints. Runs of one batchable action on one
+//! connection that are ready within `batching.window` share one call, up to the provider's
+//! most records per call (`integrations::batch_api`); each record's answer goes to its own
+//! run, which then decides and settles as if it had made the call alone.
+//!
+//! The first run of a batch leads it: it waits until the batch is full or the window has
+//! passed since it arrived (so a lone run waits the window at most), takes one call of the
+//! account's budget, sends, and hands each run its answer. The others wait for theirs. A
+//! run whose batch's answer says nothing of it is not taken as a success: it fails
+//! transiently and runs again, alone (`Attempt::earlier`), through the single call's lookup
+//! of what an earlier attempt made.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, oneshot};
+use uuid::Uuid;
+
+use crate::config::BatchingSettings;
+use crate::core::connection::Connection;
+use crate::core::failure::{Failure, FailureKind};
+use crate::integrations::batch_api::{self, BatchKind, BatchRecord, RecordAnswer};
+use crate::observe::metrics::label;
+use crate::pipeline::context::Context;
+use crate::pipeline::step::lock;
+
+/// The failure code of a run whose batch found no budget for its call: the run is deferred
+/// through the broker like a run throttled before its claim, using none of its retries.
+pub const THROTTLED: &str = "THROTTLED";
+
+/// What a run gets back from its batch.
+pub enum Ridden {
+    Answer(RecordAnswer),
+    /// The whole batch failed as one call would (a 429, a 5xx, expired credentials).
+    Failed(Failure),
+}
+
+type Key = (Uuid, BatchKind);
+
+struct Rider {
+    record: BatchRecord,
+    answer: oneshot::Sender<Ridden>,
+}
+
+/// A batch still taking runs.
+struct Open {
+    id: u64,
+    riders: Arc<Mutex<Vec<Rider>>>,
+    full: Arc<Notify>,
+}
+
+/// The batches being gathered, per connection and action.
+pub struct Batches {
+    settings: BatchingSettings,
+    open: Mutex<HashMap<Key, Open>>,
+    next_id: AtomicU64,
+}
+
+enum Seat {
+    Leader {
+        id: u64,
+        riders: Arc<Mutex<Vec<Rider>>>,
+        full: Arc<Notify>,
+    },
+    Follower,
+}
+
+impl Batches {
+    pub fn new(settings: &BatchingSettings) -> Batches {
+        Batches {
+            settings: settings.clone(),
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether runs of `kind` are batched.
+    pub fn batches(&self, kind: &BatchKind) -> bool {
+        self.settings.batches(kind.name())
+    }
+
+    /// Joins the open batch of the connection and action, or opens one. A run that fills
+    /// the batch closes it, so the next run opens another.
+    fn join(&self, key: Key, record: BatchRecord, answer: oneshot::Sender<Ridden>) -> Seat {
+        let max = key.1.max_records();
+        let mut open = lock(&self.open);
+        match open.entry(key) {
+            Entry::Occupied(entry) => {
+                let full = {
+                    let mut riders = lock(&entry.get().riders);
+                    riders.push(Rider { record, answer });
+                    riders.len() >= max
+                };
+                if full {
+                    entry.remove().full.notify_one();
+                }
+                Seat::Follower
+            }
+            Entry::Vacant(entry) => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let riders = Arc::new(Mutex::new(vec![Rider { record, answer }]));
+                let full = Arc::new(Notify::new());
+                entry.insert(Open {
+                    id,
+                    riders: riders.clone(),
+                    full: full.clone(),
+                });
+                Seat::Leader { id, riders, full }
+            }
+        }
+    }
+
+    /// The leader's batch, once full or at the end of the window: closed (if a full one has
+    /// not closed it already) and emptied.
+    async fn gather(
+        &self,
+        key: &Key,
+        id: u64,
+        riders: &Mutex<Vec<Rider>>,
+        full: &Notify,
+    ) -> Vec<Rider> {
+        tokio::select! {
+            _ = tokio::time::sleep(self.settings.window) => {}
+            _ = full.notified() => {}
+        }
+        let mut open = lock(&self.open);
+        if open.get(key).is_some_and(|batch| batch.id == id) {
+            open.remove(key);
+        }
+        std::mem::take(&mut *lock(riders))
+    }
+}
+
+impl Context {
+    /// Sends the run's record in a batch with others of its connection and action, and
+    /// returns what the batch said of it. `paid`: the run's ticket took a call of budget,
+    /// which then pays for the batch's call if it leads it.
+    pub(super) async fn ride(
+        &self,
+        kind: BatchKind,
+        connection: &Connection,
+        record: BatchRecord,
+        paid: bool,
+    ) -> Ridden {
+        let (answer, answered) = oneshot::channel();
+        let key = (connection.id, kind);
+        match self.batches.join(key.clone(), record, answer) {
+            Seat::Follower => {}
+            Seat::Leader { id, riders, full } => {
+                let riders = self.batches.gather(&key, id, &riders, &full).await;
+                self.send_batch(&key.1, connection, riders, paid).await;
+            }
+        }
+        // An error: the leader's run ended before answering (its run timed out). Nothing
+        // says the record was written, and it is tried again.
+        answered
+            .await
+            .unwrap_or(Ridden::Answer(RecordAnswer::Unanswered))
+    }
+
+    async fn send_batch(
+        &self,
+        kind: &BatchKind,
+        connection: &Connection,
+        riders: Vec<Rider>,
+        paid: bool,
+    ) {
+        let provider = kind.provider();
+        self.metrics
+            .batch_records
+            .get_or_create(&label("action", kind.name()))
+            .observe(riders.len() as f64);
+        if !paid && let Err(delay) = self.throttle.take_call(connection.id, provider).await {
+            let failure = Failure {
+                retry_after: Some(delay),
+                ..Failure::new(
+                    FailureKind::RateLimited,
+                    "the account's rate budget is spent: deferred without using a retry",
+                )
+                .with_code(THROTTLED)
+            };
+            for rider in riders {
+                let _ = rider.answer.send(Ridden::Failed(failure.clone()));
+            }
+            return;
+        }
+        let records: Vec<&BatchRecord> = riders.iter().map(|r| &r.record).collect();
+        let request = batch_api::request(&self.integrations.salesforce, kind, connection, &records);
+        let started = Instant::now();
+        let response = self.integrations.send_raw(&request, provider).await;
+        self.metrics
+            .step_seconds
+            .get_or_create(&label("provider", provider.as_str()))
+            .observe(started.elapsed().as_secs_f64());
+        if self.crash_after_provider_answer && response.as_ref().is_ok_and(|r| r.is_success()) {
+            // Fault injection (tests only): die as a SIGKILL would, before recording.
+            eprintln!("crash_after_provider_answer: exiting after the provider's answer");
+            std::process::exit(137);
+        }
+        let answers =
+            response.and_then(|response| batch_api::answers(kind, &response, riders.len()));
+        match answers {
+            Ok(answers) => {
+                let unanswered = answers
+                    .iter()
+                    .filter(|a| **a == RecordAnswer::Unanswered)
+                    .count();
+                if unanswered > 0 {
+                    tracing::warn!(
+                        unanswered,
+                        records = riders.len(),
+                        "the batch's answer says nothing of some records; they are tried again"
+                    );
+                }
+                for (rider, answer) in riders.into_iter().zip(answers) {
+                    let _ = rider.answer.send(Ridden::Answer(answer));
+                }
+            }
+            Err(failure) => {
+                for rider in riders {
+                    let _ = rider.answer.send(Ridden::Failed(failure.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// A record a batch did not answer for: transient, so it runs again, alone.
+pub fn unanswered() -> Failure {
+    Failure::new(
+        FailureKind::Transient,
+        "the batch's answer did not include this record; it is tried again",
+    )
+    .with_code("BATCH_UNANSWERED")
+}
+
+/// How long a run throttled in its batch waits before coming back, when it is one.
+pub fn throttled_delay(failure: &Failure) -> Option<Duration> {
+    (failure.code.as_deref() == Some(THROTTLED)).then(|| failure.retry_after.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batches(window_ms: u64) -> Batches {
+        Batches::new(&BatchingSettings {
+            enabled: true,
+            window: Duration::from_millis(window_ms),
+            off: Vec::new(),
+        })
+    }
+
+    fn record(n: usize) -> BatchRecord {
+        BatchRecord {
+            fields: serde_json::json!({ "email": format!("{n}@example.com") }),
+            id: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_run_waits_the_window_and_no_longer() {
+        let batches = batches(50);
+        let key = (Uuid::new_v4(), BatchKind::HubspotCreate);
+        let (answer, _answered) = oneshot::channel();
+        let Seat::Leader { id, riders, full } = batches.join(key.clone(), record(0), answer) else {
+            panic!("the first run leads");
+        };
+        let started = tokio::time::Instant::now();
+
+        let gathered = batches.gather(&key, id, &riders, &full).await;
+
+        assert_eq!(gathered.len(), 1);
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        assert!(lock(&batches.open).is_empty(), "the batch is closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_at_once_and_the_next_run_opens_another() {
+        let batches = batches(50);
+        let key = (Uuid::new_v4(), BatchKind::HubspotCreate);
+        let mut receivers = Vec::new();
+        let (answer, answered) = oneshot::channel();
+        receivers.push(answered);
+        let Seat::Leader { id, riders, full } = batches.join(key.clone(), record(0), answer) else {
+            panic!("the first run leads");
+        };
+        for n in 1..crate::integrations::batch_api::HUBSPOT_MAX {
+            let (answer, answered) = oneshot::channel();
+            receivers.push(answered);
+            assert!(matches!(
+                batches.join(key.clone(), record(n), answer),
+                Seat::Follower
+            ));
+        }
+        let started = tokio::time::Instant::now();
+
+        let gathered = batches.gather(&key, id, &riders, &full).await;
+
+        assert_eq!(gathered.len(), 100);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no wait for a full batch"
+        );
+        let (answer, _answered) = oneshot::channel();
+        assert!(
+            matches!(
+                batches.join(key.clone(), record(100), answer),
+                Seat::Leader { .. }
+            ),
+            "the 101st run leads a new batch"
+        );
+        let other = (Uuid::new_v4(), BatchKind::HubspotCreate);
+        let (answer, _answered) = oneshot::channel();
+        assert!(
+            matches!(batches.join(other, record(0), answer), Seat::Leader { .. }),
+            "another connection's runs are a batch of their own"
+        );
+    }
+}
