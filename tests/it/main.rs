@@ -10,6 +10,7 @@ mod support;
 mod actions;
 mod api;
 mod app_events;
+mod batching;
 mod cli;
 mod cluster;
 mod console;

@@ -237,6 +237,8 @@ async fn a_throttled_run_is_deferred_through_the_broker_without_spending_its_ret
     // may wait 300 ms in process, and has two broker retries (200 ms, 400 ms).
     let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
     let mut app = TestApp::with_settings(|s| {
+        // One record per call: this is about single runs (batches: tests/it/batching.rs).
+        s.batching.enabled = false;
         s.rate_limits.max_wait = Duration::from_millis(300);
     })
     .await;
@@ -287,6 +289,8 @@ async fn a_salesforce_org_near_its_daily_limit_is_slowed_then_deferred() {
         ..LimitSettings::default()
     });
     let mut app = TestApp::with_settings(|s| {
+        // One record per call: this is about single runs (batches: tests/it/batching.rs).
+        s.batching.enabled = false;
         s.rate_limits.salesforce_slow_interval = Duration::from_millis(700);
         s.rate_limits.salesforce_defer_for = Duration::from_secs(2);
         s.rate_limits.max_wait = Duration::from_secs(5);
@@ -356,6 +360,8 @@ async fn a_quiet_user_s_events_flow_while_a_throttled_account_s_backlog_waits() 
     // events queued ahead of the quiet user's 4.
     let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
     let mut app = TestApp::with_settings(|s| {
+        // One record per call: this is about single runs (batches: tests/it/batching.rs).
+        s.batching.enabled = false;
         s.worker.concurrency = 4;
         s.rate_limits.in_flight_per_connection = 1;
         s.rate_limits.max_wait = Duration::from_secs(3);

@@ -256,7 +256,12 @@ async fn a_hubspot_create_contact_killed_after_the_answer_finds_its_contact_inst
     assert_eq!(
         requests,
         vec![
-            ("POST".into(), "/crm/v3/objects/contacts".into(), 201),
+            // The first attempt went out in a batch (of one); the takeover runs alone.
+            (
+                "POST".into(),
+                "/crm/v3/objects/contacts/batch/create".into(),
+                201
+            ),
             ("POST".into(), "/crm/v3/objects/contacts/search".into(), 200),
         ],
         "{requests:#?}"
