@@ -128,7 +128,8 @@ impl BatchKind {
 pub struct BatchRecord {
     /// The mapped fields (HubSpot: the properties).
     pub fields: Value,
-    /// HubSpot update: the contact's id; upsert: the id property's value.
+    /// The record it names, when it names one: HubSpot update, the contact's id; an
+    /// upsert, its id property's or external id's value.
     pub id: Option<String>,
 }
 
@@ -152,10 +153,7 @@ pub fn record(
                 external_id_field, ..
             },
             _,
-        ) => {
-            salesforce::external_id_value(&fields, external_id_field)?;
-            None
-        }
+        ) => Some(salesforce::external_id_value(&fields, external_id_field)?),
         _ => None,
     };
     Ok(BatchRecord { fields, id })
@@ -344,6 +342,16 @@ mod tests {
         );
         assert!(matches!(&answers[2], RecordAnswer::Failed(f) if f.kind == FailureKind::Transient));
         assert_eq!(answers[3], RecordAnswer::Unanswered);
+
+        let shared = response(
+            200,
+            json!([{"success": false, "errors": [{"statusCode": "DUPLICATE_VALUE", "message": "Duplicate external id specified: a@example.com", "fields": ["Email"]}]}]),
+        );
+        assert_eq!(
+            super::answers(&kind, &shared, 1).expect("per record"),
+            vec![RecordAnswer::Alone],
+            "two records of one contact: sent alone, not failed"
+        );
     }
 
     #[test]

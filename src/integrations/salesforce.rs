@@ -148,6 +148,15 @@ fn record_answer(response: &RawResponse, result: Value) -> RecordAnswer {
         .get("statusCode")
         .and_then(Value::as_str)
         .unwrap_or_default();
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if code == "DUPLICATE_VALUE" && message.starts_with("Duplicate external id specified") {
+        // Two records of the batch share an external id (two events of one contact): neither
+        // was written, and each goes alone, one after the other.
+        return RecordAnswer::Alone;
+    }
     // The single call's error shape, so the record's failure reads as the single call's.
     let single = serde_json::json!([{
         "errorCode": code,

@@ -10,8 +10,8 @@
 //! transiently and runs again, alone (`Attempt::earlier`), through the single call's lookup
 //! of what an earlier attempt made.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,6 +50,9 @@ struct Open {
     id: u64,
     riders: Arc<Mutex<Vec<Rider>>>,
     full: Arc<Notify>,
+    /// The ids of its records that name one (an update's, an upsert's): the providers refuse
+    /// a batch naming a record twice.
+    named: HashSet<String>,
 }
 
 /// The batches being gathered, per connection and action.
@@ -66,6 +69,8 @@ enum Seat {
         full: Arc<Notify>,
     },
     Follower,
+    /// The open batch names the same record already: this run's goes alone.
+    Alone,
 }
 
 impl Batches {
@@ -88,7 +93,12 @@ impl Batches {
         let max = key.1.max_records();
         let mut open = lock(&self.open);
         match open.entry(key) {
-            Entry::Occupied(entry) => {
+            Entry::Occupied(mut entry) => {
+                if let Some(id) = &record.id
+                    && !entry.get_mut().named.insert(id.clone())
+                {
+                    return Seat::Alone;
+                }
                 let full = {
                     let mut riders = lock(&entry.get().riders);
                     riders.push(Rider { record, answer });
@@ -101,12 +111,14 @@ impl Batches {
             }
             Entry::Vacant(entry) => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let named = record.id.iter().cloned().collect();
                 let riders = Arc::new(Mutex::new(vec![Rider { record, answer }]));
                 let full = Arc::new(Notify::new());
                 entry.insert(Open {
                     id,
                     riders: riders.clone(),
                     full: full.clone(),
+                    named,
                 });
                 Seat::Leader { id, riders, full }
             }
@@ -149,6 +161,7 @@ impl Context {
         let key = (connection.id, kind);
         match self.batches.join(key.clone(), record, answer) {
             Seat::Follower => {}
+            Seat::Alone => return Ridden::Answer(RecordAnswer::Alone),
             Seat::Leader { id, riders, full } => {
                 let riders = self.batches.gather(&key, id, &riders, &full).await;
                 self.send_batch(&key.1, connection, riders, paid).await;
@@ -276,6 +289,37 @@ mod tests {
         assert_eq!(gathered.len(), 1);
         assert_eq!(started.elapsed(), Duration::from_millis(50));
         assert!(lock(&batches.open).is_empty(), "the batch is closed");
+    }
+
+    #[test]
+    fn a_record_the_open_batch_names_already_goes_alone() {
+        let batches = batches(50);
+        let key = (
+            Uuid::new_v4(),
+            BatchKind::HubspotUpsert {
+                id_property: "email".into(),
+            },
+        );
+        let named = |id: &str| BatchRecord {
+            fields: serde_json::json!({ "email": id }),
+            id: Some(id.into()),
+        };
+        let (first, _a) = oneshot::channel();
+        let (second, _b) = oneshot::channel();
+        let (again, _c) = oneshot::channel();
+
+        assert!(matches!(
+            batches.join(key.clone(), named("a@example.com"), first),
+            Seat::Leader { .. }
+        ));
+        assert!(matches!(
+            batches.join(key.clone(), named("b@example.com"), second),
+            Seat::Follower
+        ));
+        assert!(matches!(
+            batches.join(key, named("a@example.com"), again),
+            Seat::Alone
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -191,6 +191,10 @@ impl Context {
             match self.ride(kind, connection, record, attempt.paid).await {
                 Ridden::Answer(RecordAnswer::Done(output)) => return Ok(output),
                 Ridden::Answer(RecordAnswer::Failed(failure)) | Ridden::Failed(failure) => {
+                    if provider_batch::throttled_delay(&failure).is_some() {
+                        // The batch was never sent.
+                        attempt.calls.fetch_sub(1, Ordering::Relaxed);
+                    }
                     return Err(failure);
                 }
                 Ridden::Answer(RecordAnswer::Exists(existing)) => {

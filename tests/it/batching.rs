@@ -396,6 +396,48 @@ async fn a_worker_killed_after_a_batch_s_answer_writes_nothing_twice() {
 }
 
 #[tokio::test]
+async fn events_of_one_contact_in_one_window_are_not_sent_in_one_batch() {
+    // Arrange: HubSpot refuses a batch naming a contact twice; three of these seven events
+    // are one contact's.
+    let (crm, mut app) = arrange(
+        Provider::Hubspot,
+        "upsert-contact",
+        json!({}),
+        hubspot_mapping(),
+    )
+    .await;
+    let mut emails = emails("twice", 5);
+    emails.push(emails[0].clone());
+    emails.push(emails[0].clone());
+    let ids = publish(&app, &emails, &[]).await;
+
+    // Act
+    app.start_worker().await;
+    let runs = finished(&app, ids.len(), Duration::from_secs(30)).await;
+
+    // Assert: every run succeeded; the repeats went alone, none was refused.
+    assert!(
+        runs.values().all(|r| r.status == RunStatus::Succeeded),
+        "{runs:#?}"
+    );
+    let records = crm.standin.records();
+    assert_eq!(records.len(), 5, "{records:#?}");
+    let repeated = records
+        .iter()
+        .find(|r| r.fields["email"] == emails[0].as_str())
+        .expect("the repeated contact");
+    assert_eq!(
+        (repeated.creates, repeated.updates),
+        (1, 2),
+        "{repeated:#?}"
+    );
+    let statuses: Vec<u16> = crm.standin.requests().iter().map(|r| r.status).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(calls_to(&crm, "/batch/upsert"), 3, "one batch, two alone");
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn batching_turned_off_for_an_action_sends_one_record_per_call() {
     let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
     let mut app = TestApp::with_settings(|s| {

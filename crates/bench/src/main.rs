@@ -54,6 +54,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
+mod batching;
 mod console;
 mod fleet;
 mod history;
@@ -89,6 +90,17 @@ struct Args {
     /// worth of events; prints the share of 429s and the throughput against the limit.
     #[arg(long)]
     fleet_limit: Option<appevents::config::rate_limit::RateLimit>,
+    /// Instead of the phases above: one user's `--events` events with one HubSpot
+    /// upsert-contact workflow, drained with batching on and off by turns, `--repeat`
+    /// rounds, beside the broker's ceiling; prints events/s, the ratio to the ceiling and
+    /// HubSpot calls per event.
+    #[arg(long)]
+    batching: bool,
+    /// Run the workers of the phases above with batching off (`batching.enabled = false`):
+    /// one record per call, as before batching; for an A/B of that path against an older
+    /// build.
+    #[arg(long)]
+    no_batching: bool,
     /// The database to create, use and drop (default `appevents_bench_` and a random tag,
     /// which `ops/clean-test-leftovers.sh` drops if a run is interrupted).
     #[arg(long)]
@@ -173,7 +185,9 @@ async fn main() -> anyhow::Result<()> {
         return result;
     }
     let bench = Bench::setup(args).await?;
-    let result = if bench.args.console > 0 {
+    let result = if bench.args.batching {
+        bench.batching().await
+    } else if bench.args.console > 0 {
         bench.console(bench.args.console).await
     } else {
         bench.run().await
@@ -652,6 +666,10 @@ impl Bench {
 
     /// Queues `n` events for `user`, then starts the worker and times it draining them.
     async fn drain(&self, user: &str, n: usize) -> anyhow::Result<Drain> {
+        self.drain_with(user, n, !self.args.no_batching).await
+    }
+
+    async fn drain_with(&self, user: &str, n: usize, batching: bool) -> anyhow::Result<Drain> {
         let phase = uuid::Uuid::new_v4().simple().to_string()[..6].to_owned();
         let bodies = (0..n).map(|i| {
             let id = format!("{user}-{phase}-{i}");
@@ -661,7 +679,7 @@ impl Bench {
         self.publish(&self.settings.amqp.exchange, EVENT, bodies)
             .await?;
         let transactions_before = self.transactions().await?;
-        let mut worker = self.start_worker().await?;
+        let mut worker = self.start_worker_with(batching).await?;
         let result = self.time_drain(&worker, n).await;
         stop(&mut worker.child).await;
         let mut drain = result?;
@@ -814,6 +832,11 @@ impl Bench {
     }
 
     async fn start_worker(&self) -> anyhow::Result<Worker> {
+        self.start_worker_with(!self.args.no_batching).await
+    }
+
+    /// Starts the worker binary, with `batching.enabled` as given.
+    async fn start_worker_with(&self, batching: bool) -> anyhow::Result<Worker> {
         let port = free_port()?;
         let ops = format!("127.0.0.1:{port}");
         let s = &self.settings;
@@ -834,6 +857,7 @@ impl Bench {
                 &s.amqp.dead_letter_queue,
             )
             .env("APPEVENTS__WORKER__OPS_LISTEN", &ops)
+            .env("APPEVENTS__BATCHING__ENABLED", batching.to_string())
             // The worker's own pruning pass must not run inside a measurement (`--history`
             // times its own drop of a day).
             .env("APPEVENTS__HISTORY__RETENTION", "400d")

@@ -1005,6 +1005,15 @@ async fn hubspot_batch(
         );
         return inner.log(&method, &uri, response);
     }
+    if verb != "create"
+        && let Some(duplicate) = duplicate_id(&inputs)
+    {
+        let response = reply(
+            StatusCode::BAD_REQUEST,
+            json!({"status": "error", "message": format!("Duplicate IDs found in batch input: [{duplicate}]. IDs must be unique"), "category": "VALIDATION_ERROR"}),
+        );
+        return inner.log(&method, &uri, response);
+    }
     let traced = inputs.iter().all(|i| i.get("objectWriteTraceId").is_some());
     if !traced
         && let Some((status, error)) = inputs
@@ -1041,6 +1050,15 @@ async fn hubspot_batch(
         answer["errors"] = json!(errors);
     }
     inner.log(&method, &uri, reply(status, answer))
+}
+
+/// The first id two inputs of an update or upsert share: HubSpot refuses such a batch whole.
+fn duplicate_id(inputs: &[Value]) -> Option<String> {
+    let mut seen = HashSet::new();
+    inputs
+        .iter()
+        .filter_map(|input| input.get("id").map(text))
+        .find(|id| !seen.insert(id.clone()))
 }
 
 impl Inner {
@@ -1172,10 +1190,28 @@ async fn salesforce_collection(
         );
         return inner.log(&method, &uri, response);
     }
-    let refusals: Vec<Option<Value>> = records
+    let mut refusals: Vec<Option<Value>> = records
         .iter()
         .map(|record| collection_refusal(record, external_id.as_deref()))
         .collect();
+    // Records sharing an external id are neither inserted nor updated.
+    if let Some(field) = &external_id {
+        let value_of = |record: &Value| record.get(field).map(text);
+        for (index, record) in records.iter().enumerate() {
+            let Some(value) = value_of(record) else {
+                continue;
+            };
+            let shared = records
+                .iter()
+                .enumerate()
+                .any(|(other, r)| other != index && value_of(r).as_deref() == Some(value.as_str()));
+            if shared && refusals[index].is_none() {
+                refusals[index] = Some(
+                    json!({"statusCode": "DUPLICATE_VALUE", "message": format!("Duplicate external id specified: {value}"), "fields": [field]}),
+                );
+            }
+        }
+    }
     if all_or_none && refusals.iter().any(Option::is_some) {
         let answers: Vec<Value> = refusals
             .into_iter()
