@@ -191,6 +191,15 @@ impl RateLimitSettings {
     }
 }
 
+/// The actions with a batch endpoint, as `provider action`: what `batching.off` may name.
+pub const BATCHABLE: &[&str] = &[
+    "hubspot create-contact",
+    "hubspot update-contact",
+    "hubspot upsert-contact",
+    "salesforce create",
+    "salesforce upsert",
+];
+
 /// Runs of one action on one connection sent together through the provider's batch
 /// endpoint (`pipeline::provider_batch`).
 #[derive(Debug, Clone, Deserialize)]
@@ -216,7 +225,7 @@ impl BatchingSettings {
                 self.window
             ));
         }
-        let batchable = crate::integrations::batch_api::BATCHABLE;
+        let batchable = BATCHABLE;
         if let Some(unknown) = self
             .off
             .iter()

@@ -33,6 +33,9 @@ impl FailureKind {
     }
 }
 
+/// The code of [`Failure::throttled`].
+pub const THROTTLED: &str = "THROTTLED";
+
 /// Why one attempt of a step failed. Recorded on the run and in dead letters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
@@ -64,6 +67,25 @@ impl Failure {
     pub fn with_code(mut self, code: impl Into<String>) -> Failure {
         self.code = Some(code.into());
         self
+    }
+
+    /// The failure of a run whose batch found its account's budget spent: the run is
+    /// deferred through the broker after `delay`, using none of its retries.
+    pub fn throttled(delay: Duration) -> Failure {
+        Failure {
+            retry_after: Some(delay),
+            ..Failure::new(
+                FailureKind::RateLimited,
+                "the account's rate budget is spent: deferred without using a retry",
+            )
+            .with_code(THROTTLED)
+        }
+    }
+
+    /// How long a run throttled by appevents itself waits before coming back, when this is
+    /// such a failure.
+    pub fn throttled_delay(&self) -> Option<Duration> {
+        (self.code.as_deref() == Some(THROTTLED)).then(|| self.retry_after.unwrap_or_default())
     }
 
     /// One line for logs, CLI listings and dead-letter reasons.

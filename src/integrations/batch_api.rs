@@ -50,15 +50,6 @@ pub enum BatchKind {
     },
 }
 
-/// The batchable actions, as `provider action`: what `batching.off` may name.
-pub const BATCHABLE: &[&str] = &[
-    "hubspot create-contact",
-    "hubspot update-contact",
-    "hubspot upsert-contact",
-    "salesforce create",
-    "salesforce upsert",
-];
-
 impl BatchKind {
     /// The batch kind of an action, `None` for one that has no batch endpoint.
     pub fn of(action: &Action) -> Option<BatchKind> {
@@ -82,7 +73,7 @@ impl BatchKind {
         }
     }
 
-    /// `provider action`, as in [`BATCHABLE`].
+    /// `provider action`, as in [`crate::config::BATCHABLE`].
     pub fn name(&self) -> &'static str {
         match self {
             BatchKind::HubspotCreate => "hubspot create-contact",
@@ -212,12 +203,12 @@ pub fn request(
                 .collect(),
         ),
         BatchKind::SalesforceCreate { sobject } => {
-            salesforce::collection(settings, connection, sobject, None, records)
+            collection(settings, connection, sobject, None, records)
         }
         BatchKind::SalesforceUpsert {
             sobject,
             external_id_field,
-        } => salesforce::collection(
+        } => collection(
             settings,
             connection,
             sobject,
@@ -266,9 +257,170 @@ pub fn answers(
         return Err(failure);
     }
     Ok(match provider {
-        Provider::Salesforce => salesforce::collection_answers(response, count),
-        _ => hubspot::batch_answers(kind, response, count),
+        Provider::Salesforce => collection_answers(response, count),
+        _ => hubspot_answers(kind, response, count),
     })
+}
+
+/// Each input's answer in a batch answer (`results` and, in a 207, `errors`), matched by
+/// the `objectWriteTraceId` the input carried (its place in the batch). A create's
+/// `CONFLICT` names the existing contact, which the run updates (alone, when it does not).
+fn hubspot_answers(kind: &BatchKind, response: &RawResponse, count: usize) -> Vec<RecordAnswer> {
+    let mut answers = vec![RecordAnswer::Unanswered; count];
+    let body = response.json().unwrap_or(Value::Null);
+    let place = |trace: Option<&Value>| -> Option<usize> {
+        let index: usize = trace?.as_str()?.parse().ok()?;
+        (index < count).then_some(index)
+    };
+    for result in body
+        .get("results")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(index) = place(result.get("objectWriteTraceId")) {
+            answers[index] = RecordAnswer::Done(StepOutput {
+                provider_id: hubspot::id_of(Some(result)),
+                status: response.status,
+                body: Some(result.clone()),
+            });
+        }
+    }
+    for error in body
+        .get("errors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let category = error.get("category").and_then(Value::as_str);
+        let answer = if *kind == BatchKind::HubspotCreate && category == Some("CONFLICT") {
+            error
+                .get("message")
+                .and_then(Value::as_str)
+                .and_then(hubspot::existing_id_in)
+                .map_or(RecordAnswer::Alone, RecordAnswer::Exists)
+        } else {
+            let bytes = serde_json::to_vec(error).unwrap_or_default();
+            let status = if category == Some("OBJECT_NOT_FOUND") {
+                404
+            } else {
+                400
+            };
+            let mut failure =
+                classify::response(Provider::Hubspot, status, &response.headers, &bytes);
+            failure.status = Some(response.status);
+            RecordAnswer::Failed(failure)
+        };
+        let traces = error
+            .get("context")
+            .and_then(|c| c.get("objectWriteTraceId"))
+            .and_then(Value::as_array);
+        for index in traces.into_iter().flatten().filter_map(|t| place(Some(t))) {
+            answers[index] = answer.clone();
+        }
+    }
+    answers
+}
+
+/// sObject Collections: `POST .../composite/sobjects` creates the records;
+/// `PATCH .../composite/sobjects/{sObject}/{externalIdField}` upserts them by that field,
+/// which stays in each record. `allOrNone: false`: each record succeeds or fails alone.
+fn collection(
+    settings: &SalesforceSettings,
+    connection: &Connection,
+    sobject: &str,
+    external_id_field: Option<&str>,
+    records: &[&BatchRecord],
+) -> PreparedRequest {
+    let version = salesforce::api_version(settings, connection);
+    let (method, path) = match external_id_field {
+        None => (
+            Method::POST,
+            format!("services/data/{version}/composite/sobjects"),
+        ),
+        Some(field) => (
+            Method::PATCH,
+            format!("services/data/{version}/composite/sobjects/{sobject}/{field}"),
+        ),
+    };
+    let records: Vec<Value> = records
+        .iter()
+        .map(|record| {
+            let mut fields = record.fields.as_object().cloned().unwrap_or_default();
+            fields.insert("attributes".into(), serde_json::json!({ "type": sobject }));
+            Value::Object(fields)
+        })
+        .collect();
+    PreparedRequest::new(method, join_url(&connection.base_url, &path))
+        .bearer(connection.access_token.as_ref())
+        .json(serde_json::json!({ "allOrNone": false, "records": records }))
+}
+
+/// Record errors that say "not now" rather than "never".
+const TRANSIENT_RECORD_ERRORS: &[&str] = &[
+    "UNABLE_TO_LOCK_ROW",
+    "REQUEST_RUNNING_TOO_LONG",
+    "SERVER_UNAVAILABLE",
+];
+
+/// Each record's answer, by position; records past the end of the answer are unanswered.
+fn collection_answers(response: &RawResponse, count: usize) -> Vec<RecordAnswer> {
+    let results = response
+        .json()
+        .and_then(|body| body.as_array().cloned())
+        .unwrap_or_default();
+    let mut answers: Vec<RecordAnswer> = results
+        .into_iter()
+        .take(count)
+        .map(|result| record_answer(response, result))
+        .collect();
+    answers.resize(count, RecordAnswer::Unanswered);
+    answers
+}
+
+fn record_answer(response: &RawResponse, result: Value) -> RecordAnswer {
+    if result.get("success").and_then(Value::as_bool) == Some(true) {
+        return RecordAnswer::Done(StepOutput {
+            provider_id: result.get("id").and_then(Value::as_str).map(str::to_owned),
+            status: response.status,
+            body: Some(result),
+        });
+    }
+    let Some(error) = result
+        .get("errors")
+        .and_then(Value::as_array)
+        .and_then(|errors| errors.first())
+    else {
+        return RecordAnswer::Unanswered;
+    };
+    let code = error
+        .get("statusCode")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if code == "DUPLICATE_VALUE" && message.starts_with("Duplicate external id specified") {
+        // Two records of the batch share an external id (two events of one contact): neither
+        // was written, and each goes alone, one after the other.
+        return RecordAnswer::Alone;
+    }
+    // The single call's error shape, so the record's failure reads as the single call's.
+    let single = serde_json::json!([{
+        "errorCode": code,
+        "message": error.get("message").cloned().unwrap_or(Value::Null),
+        "fields": error.get("fields").cloned().unwrap_or_else(|| serde_json::json!([])),
+    }]);
+    let status = if TRANSIENT_RECORD_ERRORS.contains(&code) {
+        503
+    } else {
+        400
+    };
+    let bytes = serde_json::to_vec(&single).unwrap_or_default();
+    let mut failure = classify::response(Provider::Salesforce, status, &response.headers, &bytes);
+    failure.status = Some(response.status);
+    RecordAnswer::Failed(failure)
 }
 
 #[cfg(test)]

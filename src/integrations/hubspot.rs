@@ -12,7 +12,6 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::batch_api::{BatchKind, RecordAnswer};
 use super::classify;
 use super::{PreparedRequest, RawResponse, StepOutput, encode_segment, join_url};
 use crate::core::connection::Connection;
@@ -92,66 +91,6 @@ pub fn id_property_value(properties: &Value, id_property: &str) -> Result<String
     )
 }
 
-/// Each input's answer in a batch answer (`results` and, in a 207, `errors`), matched by
-/// the `objectWriteTraceId` the input carried (its place in the batch). A create's
-/// `CONFLICT` names the existing contact, which the run updates (alone, when it does not).
-pub fn batch_answers(kind: &BatchKind, response: &RawResponse, count: usize) -> Vec<RecordAnswer> {
-    let mut answers = vec![RecordAnswer::Unanswered; count];
-    let body = response.json().unwrap_or(Value::Null);
-    let place = |trace: Option<&Value>| -> Option<usize> {
-        let index: usize = trace?.as_str()?.parse().ok()?;
-        (index < count).then_some(index)
-    };
-    for result in body
-        .get("results")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let Some(index) = place(result.get("objectWriteTraceId")) {
-            answers[index] = RecordAnswer::Done(StepOutput {
-                provider_id: id_of(Some(result)),
-                status: response.status,
-                body: Some(result.clone()),
-            });
-        }
-    }
-    for error in body
-        .get("errors")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let category = error.get("category").and_then(Value::as_str);
-        let answer = if *kind == BatchKind::HubspotCreate && category == Some("CONFLICT") {
-            error
-                .get("message")
-                .and_then(Value::as_str)
-                .and_then(existing_id_in)
-                .map_or(RecordAnswer::Alone, RecordAnswer::Exists)
-        } else {
-            let bytes = serde_json::to_vec(error).unwrap_or_default();
-            let status = if category == Some("OBJECT_NOT_FOUND") {
-                404
-            } else {
-                400
-            };
-            let mut failure =
-                classify::response(Provider::Hubspot, status, &response.headers, &bytes);
-            failure.status = Some(response.status);
-            RecordAnswer::Failed(failure)
-        };
-        let traces = error
-            .get("context")
-            .and_then(|c| c.get("objectWriteTraceId"))
-            .and_then(Value::as_array);
-        for index in traces.into_iter().flatten().filter_map(|t| place(Some(t))) {
-            answers[index] = answer.clone();
-        }
-    }
-    answers
-}
-
 /// The search for a contact with the email that `body` (a create's body) gives, created at or
 /// after `since`; `None` without an email, HubSpot's unique identifier of a contact.
 pub fn find_created(
@@ -204,7 +143,7 @@ pub fn existing_contact_id(response: &RawResponse) -> Option<String> {
 }
 
 /// The id in HubSpot's "Contact already exists. Existing ID: 123".
-fn existing_id_in(message: &str) -> Option<String> {
+pub(crate) fn existing_id_in(message: &str) -> Option<String> {
     let (_, tail) = message.split_once("Existing ID:")?;
     let id: String = tail
         .trim()
@@ -257,7 +196,7 @@ pub fn interpret_upsert(response: &RawResponse) -> Result<StepOutput, Failure> {
     })
 }
 
-fn id_of(object: Option<&Value>) -> Option<String> {
+pub(crate) fn id_of(object: Option<&Value>) -> Option<String> {
     match object?.get("id")? {
         Value::String(id) => Some(id.clone()),
         Value::Number(id) => Some(id.to_string()),

@@ -14,14 +14,11 @@ use reqwest::Method;
 use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset};
 
-use super::batch_api::{BatchRecord, RecordAnswer};
-use super::classify;
 use super::{PreparedRequest, RawResponse, StepOutput, encode_segment, join_url};
 use crate::config::SalesforceSettings;
 use crate::core::connection::Connection;
 use crate::core::failure::Failure;
 use crate::core::mapping::TextTemplate;
-use crate::core::provider::Provider;
 
 pub fn create(
     settings: &SalesforceSettings,
@@ -71,107 +68,6 @@ pub fn external_id_value(body: &Value, external_id_field: &str) -> Result<String
         "external id field",
         "MISSING_EXTERNAL_ID",
     )
-}
-
-/// sObject Collections: `POST .../composite/sobjects` creates the records;
-/// `PATCH .../composite/sobjects/{sObject}/{externalIdField}` upserts them by that field,
-/// which stays in each record. `allOrNone: false`: each record succeeds or fails alone.
-pub fn collection(
-    settings: &SalesforceSettings,
-    connection: &Connection,
-    sobject: &str,
-    external_id_field: Option<&str>,
-    records: &[&BatchRecord],
-) -> PreparedRequest {
-    let version = api_version(settings, connection);
-    let (method, path) = match external_id_field {
-        None => (
-            Method::POST,
-            format!("services/data/{version}/composite/sobjects"),
-        ),
-        Some(field) => (
-            Method::PATCH,
-            format!("services/data/{version}/composite/sobjects/{sobject}/{field}"),
-        ),
-    };
-    let records: Vec<Value> = records
-        .iter()
-        .map(|record| {
-            let mut fields = record.fields.as_object().cloned().unwrap_or_default();
-            fields.insert("attributes".into(), serde_json::json!({ "type": sobject }));
-            Value::Object(fields)
-        })
-        .collect();
-    PreparedRequest::new(method, join_url(&connection.base_url, &path))
-        .bearer(connection.access_token.as_ref())
-        .json(serde_json::json!({ "allOrNone": false, "records": records }))
-}
-
-/// Record errors that say "not now" rather than "never".
-const TRANSIENT_RECORD_ERRORS: &[&str] = &[
-    "UNABLE_TO_LOCK_ROW",
-    "REQUEST_RUNNING_TOO_LONG",
-    "SERVER_UNAVAILABLE",
-];
-
-/// Each record's answer, by position; records past the end of the answer are unanswered.
-pub fn collection_answers(response: &RawResponse, count: usize) -> Vec<RecordAnswer> {
-    let results = response
-        .json()
-        .and_then(|body| body.as_array().cloned())
-        .unwrap_or_default();
-    let mut answers: Vec<RecordAnswer> = results
-        .into_iter()
-        .take(count)
-        .map(|result| record_answer(response, result))
-        .collect();
-    answers.resize(count, RecordAnswer::Unanswered);
-    answers
-}
-
-fn record_answer(response: &RawResponse, result: Value) -> RecordAnswer {
-    if result.get("success").and_then(Value::as_bool) == Some(true) {
-        return RecordAnswer::Done(StepOutput {
-            provider_id: result.get("id").and_then(Value::as_str).map(str::to_owned),
-            status: response.status,
-            body: Some(result),
-        });
-    }
-    let Some(error) = result
-        .get("errors")
-        .and_then(Value::as_array)
-        .and_then(|errors| errors.first())
-    else {
-        return RecordAnswer::Unanswered;
-    };
-    let code = error
-        .get("statusCode")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let message = error
-        .get("message")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    if code == "DUPLICATE_VALUE" && message.starts_with("Duplicate external id specified") {
-        // Two records of the batch share an external id (two events of one contact): neither
-        // was written, and each goes alone, one after the other.
-        return RecordAnswer::Alone;
-    }
-    // The single call's error shape, so the record's failure reads as the single call's.
-    let single = serde_json::json!([{
-        "errorCode": code,
-        "message": error.get("message").cloned().unwrap_or(Value::Null),
-        "fields": error.get("fields").cloned().unwrap_or_else(|| serde_json::json!([])),
-    }]);
-    let status = if TRANSIENT_RECORD_ERRORS.contains(&code) {
-        503
-    } else {
-        400
-    };
-    let bytes = serde_json::to_vec(&single).unwrap_or_default();
-    let mut failure = classify::response(Provider::Salesforce, status, &response.headers, &bytes);
-    failure.status = Some(response.status);
-    RecordAnswer::Failed(failure)
 }
 
 pub fn interpret(response: &RawResponse) -> Result<StepOutput, Failure> {
@@ -355,7 +251,7 @@ fn soql_datetime(at: OffsetDateTime) -> String {
 }
 
 /// The connection's `api_version` setting, else the configured default; always "vNN.N".
-fn api_version(settings: &SalesforceSettings, connection: &Connection) -> String {
+pub(crate) fn api_version(settings: &SalesforceSettings, connection: &Connection) -> String {
     let version = connection
         .settings
         .get("api_version")

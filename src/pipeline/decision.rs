@@ -116,7 +116,7 @@ pub fn after_run(
         }
         Err(failure) => failure,
     };
-    if let Some(delay) = crate::pipeline::provider_batch::throttled_delay(&failure) {
+    if let Some(delay) = failure.throttled_delay() {
         return Decision::Throttled {
             claim,
             calls,

@@ -7,7 +7,7 @@
 //! Lowest first: `batch`, `runs`, `liveness` (keeps a worker's claims), `resolve`, `retry`, `refresh`; `decision` (pure); the
 //! shared `context`; `step` (executing a claimed run), with `chain` running a workflow of
 //! several steps and `run_steps` recording each, and `provider_batch` gathering one-step runs into the
-//! providers' batch calls; `settle`; the unit of work `work`;
+//! providers' batch calls, which `ride` sends; `settle`; the unit of work `work`;
 //! `consume`. `dry_run` shows a workflow's request without any of it.
 
 pub(crate) mod batch;
@@ -23,6 +23,7 @@ pub(crate) mod refresh;
 pub mod replay;
 pub(crate) mod resolve;
 pub(crate) mod retry;
+pub(crate) mod ride;
 pub mod run_steps;
 pub mod runs;
 pub(crate) mod settle;

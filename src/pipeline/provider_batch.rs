@@ -14,22 +14,13 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, oneshot};
 use uuid::Uuid;
 
 use crate::config::BatchingSettings;
-use crate::core::connection::Connection;
 use crate::core::failure::{Failure, FailureKind};
-use crate::integrations::batch_api::{self, BatchKind, BatchRecord, RecordAnswer};
-use crate::observe::metrics::label;
-use crate::pipeline::context::Context;
-use crate::pipeline::step::lock;
-
-/// The failure code of a run whose batch found no budget for its call: the run is deferred
-/// through the broker like a run throttled before its claim, using none of its retries.
-pub const THROTTLED: &str = "THROTTLED";
+use crate::integrations::batch_api::{BatchKind, BatchRecord, RecordAnswer};
 
 /// What a run gets back from its batch.
 pub enum Ridden {
@@ -38,11 +29,11 @@ pub enum Ridden {
     Failed(Failure),
 }
 
-type Key = (Uuid, BatchKind);
+pub(super) type Key = (Uuid, BatchKind);
 
-struct Rider {
-    record: BatchRecord,
-    answer: oneshot::Sender<Ridden>,
+pub(super) struct Rider {
+    pub(super) record: BatchRecord,
+    pub(super) answer: oneshot::Sender<Ridden>,
 }
 
 /// A batch still taking runs.
@@ -62,7 +53,7 @@ pub struct Batches {
     next_id: AtomicU64,
 }
 
-enum Seat {
+pub(super) enum Seat {
     Leader {
         id: u64,
         riders: Arc<Mutex<Vec<Rider>>>,
@@ -89,7 +80,12 @@ impl Batches {
 
     /// Joins the open batch of the connection and action, or opens one. A run that fills
     /// the batch closes it, so the next run opens another.
-    fn join(&self, key: Key, record: BatchRecord, answer: oneshot::Sender<Ridden>) -> Seat {
+    pub(super) fn join(
+        &self,
+        key: Key,
+        record: BatchRecord,
+        answer: oneshot::Sender<Ridden>,
+    ) -> Seat {
         let max = key.1.max_records();
         let mut open = lock(&self.open);
         match open.entry(key) {
@@ -127,7 +123,7 @@ impl Batches {
 
     /// The leader's batch, once full or at the end of the window: closed (if a full one has
     /// not closed it already) and emptied.
-    async fn gather(
+    pub(super) async fn gather(
         &self,
         key: &Key,
         id: u64,
@@ -146,99 +142,10 @@ impl Batches {
     }
 }
 
-impl Context {
-    /// Sends the run's record in a batch with others of its connection and action, and
-    /// returns what the batch said of it. `paid`: the run's ticket took a call of budget,
-    /// which then pays for the batch's call if it leads it.
-    pub(super) async fn ride(
-        &self,
-        kind: BatchKind,
-        connection: &Connection,
-        record: BatchRecord,
-        paid: bool,
-    ) -> Ridden {
-        let (answer, answered) = oneshot::channel();
-        let key = (connection.id, kind);
-        match self.batches.join(key.clone(), record, answer) {
-            Seat::Follower => {}
-            Seat::Alone => return Ridden::Answer(RecordAnswer::Alone),
-            Seat::Leader { id, riders, full } => {
-                let riders = self.batches.gather(&key, id, &riders, &full).await;
-                self.send_batch(&key.1, connection, riders, paid).await;
-            }
-        }
-        // An error: the leader's run ended before answering (its run timed out). Nothing
-        // says the record was written, and it is tried again.
-        answered
-            .await
-            .unwrap_or(Ridden::Answer(RecordAnswer::Unanswered))
-    }
-
-    async fn send_batch(
-        &self,
-        kind: &BatchKind,
-        connection: &Connection,
-        riders: Vec<Rider>,
-        paid: bool,
-    ) {
-        let provider = kind.provider();
-        self.metrics
-            .batch_records
-            .get_or_create(&label("action", kind.name()))
-            .observe(riders.len() as f64);
-        if !paid && let Err(delay) = self.throttle.take_call(connection.id, provider).await {
-            let failure = Failure {
-                retry_after: Some(delay),
-                ..Failure::new(
-                    FailureKind::RateLimited,
-                    "the account's rate budget is spent: deferred without using a retry",
-                )
-                .with_code(THROTTLED)
-            };
-            for rider in riders {
-                let _ = rider.answer.send(Ridden::Failed(failure.clone()));
-            }
-            return;
-        }
-        let records: Vec<&BatchRecord> = riders.iter().map(|r| &r.record).collect();
-        let request = batch_api::request(&self.integrations.salesforce, kind, connection, &records);
-        let started = Instant::now();
-        let response = self.integrations.send_raw(&request, provider).await;
-        self.metrics
-            .step_seconds
-            .get_or_create(&label("provider", provider.as_str()))
-            .observe(started.elapsed().as_secs_f64());
-        if self.crash_after_provider_answer && response.as_ref().is_ok_and(|r| r.is_success()) {
-            // Fault injection (tests only): die as a SIGKILL would, before recording.
-            eprintln!("crash_after_provider_answer: exiting after the provider's answer");
-            std::process::exit(137);
-        }
-        let answers =
-            response.and_then(|response| batch_api::answers(kind, &response, riders.len()));
-        match answers {
-            Ok(answers) => {
-                let unanswered = answers
-                    .iter()
-                    .filter(|a| **a == RecordAnswer::Unanswered)
-                    .count();
-                if unanswered > 0 {
-                    tracing::warn!(
-                        unanswered,
-                        records = riders.len(),
-                        "the batch's answer says nothing of some records; they are tried again"
-                    );
-                }
-                for (rider, answer) in riders.into_iter().zip(answers) {
-                    let _ = rider.answer.send(Ridden::Answer(answer));
-                }
-            }
-            Err(failure) => {
-                for rider in riders {
-                    let _ = rider.answer.send(Ridden::Failed(failure.clone()));
-                }
-            }
-        }
-    }
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A record a batch did not answer for: transient, so it runs again, alone.
@@ -250,14 +157,10 @@ pub fn unanswered() -> Failure {
     .with_code("BATCH_UNANSWERED")
 }
 
-/// How long a run throttled in its batch waits before coming back, when it is one.
-pub fn throttled_delay(failure: &Failure) -> Option<Duration> {
-    (failure.code.as_deref() == Some(THROTTLED)).then(|| failure.retry_after.unwrap_or_default())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn batches(window_ms: u64) -> Batches {
         Batches::new(&BatchingSettings {

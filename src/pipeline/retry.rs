@@ -111,7 +111,7 @@ impl RetryPolicy {
     /// The wait before the next in-process try, or `None` to stop trying in process.
     /// `exponential` is the backoff's current ceiling; full jitter picks uniformly below it.
     pub fn in_process_delay(&self, failure: &Failure, exponential: Duration) -> Option<Duration> {
-        if crate::pipeline::provider_batch::throttled_delay(failure).is_some() {
+        if failure.throttled_delay().is_some() {
             // Throttled by appevents itself: the run goes to the held queue, not round again.
             return None;
         }

@@ -191,7 +191,7 @@ impl Context {
             match self.ride(kind, connection, record, attempt.paid).await {
                 Ridden::Answer(RecordAnswer::Done(output)) => return Ok(output),
                 Ridden::Answer(RecordAnswer::Failed(failure)) | Ridden::Failed(failure) => {
-                    if provider_batch::throttled_delay(&failure).is_some() {
+                    if failure.throttled_delay().is_some() {
                         // The batch was never sent.
                         attempt.calls.fetch_sub(1, Ordering::Relaxed);
                     }
