@@ -301,6 +301,15 @@ fn compile_step(
             "option match_fields names {missing}, which the mapping does not set"
         ));
     }
+    if let Action::HubspotCreateCompany {
+        match_property: Some(property),
+    } = &action
+        && !fields.contains_key(property)
+    {
+        return Err(format!(
+            "option match_property names {property}, which the mapping does not set"
+        ));
+    }
     let for_each = definition
         .for_each
         .as_deref()
@@ -848,6 +857,44 @@ mod tests {
             .map(|i| json!({"name": format!("s{i}"), "action": "create", "mapping": {}}))
             .collect();
         assert!(refused(None, Value::Array(many)).contains("at most 20 steps"));
+    }
+
+    fn check_of(provider: Provider, steps: Value) -> Result<(), String> {
+        let steps: Vec<StepDefinition> = serde_json::from_value(steps).expect("steps");
+        validate("w", provider, None, &steps)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_company_s_match_property_must_be_a_property_its_mapping_sets() {
+        let company = |options: Value, mapping: Value| {
+            check_of(
+                Provider::Hubspot,
+                json!([{"name": "company", "action": "create-company",
+                        "options": options, "mapping": mapping}]),
+            )
+        };
+
+        assert_eq!(company(json!({}), json!({"name": "Acme"})), Ok(()));
+        assert_eq!(
+            company(json!({"match_property": "name"}), json!({"name": "Acme"})),
+            Ok(())
+        );
+        assert_eq!(
+            company(json!({"match_property": "domain"}), json!({"name": "Acme"})),
+            Err(
+                "step company: option match_property names domain, which the mapping does not set"
+                    .into()
+            )
+        );
+        assert!(
+            company(
+                json!({"match_property": "Domain Name"}),
+                json!({"name": "Acme"})
+            )
+            .is_err_and(|e| e.contains("is not a HubSpot property name"))
+        );
     }
 
     #[test]

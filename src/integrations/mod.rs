@@ -56,8 +56,10 @@ pub enum Action {
     HubspotSearchContacts,
     /// PATCH a contact by id, the mapping as its properties.
     HubspotUpdateContact { id: TextTemplate },
-    /// POST a company, the mapping as its properties.
-    HubspotCreateCompany,
+    /// POST a company, the mapping as its properties. `match_property`: the property that
+    /// identifies the company (`domain` when not given), searched for before a run that may
+    /// have created it already runs again.
+    HubspotCreateCompany { match_property: Option<String> },
     /// The default (v4, unlabeled) association of a contact with a company.
     HubspotAssociate {
         contact_id: TextTemplate,
@@ -106,7 +108,11 @@ pub const ACTIONS: &[(Provider, &str, &str)] = &[
         "update-contact",
         "options: id (required, e.g. {{steps.find.results.0.id}})",
     ),
-    (Provider::Hubspot, "create-company", "no options"),
+    (
+        Provider::Hubspot,
+        "create-company",
+        "options: match_property (the property that identifies a company; default domain, when mapped)",
+    ),
     (
         Provider::Hubspot,
         "associate",
@@ -135,6 +141,7 @@ impl Action {
             (Provider::Hubspot, "upsert-contact") => &["id_property"],
             (Provider::Hubspot, "update-contact") => &["id"],
             (Provider::Hubspot, "associate") => &["contact_id", "company_id"],
+            (Provider::Hubspot, "create-company") => &["match_property"],
             (Provider::Http, "request") => &["url", "method", "headers"],
             _ => &[],
         }
@@ -221,7 +228,13 @@ impl Action {
             (Provider::Hubspot, "update-contact") => Ok(Action::HubspotUpdateContact {
                 id: template("id")?,
             }),
-            (Provider::Hubspot, "create-company") => Ok(Action::HubspotCreateCompany),
+            (Provider::Hubspot, "create-company") => {
+                let match_property = text("match_property")?;
+                if let Some(property) = &match_property {
+                    hubspot::check_property_name(property, "match_property")?;
+                }
+                Ok(Action::HubspotCreateCompany { match_property })
+            }
             (Provider::Hubspot, "associate") => Ok(Action::HubspotAssociate {
                 contact_id: template("contact_id")?,
                 company_id: template("company_id")?,
@@ -273,7 +286,7 @@ impl Action {
             | Action::HubspotCreateContact
             | Action::HubspotSearchContacts
             | Action::HubspotUpsertContact { .. }
-            | Action::HubspotCreateCompany => Vec::new(),
+            | Action::HubspotCreateCompany { .. } => Vec::new(),
         }
     }
 
@@ -298,8 +311,9 @@ impl Action {
             | Action::HubspotSearchContacts
             | Action::HubspotUpdateContact { .. }
             | Action::HubspotAssociate { .. } => true,
-            // Nothing identifies a company an earlier attempt made.
-            Action::HubspotCreateCompany => false,
+            // The company an earlier attempt made is searched for by its identifying
+            // property, when the mapping gives it a value.
+            Action::HubspotCreateCompany { .. } => true,
             // A second create meets 409 CONTACT_EXISTS and becomes an update.
             Action::HubspotCreateContact => true,
             // The record an earlier attempt made is looked up before creating another.
@@ -568,7 +582,7 @@ impl Integrations {
                 &rendered_id(id, scope, "id")?,
                 Some(serde_json::json!({ "properties": body })),
             )),
-            Action::HubspotCreateCompany => Ok(hubspot::create_company(connection, body)),
+            Action::HubspotCreateCompany { .. } => Ok(hubspot::create_company(connection, body)),
             Action::HubspotAssociate {
                 contact_id,
                 company_id,
@@ -590,8 +604,8 @@ impl Integrations {
 
     /// One attempt of the step: send, interpret, and follow up where the provider's answer
     /// calls for it (HubSpot's 409 becomes an update). After an `earlier` attempt, a
-    /// Salesforce create or a HubSpot create-contact first looks for the record that attempt
-    /// made.
+    /// Salesforce create, a HubSpot create-contact or create-company first looks for the
+    /// record that attempt made.
     pub async fn execute(
         &self,
         action: &Action,
@@ -659,7 +673,13 @@ impl Integrations {
                 // rate limit of its own: a contact it misses, or a search that fails, leaves
                 // the create below, whose 409 makes it an update, never a second contact.
                 if let Some(search) = earlier.and_then(|earlier| {
-                    hubspot::find_created(connection, request.body.as_ref(), earlier.since)
+                    hubspot::find_created(
+                        connection,
+                        hubspot::Object::Contacts,
+                        "email",
+                        request.body.as_ref(),
+                        earlier.since,
+                    )
                 }) {
                     match self.send(&search, Provider::Hubspot, &[]).await {
                         Ok(found) => {
@@ -691,9 +711,37 @@ impl Integrations {
                 let response = self.send(&request, Provider::Salesforce, &[]).await?;
                 Ok(answer(&response, request_id(action, scope)))
             }
+            Action::HubspotCreateCompany { match_property } => {
+                // After an earlier attempt, the company it may have made is searched for by
+                // its identifying property first. A company's create has no conflict to fall
+                // back on, so a search that fails fails this attempt (it is retried) rather
+                // than risk a second company.
+                let property = match_property
+                    .as_deref()
+                    .unwrap_or(hubspot::COMPANY_MATCH_PROPERTY);
+                if let Some(search) = earlier.and_then(|earlier| {
+                    hubspot::find_created(
+                        connection,
+                        hubspot::Object::Companies,
+                        property,
+                        request.body.as_ref(),
+                        earlier.since,
+                    )
+                }) {
+                    let found = self.send(&search, Provider::Hubspot, &[]).await?;
+                    if let Some(output) = hubspot::interpret_found(&found) {
+                        tracing::info!(
+                            provider_id = output.provider_id.as_deref(),
+                            "found the company an earlier attempt created; not creating another"
+                        );
+                        return Ok(output);
+                    }
+                }
+                let response = self.send(&request, Provider::Hubspot, &[]).await?;
+                Ok(answer(&response, None))
+            }
             Action::HubspotSearchContacts
             | Action::HubspotUpdateContact { .. }
-            | Action::HubspotCreateCompany
             | Action::HubspotAssociate { .. } => {
                 let response = self.send(&request, Provider::Hubspot, &[]).await?;
                 Ok(answer(&response, request_id(action, scope)))

@@ -9,9 +9,10 @@
 //!   created and updated;
 //! - `GET requests`: the log of API requests (method, path, status);
 //!
-//! HubSpot's contact search (`POST /crm/v3/objects/contacts/search`) takes `filterGroups`
-//! (ORed; each group's `filters` ANDed) with EQ, NEQ, GT, GTE, LT and LTE, `createdate` in
-//! epoch milliseconds, and `limit`, and answers `{"total", "results": [{"id", "properties"}]}`.
+//! HubSpot's contact and company searches (`POST /crm/v3/objects/{contacts|companies}/search`)
+//! take `filterGroups` (ORed; each group's `filters` ANDed) with EQ, NEQ, GT, GTE, LT and
+//! LTE, `createdate` in epoch milliseconds, and `limit`, and answer
+//! `{"total", "results": [{"id", "properties"}]}`.
 //!
 //! Batch endpoints: HubSpot's `POST /crm/v3/objects/contacts/batch/{create,update,upsert}`
 //! (at most 100 inputs; inputs with an `objectWriteTraceId` get multi-status answers, `207`
@@ -210,7 +211,14 @@ impl Standin {
             )
             .route("/services/data/{version}/query", get(salesforce_query))
             .route("/crm/v3/objects/contacts", post(hubspot_create))
-            .route("/crm/v3/objects/contacts/search", post(hubspot_search))
+            .route(
+                "/crm/v3/objects/contacts/search",
+                post(hubspot_search_contacts),
+            )
+            .route(
+                "/crm/v3/objects/companies/search",
+                post(hubspot_search_companies),
+            )
             .route("/crm/v3/objects/contacts/batch/{verb}", post(hubspot_batch))
             .route(
                 "/services/data/{version}/composite/sobjects",
@@ -724,15 +732,38 @@ async fn hubspot_create(
     inner.log(&method, &uri, response)
 }
 
-/// `POST /crm/v3/objects/contacts/search`: filter groups are ORed, the filters of a group
-/// ANDed. Operators EQ and NEQ compare a property's text; GT, GTE, LT and LTE compare numbers,
-/// with `createdate` in epoch milliseconds. Anything else is refused as HubSpot refuses it.
-async fn hubspot_search(
+/// `POST /crm/v3/objects/contacts/search`.
+async fn hubspot_search_contacts(
     State(standin): State<Standin>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     Json(body): Json<Value>,
+) -> Response {
+    hubspot_search(standin, "contacts", method, uri, headers, body).await
+}
+
+/// `POST /crm/v3/objects/companies/search`.
+async fn hubspot_search_companies(
+    State(standin): State<Standin>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    hubspot_search(standin, "companies", method, uri, headers, body).await
+}
+
+/// A CRM search of `object`'s records: filter groups are ORed, the filters of a group
+/// ANDed. Operators EQ and NEQ compare a property's text; GT, GTE, LT and LTE compare numbers,
+/// with `createdate` in epoch milliseconds. Anything else is refused as HubSpot refuses it.
+async fn hubspot_search(
+    standin: Standin,
+    object: &str,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Value,
 ) -> Response {
     if let Some(answer) = standin
         .gate(Provider::Hubspot, &method, &uri, &headers)
@@ -752,7 +783,7 @@ async fn hubspot_search(
     for record in inner
         .records
         .iter()
-        .filter(|r| r.provider == "hubspot" && r.object == "contacts" && r.account == account)
+        .filter(|r| r.provider == "hubspot" && r.object == object && r.account == account)
     {
         let mut any = groups.is_empty();
         for group in &groups {
