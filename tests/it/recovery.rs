@@ -126,6 +126,15 @@ async fn take_over(app: &mut TestApp, event_id: &str) -> Run {
     runs[0].clone()
 }
 
+/// The stand-in's log: (method, path, status) of each request.
+fn requests_made(crm: &standin::Running) -> Vec<(String, String, u16)> {
+    crm.standin
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.status))
+        .collect()
+}
+
 fn assert_one_record_and_it_is_the_outcome(crm: &standin::Running, run: &Run) {
     let records = crm.standin.records();
     assert_eq!(records.len(), 1, "{records:#?}");
@@ -249,12 +258,7 @@ async fn a_hubspot_create_contact_killed_after_the_answer_finds_its_contact_inst
     // Found by the search on its email since the first claim: neither created nor updated
     // again.
     assert_eq!(crm.standin.records()[0].updates, 0);
-    let requests: Vec<(String, String, u16)> = crm
-        .standin
-        .requests()
-        .into_iter()
-        .map(|r| (r.method, r.path, r.status))
-        .collect();
+    let requests = requests_made(&crm);
     assert_eq!(
         requests,
         vec![
@@ -288,12 +292,7 @@ async fn a_hubspot_create_company_killed_after_the_answer_finds_its_company_inst
 
     assert_one_record_and_it_is_the_outcome(&crm, &run);
     assert_eq!(crm.standin.records()[0].object, "companies");
-    let requests: Vec<(String, String, u16)> = crm
-        .standin
-        .requests()
-        .into_iter()
-        .map(|r| (r.method, r.path, r.status))
-        .collect();
+    let requests = requests_made(&crm);
     assert_eq!(
         requests,
         vec![

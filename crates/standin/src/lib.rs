@@ -213,11 +213,11 @@ impl Standin {
             .route("/crm/v3/objects/contacts", post(hubspot_create))
             .route(
                 "/crm/v3/objects/contacts/search",
-                post(hubspot_search_contacts),
+                post(|s: State<Standin>, m, u, h, b| hubspot_search(s, "contacts", m, u, h, b)),
             )
             .route(
                 "/crm/v3/objects/companies/search",
-                post(hubspot_search_companies),
+                post(|s: State<Standin>, m, u, h, b| hubspot_search(s, "companies", m, u, h, b)),
             )
             .route("/crm/v3/objects/contacts/batch/{verb}", post(hubspot_batch))
             .route(
@@ -732,38 +732,17 @@ async fn hubspot_create(
     inner.log(&method, &uri, response)
 }
 
-/// `POST /crm/v3/objects/contacts/search`.
-async fn hubspot_search_contacts(
-    State(standin): State<Standin>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    hubspot_search(standin, "contacts", method, uri, headers, body).await
-}
-
-/// `POST /crm/v3/objects/companies/search`.
-async fn hubspot_search_companies(
-    State(standin): State<Standin>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    hubspot_search(standin, "companies", method, uri, headers, body).await
-}
-
-/// A CRM search of `object`'s records: filter groups are ORed, the filters of a group
-/// ANDed. Operators EQ and NEQ compare a property's text; GT, GTE, LT and LTE compare numbers,
-/// with `createdate` in epoch milliseconds. Anything else is refused as HubSpot refuses it.
+/// `POST /crm/v3/objects/{object}/search` (contacts, companies): filter groups are ORed, the
+/// filters of a group ANDed. Operators EQ and NEQ compare a property's text; GT, GTE, LT and
+/// LTE compare numbers, with `createdate` in epoch milliseconds. Anything else is refused as
+/// HubSpot refuses it.
 async fn hubspot_search(
-    standin: Standin,
+    State(standin): State<Standin>,
     object: &str,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Value,
+    Json(body): Json<Value>,
 ) -> Response {
     if let Some(answer) = standin
         .gate(Provider::Hubspot, &method, &uri, &headers)
