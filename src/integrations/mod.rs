@@ -72,8 +72,25 @@ pub enum Action {
         method: Method,
         url: TextTemplate,
         headers: Vec<(String, TextTemplate)>,
+        auth: HttpAuth,
     },
 }
+
+/// The name of an HTTP request step in a Salesforce or HubSpot workflow.
+pub const HTTP_STEP: &str = "http.request";
+
+/// What of the workflow's connection an HTTP step uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpAuth {
+    /// An http workflow's `request`: a relative URL is joined to the connection's base URL,
+    /// and its token is sent as a bearer token unless the step sets Authorization.
+    Connection,
+    /// `http.request` in a Salesforce or HubSpot workflow: the URL is absolute and only the
+    /// step's own headers are sent; the CRM connection's base URL and token are never used.
+    OwnHeaders,
+}
+
+const HTTP_STEP_OPTIONS: &str = "options: url (required; absolute, http:// or https://), method (default POST), headers (object); the CRM token is never sent";
 
 /// The action names per provider, for help texts and errors.
 pub const ACTIONS: &[(Provider, &str, &str)] = &[
@@ -123,6 +140,8 @@ pub const ACTIONS: &[(Provider, &str, &str)] = &[
         "upsert-contact",
         "options: id_property (default email)",
     ),
+    (Provider::Salesforce, HTTP_STEP, HTTP_STEP_OPTIONS),
+    (Provider::Hubspot, HTTP_STEP, HTTP_STEP_OPTIONS),
     (
         Provider::Http,
         "request",
@@ -142,7 +161,9 @@ impl Action {
             (Provider::Hubspot, "update-contact") => &["id"],
             (Provider::Hubspot, "associate") => &["contact_id", "company_id"],
             (Provider::Hubspot, "create-company") => &["match_property"],
-            (Provider::Http, "request") => &["url", "method", "headers"],
+            (Provider::Http, "request") | (Provider::Salesforce | Provider::Hubspot, HTTP_STEP) => {
+                &["url", "method", "headers"]
+            }
             _ => &[],
         }
     }
@@ -242,7 +263,15 @@ impl Action {
             (Provider::Hubspot, "upsert-contact") => Ok(Action::HubspotUpsertContact {
                 id_property: text("id_property")?.unwrap_or_else(|| "email".to_owned()),
             }),
-            (Provider::Http, "request") => http_request::parse_options(options),
+            (Provider::Http, "request") => {
+                http_request::parse_options(options, HttpAuth::Connection)
+            }
+            (Provider::Salesforce | Provider::Hubspot, HTTP_STEP) => {
+                http_request::parse_options(options, HttpAuth::OwnHeaders)
+            }
+            (Provider::Http, HTTP_STEP) => Err(format!(
+                "{HTTP_STEP} is an HTTP step in a salesforce or hubspot workflow; an http workflow's step is action request"
+            )),
             (provider, action) => {
                 let known: Vec<&str> = ACTIONS
                     .iter()
@@ -287,6 +316,14 @@ impl Action {
             | Action::HubspotSearchContacts
             | Action::HubspotUpsertContact { .. }
             | Action::HubspotCreateCompany { .. } => Vec::new(),
+        }
+    }
+
+    /// The provider a step calls: its workflow's, except for an HTTP request.
+    pub fn provider(&self, workflow: Provider) -> Provider {
+        match self {
+            Action::HttpRequest { .. } => Provider::Http,
+            _ => workflow,
         }
     }
 
@@ -598,7 +635,8 @@ impl Integrations {
                 method,
                 url,
                 headers,
-            } => http_request::prepare(connection, method, url, headers, body, scope),
+                auth,
+            } => http_request::prepare(connection, method, url, headers, *auth, body, scope),
         }
     }
 
@@ -746,8 +784,11 @@ impl Integrations {
                 let response = self.send(&request, Provider::Hubspot, &[]).await?;
                 Ok(answer(&response, request_id(action, scope)))
             }
-            Action::HttpRequest { .. } => {
-                let response = self.send(&request, Provider::Http, &[]).await?;
+            Action::HttpRequest { auth, .. } => {
+                let response = self
+                    .send(&request, Provider::Http, &[])
+                    .await
+                    .map_err(|failure| http_request::failure_of(*auth, failure))?;
                 Ok(http_request::interpret(&response))
             }
         }

@@ -162,7 +162,8 @@ pub(super) struct StepOptions {
     /// HTTP: method (default POST).
     #[arg(long)]
     method: Option<String>,
-    /// HTTP: URL template, absolute or relative to the connection's base URL.
+    /// HTTP: URL template, absolute or relative to the connection's base URL (absolute in a
+    /// Salesforce or HubSpot workflow's http.request).
     #[arg(long)]
     url: Option<String>,
     /// HTTP: a header as NAME:VALUE (value may reference the event); repeatable.
