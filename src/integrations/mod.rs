@@ -519,6 +519,14 @@ impl StepOutput {
     }
 }
 
+/// Whether a request counts among the calls to the connection's account, whose limit the
+/// worker keeps ([`limits::record`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Account,
+    Elsewhere,
+}
+
 /// HTTP clients for the steps: one keep-alive pool for the CRMs and token endpoints, one
 /// for generic HTTP steps (which has its own outbound rules).
 #[derive(Clone)]
@@ -785,8 +793,14 @@ impl Integrations {
                 Ok(answer(&response, request_id(action, scope)))
             }
             Action::HttpRequest { auth, .. } => {
+                // A CRM workflow's HTTP request is not a call to the connection's account:
+                // it is not counted toward the account's limit.
+                let counted = match auth {
+                    HttpAuth::Connection => Counted::Account,
+                    HttpAuth::OwnHeaders => Counted::Elsewhere,
+                };
                 let response = self
-                    .send(&request, Provider::Http, &[])
+                    .send_counted(&request, Provider::Http, &[], counted)
                     .await
                     .map_err(|failure| http_request::failure_of(*auth, failure))?;
                 Ok(http_request::interpret(&response))
@@ -819,7 +833,18 @@ impl Integrations {
         provider: Provider,
         answers: &[u16],
     ) -> Result<RawResponse, Failure> {
-        let response = self.send_raw(request, provider).await?;
+        self.send_counted(request, provider, answers, Counted::Account)
+            .await
+    }
+
+    async fn send_counted(
+        &self,
+        request: &PreparedRequest,
+        provider: Provider,
+        answers: &[u16],
+        counted: Counted,
+    ) -> Result<RawResponse, Failure> {
+        let response = self.exchange(request, provider, counted).await?;
         if response.is_success() || answers.contains(&response.status) {
             return Ok(response);
         }
@@ -836,6 +861,15 @@ impl Integrations {
         &self,
         request: &PreparedRequest,
         provider: Provider,
+    ) -> Result<RawResponse, Failure> {
+        self.exchange(request, provider, Counted::Account).await
+    }
+
+    async fn exchange(
+        &self,
+        request: &PreparedRequest,
+        provider: Provider,
+        counted: Counted,
     ) -> Result<RawResponse, Failure> {
         let client = match provider {
             Provider::Http => {
@@ -857,7 +891,9 @@ impl Integrations {
         let response = builder.send().await.map_err(|e| classify::transport(&e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        limits::record(provider, &headers);
+        if counted == Counted::Account {
+            limits::record(provider, &headers);
+        }
         let body = read_capped(response, self.max_response_bytes).await?;
         Ok(RawResponse {
             status,

@@ -740,6 +740,14 @@ async fn a_hubspot_workflow_s_http_step_is_read_by_the_next_step_and_never_carri
         !format!("{:?}", scored.headers).contains("crm-token"),
         "{scored:?}"
     );
+    // The HubSpot account's calls are the create and the update: the HTTP request is not
+    // counted toward its limit.
+    let counted = r#"appevents_provider_calls_total{provider="hubspot"} 2"#;
+    let seen = crate::support::eventually(Duration::from_secs(5), || async {
+        app.metrics().await.contains(counted)
+    })
+    .await;
+    assert!(seen, "{}", app.metrics().await);
 
     // `runs show` lists the HTTP step among the others, with its request and answer.
     let shown: Value = serde_json::from_str(
