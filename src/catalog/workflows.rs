@@ -1,6 +1,6 @@
 //! Workflows: triggered by one app event, an optional condition, and named steps run in
-//! order, each an action of the workflow's provider with its field mapping, an optional
-//! condition and `for_each`, and what a failure does to the rest.
+//! order, each an action of the workflow's provider (or an HTTP request) with its field
+//! mapping, an optional condition and `for_each`, and what a failure does to the rest.
 //!
 //! Storage keeps a one-step workflow as it always was (`action`, `options`, `mapping`
 //! columns, no `steps`), so existing workflows run unchanged and a one-step run records no
@@ -299,6 +299,15 @@ fn compile_step(
     {
         return Err(format!(
             "option match_fields names {missing}, which the mapping does not set"
+        ));
+    }
+    if let Action::HubspotCreateCompany {
+        match_property: Some(property),
+    } = &action
+        && !fields.contains_key(property)
+    {
+        return Err(format!(
+            "option match_property names {property}, which the mapping does not set"
         ));
     }
     let for_each = definition
@@ -848,6 +857,104 @@ mod tests {
             .map(|i| json!({"name": format!("s{i}"), "action": "create", "mapping": {}}))
             .collect();
         assert!(refused(None, Value::Array(many)).contains("at most 20 steps"));
+    }
+
+    fn check_of(provider: Provider, steps: Value) -> Result<(), String> {
+        let steps: Vec<StepDefinition> = serde_json::from_value(steps).expect("steps");
+        validate("w", provider, None, &steps)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_http_step_of_a_crm_workflow_is_checked_naming_the_step_and_the_field() {
+        let http_step = |options: Value| {
+            json!([
+                {"name": "find", "action": "query", "options": {"soql": "SELECT Id FROM Contact"}},
+                {"name": "notify", "action": "http.request", "options": options,
+                 "mapping": {"id": "{{steps.find.records.0.Id}}"}}
+            ])
+        };
+        let refused = |options: Value| {
+            check_of(Provider::Salesforce, http_step(options)).expect_err("refused")
+        };
+
+        assert_eq!(
+            check_of(
+                Provider::Salesforce,
+                http_step(
+                    json!({"url": "https://hooks.example/{{steps.find.totalSize}}",
+                                 "method": "put", "headers": {"x-key": "k"}})
+                )
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            refused(json!({"url": "/hooks/x"})),
+            "step notify: action: option url \"/hooks/x\" is not absolute: a salesforce or hubspot workflow's http.request has no base URL, so its URL starts with https:// or http://"
+        );
+        assert!(
+            refused(json!({"url": "{{payload.url}}"})).contains("is not absolute"),
+            "a URL that is all reference has no known scheme"
+        );
+        assert_eq!(
+            refused(json!({"url": "https://x.example", "timeout": 3})),
+            "step notify: action: salesforce http.request does not take option timeout: it takes only url, method, headers"
+        );
+        assert_eq!(
+            refused(json!({"url": "https://x.example", "method": "TRACE"})),
+            "step notify: action: option method \"TRACE\": expected GET, POST, PUT, PATCH or DELETE"
+        );
+        assert_eq!(
+            refused(json!({})),
+            "step notify: action: option url: required, a string"
+        );
+        assert_eq!(
+            refused(
+                json!({"url": "https://x.example", "headers": {"x-id": "{{steps.notify.id}}"}})
+            ),
+            "step notify: options.headers.x-id: {{steps.notify.id}} reads step notify, which does not run before this one"
+        );
+        let err = check_of(
+            Provider::Http,
+            json!([{"name": "a", "action": "http.request", "options": {"url": "https://x.example"}}]),
+        )
+        .expect_err("refused");
+        assert!(
+            err.contains("an http workflow's step is action request"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_company_s_match_property_must_be_a_property_its_mapping_sets() {
+        let company = |options: Value, mapping: Value| {
+            check_of(
+                Provider::Hubspot,
+                json!([{"name": "company", "action": "create-company",
+                        "options": options, "mapping": mapping}]),
+            )
+        };
+
+        assert_eq!(company(json!({}), json!({"name": "Acme"})), Ok(()));
+        assert_eq!(
+            company(json!({"match_property": "name"}), json!({"name": "Acme"})),
+            Ok(())
+        );
+        assert_eq!(
+            company(json!({"match_property": "domain"}), json!({"name": "Acme"})),
+            Err(
+                "step company: option match_property names domain, which the mapping does not set"
+                    .into()
+            )
+        );
+        assert!(
+            company(
+                json!({"match_property": "Domain Name"}),
+                json!({"name": "Acme"})
+            )
+            .is_err_and(|e| e.contains("is not a HubSpot property name"))
+        );
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! HubSpot CRM v3 contacts.
+//! HubSpot CRM v3 contacts and companies.
 //!
 //! Create: `POST /crm/v3/objects/contacts {"properties": {...}}` answers `201 {"id": ...}`,
 //! or `409 {"category": "CONFLICT", "message": "Contact already exists. Existing ID: 123"}`,
 //! which becomes `PATCH /crm/v3/objects/contacts/123`.
 //! Upsert: `POST /crm/v3/objects/contacts/batch/upsert` with one input carrying `idProperty`.
-//! Finding what an earlier attempt created: `POST /crm/v3/objects/contacts/search` with one
-//! filter group (`email` EQ the contact's, `createdate` GTE the first claim, in epoch
-//! milliseconds) answers `200 {"total": n, "results": [{"id": ..., "properties": {...}}]}`.
-//! The mapping renders the contact's properties.
+//! Finding what an earlier attempt created: `POST /crm/v3/objects/{contacts|companies}/search`
+//! with one filter group (the identifying property EQ the record's — a contact's `email`, a
+//! company's `domain` or its `match_property` — and `createdate` GTE the first claim, in
+//! epoch milliseconds) answers `200 {"total": n, "results": [{"id": ..., "properties": {...}}]}`.
+//! The mapping renders the record's properties.
 
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -19,6 +20,42 @@ use crate::core::failure::Failure;
 use crate::core::provider::Provider;
 
 const CONTACTS: &str = "crm/v3/objects/contacts";
+const COMPANIES: &str = "crm/v3/objects/companies";
+
+/// What identifies a company an earlier attempt created, unless `match_property` says.
+pub const COMPANY_MATCH_PROPERTY: &str = "domain";
+
+/// The objects whose records an earlier attempt may have created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Object {
+    Contacts,
+    Companies,
+}
+
+impl Object {
+    fn path(self) -> &'static str {
+        match self {
+            Object::Contacts => CONTACTS,
+            Object::Companies => COMPANIES,
+        }
+    }
+}
+
+/// A HubSpot property's internal name: lowercase letters, digits and `_`, starting with a
+/// letter (HubSpot's own rule for property names).
+pub fn check_property_name(name: &str, what: &str) -> Result<(), String> {
+    let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "option {what} {name:?} is not a HubSpot property name (lowercase letters, digits and _)"
+        ))
+    }
+}
 
 pub fn create_contact(connection: &Connection, properties: Value) -> PreparedRequest {
     PreparedRequest::new(Method::POST, join_url(&connection.base_url, CONTACTS))
@@ -45,12 +82,9 @@ pub fn search_contacts(connection: &Connection, search: Value) -> PreparedReques
 }
 
 pub fn create_company(connection: &Connection, properties: Value) -> PreparedRequest {
-    PreparedRequest::new(
-        Method::POST,
-        join_url(&connection.base_url, "crm/v3/objects/companies"),
-    )
-    .bearer(connection.access_token.as_ref())
-    .json(json!({ "properties": properties }))
+    PreparedRequest::new(Method::POST, join_url(&connection.base_url, COMPANIES))
+        .bearer(connection.access_token.as_ref())
+        .json(json!({ "properties": properties }))
 }
 
 /// The default (unlabeled) association, v4: `PUT .../associations/default/...`, no body.
@@ -91,38 +125,42 @@ pub fn id_property_value(properties: &Value, id_property: &str) -> Result<String
     )
 }
 
-/// The search for a contact with the email that `body` (a create's body) gives, created at or
-/// after `since`; `None` without an email, HubSpot's unique identifier of a contact.
+/// The search for a record of `object` whose `property` has the value `body` (a create's
+/// body) gives, created at or after `since`; `None` when the body gives no value (a contact's
+/// email is HubSpot's unique identifier of a contact; a company has none, so its mapping
+/// names one).
 pub fn find_created(
     connection: &Connection,
+    object: Object,
+    property: &str,
     body: Option<&Value>,
     since: time::OffsetDateTime,
 ) -> Option<PreparedRequest> {
-    let email = body?
-        .get("properties")?
-        .get("email")?
-        .as_str()
-        .filter(|email| !email.trim().is_empty())?;
+    let value = match body?.get("properties")?.get(property)? {
+        Value::String(text) if !text.trim().is_empty() => text.clone(),
+        Value::Number(number) => number.to_string(),
+        _ => return None,
+    };
     let since_ms = since.unix_timestamp_nanos() / 1_000_000;
     let search = json!({
         "filterGroups": [{"filters": [
-            {"propertyName": "email", "operator": "EQ", "value": email},
+            {"propertyName": property, "operator": "EQ", "value": value},
             {"propertyName": "createdate", "operator": "GTE", "value": since_ms.to_string()},
         ]}],
-        "properties": ["email"],
+        "properties": [property],
         "limit": 1,
     });
     Some(
         PreparedRequest::new(
             Method::POST,
-            join_url(&connection.base_url, &format!("{CONTACTS}/search")),
+            join_url(&connection.base_url, &format!("{}/search", object.path())),
         )
         .bearer(connection.access_token.as_ref())
         .json(search),
     )
 }
 
-/// The first contact a search found, as the step's outcome.
+/// The first record a search found, as the step's outcome.
 pub fn interpret_found(response: &RawResponse) -> Option<StepOutput> {
     let body = response.json()?;
     let first = body.get("results")?.as_array()?.first()?;
@@ -220,7 +258,8 @@ mod tests {
         let since =
             time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(1_796_000_000_123);
         let body = json!({"properties": {"email": "a@example.com", "firstname": "A"}});
-        let search = find_created(&connection, Some(&body), since).expect("an email to search");
+        let search = find_created(&connection, Object::Contacts, "email", Some(&body), since)
+            .expect("an email to search");
         assert_eq!(
             search.url,
             "https://api.hubapi.example/crm/v3/objects/contacts/search"
@@ -233,7 +272,16 @@ mod tests {
             ])
         );
         let no_email = json!({"properties": {"firstname": "A"}});
-        assert!(find_created(&connection, Some(&no_email), since).is_none());
+        assert!(
+            find_created(
+                &connection,
+                Object::Contacts,
+                "email",
+                Some(&no_email),
+                since
+            )
+            .is_none()
+        );
 
         let found = response(
             200,
@@ -244,6 +292,60 @@ mod tests {
             Some("51".into())
         );
         assert!(interpret_found(&response(200, r#"{"total":0,"results":[]}"#)).is_none());
+    }
+
+    #[test]
+    fn a_company_is_searched_for_by_its_identifying_property_when_the_mapping_gives_it() {
+        let connection =
+            Connection::without_credentials("u", Provider::Hubspot, "https://api.hubapi.example");
+        let since = time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(1_000);
+        let body = json!({"properties": {"name": "Acme", "domain": "acme.example"}});
+
+        let search = find_created(
+            &connection,
+            Object::Companies,
+            COMPANY_MATCH_PROPERTY,
+            Some(&body),
+            since,
+        )
+        .expect("a domain to search");
+
+        assert_eq!(
+            search.url,
+            "https://api.hubapi.example/crm/v3/objects/companies/search"
+        );
+        assert_eq!(
+            search.body.expect("body"),
+            json!({
+                "filterGroups": [{"filters": [
+                    {"propertyName": "domain", "operator": "EQ", "value": "acme.example"},
+                    {"propertyName": "createdate", "operator": "GTE", "value": "1000"},
+                ]}],
+                "properties": ["domain"],
+                "limit": 1,
+            })
+        );
+        let by_name = find_created(&connection, Object::Companies, "name", Some(&body), since)
+            .expect("a name to search");
+        assert_eq!(
+            by_name.body.expect("body")["filterGroups"][0]["filters"][0]["value"],
+            json!("Acme")
+        );
+        let nameless = json!({"properties": {"name": "Acme", "domain": " "}});
+        assert!(
+            find_created(
+                &connection,
+                Object::Companies,
+                COMPANY_MATCH_PROPERTY,
+                Some(&nameless),
+                since
+            )
+            .is_none(),
+            "nothing to search by: the create is not guarded"
+        );
+        assert!(check_property_name("domain", "match_property").is_ok());
+        assert!(check_property_name("Domain", "match_property").is_err());
+        assert!(check_property_name("a b", "match_property").is_err());
     }
 
     #[test]

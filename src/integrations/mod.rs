@@ -56,8 +56,10 @@ pub enum Action {
     HubspotSearchContacts,
     /// PATCH a contact by id, the mapping as its properties.
     HubspotUpdateContact { id: TextTemplate },
-    /// POST a company, the mapping as its properties.
-    HubspotCreateCompany,
+    /// POST a company, the mapping as its properties. `match_property`: the property that
+    /// identifies the company (`domain` when not given), searched for before a run that may
+    /// have created it already runs again.
+    HubspotCreateCompany { match_property: Option<String> },
     /// The default (v4, unlabeled) association of a contact with a company.
     HubspotAssociate {
         contact_id: TextTemplate,
@@ -70,8 +72,25 @@ pub enum Action {
         method: Method,
         url: TextTemplate,
         headers: Vec<(String, TextTemplate)>,
+        auth: HttpAuth,
     },
 }
+
+/// The name of an HTTP request step in a Salesforce or HubSpot workflow.
+pub const HTTP_STEP: &str = "http.request";
+
+/// What of the workflow's connection an HTTP step uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpAuth {
+    /// An http workflow's `request`: a relative URL is joined to the connection's base URL,
+    /// and its token is sent as a bearer token unless the step sets Authorization.
+    Connection,
+    /// `http.request` in a Salesforce or HubSpot workflow: the URL is absolute and only the
+    /// step's own headers are sent; the CRM connection's base URL and token are never used.
+    OwnHeaders,
+}
+
+const HTTP_STEP_OPTIONS: &str = "options: url (required; absolute, http:// or https://), method (default POST), headers (object); the CRM token is never sent";
 
 /// The action names per provider, for help texts and errors.
 pub const ACTIONS: &[(Provider, &str, &str)] = &[
@@ -106,7 +125,11 @@ pub const ACTIONS: &[(Provider, &str, &str)] = &[
         "update-contact",
         "options: id (required, e.g. {{steps.find.results.0.id}})",
     ),
-    (Provider::Hubspot, "create-company", "no options"),
+    (
+        Provider::Hubspot,
+        "create-company",
+        "options: match_property (the property that identifies a company; default domain, when mapped)",
+    ),
     (
         Provider::Hubspot,
         "associate",
@@ -117,6 +140,8 @@ pub const ACTIONS: &[(Provider, &str, &str)] = &[
         "upsert-contact",
         "options: id_property (default email)",
     ),
+    (Provider::Salesforce, HTTP_STEP, HTTP_STEP_OPTIONS),
+    (Provider::Hubspot, HTTP_STEP, HTTP_STEP_OPTIONS),
     (
         Provider::Http,
         "request",
@@ -135,7 +160,10 @@ impl Action {
             (Provider::Hubspot, "upsert-contact") => &["id_property"],
             (Provider::Hubspot, "update-contact") => &["id"],
             (Provider::Hubspot, "associate") => &["contact_id", "company_id"],
-            (Provider::Http, "request") => &["url", "method", "headers"],
+            (Provider::Hubspot, "create-company") => &["match_property"],
+            (Provider::Http, "request") | (Provider::Salesforce | Provider::Hubspot, HTTP_STEP) => {
+                &["url", "method", "headers"]
+            }
             _ => &[],
         }
     }
@@ -221,7 +249,13 @@ impl Action {
             (Provider::Hubspot, "update-contact") => Ok(Action::HubspotUpdateContact {
                 id: template("id")?,
             }),
-            (Provider::Hubspot, "create-company") => Ok(Action::HubspotCreateCompany),
+            (Provider::Hubspot, "create-company") => {
+                let match_property = text("match_property")?;
+                if let Some(property) = &match_property {
+                    hubspot::check_property_name(property, "match_property")?;
+                }
+                Ok(Action::HubspotCreateCompany { match_property })
+            }
             (Provider::Hubspot, "associate") => Ok(Action::HubspotAssociate {
                 contact_id: template("contact_id")?,
                 company_id: template("company_id")?,
@@ -229,7 +263,15 @@ impl Action {
             (Provider::Hubspot, "upsert-contact") => Ok(Action::HubspotUpsertContact {
                 id_property: text("id_property")?.unwrap_or_else(|| "email".to_owned()),
             }),
-            (Provider::Http, "request") => http_request::parse_options(options),
+            (Provider::Http, "request") => {
+                http_request::parse_options(options, HttpAuth::Connection)
+            }
+            (Provider::Salesforce | Provider::Hubspot, HTTP_STEP) => {
+                http_request::parse_options(options, HttpAuth::OwnHeaders)
+            }
+            (Provider::Http, HTTP_STEP) => Err(format!(
+                "{HTTP_STEP} is an HTTP step in a salesforce or hubspot workflow; an http workflow's step is action request"
+            )),
             (provider, action) => {
                 let known: Vec<&str> = ACTIONS
                     .iter()
@@ -273,7 +315,15 @@ impl Action {
             | Action::HubspotCreateContact
             | Action::HubspotSearchContacts
             | Action::HubspotUpsertContact { .. }
-            | Action::HubspotCreateCompany => Vec::new(),
+            | Action::HubspotCreateCompany { .. } => Vec::new(),
+        }
+    }
+
+    /// The provider a step calls: its workflow's, except for an HTTP request.
+    pub fn provider(&self, workflow: Provider) -> Provider {
+        match self {
+            Action::HttpRequest { .. } => Provider::Http,
+            _ => workflow,
         }
     }
 
@@ -298,8 +348,9 @@ impl Action {
             | Action::HubspotSearchContacts
             | Action::HubspotUpdateContact { .. }
             | Action::HubspotAssociate { .. } => true,
-            // Nothing identifies a company an earlier attempt made.
-            Action::HubspotCreateCompany => false,
+            // The company an earlier attempt made is searched for by its identifying
+            // property, when the mapping gives it a value.
+            Action::HubspotCreateCompany { .. } => true,
             // A second create meets 409 CONTACT_EXISTS and becomes an update.
             Action::HubspotCreateContact => true,
             // The record an earlier attempt made is looked up before creating another.
@@ -468,6 +519,14 @@ impl StepOutput {
     }
 }
 
+/// Whether a request counts among the calls to the connection's account, whose limit the
+/// worker keeps ([`limits::record`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Account,
+    Elsewhere,
+}
+
 /// HTTP clients for the steps: one keep-alive pool for the CRMs and token endpoints, one
 /// for generic HTTP steps (which has its own outbound rules).
 #[derive(Clone)]
@@ -568,7 +627,7 @@ impl Integrations {
                 &rendered_id(id, scope, "id")?,
                 Some(serde_json::json!({ "properties": body })),
             )),
-            Action::HubspotCreateCompany => Ok(hubspot::create_company(connection, body)),
+            Action::HubspotCreateCompany { .. } => Ok(hubspot::create_company(connection, body)),
             Action::HubspotAssociate {
                 contact_id,
                 company_id,
@@ -584,14 +643,15 @@ impl Integrations {
                 method,
                 url,
                 headers,
-            } => http_request::prepare(connection, method, url, headers, body, scope),
+                auth,
+            } => http_request::prepare(connection, method, url, headers, *auth, body, scope),
         }
     }
 
     /// One attempt of the step: send, interpret, and follow up where the provider's answer
     /// calls for it (HubSpot's 409 becomes an update). After an `earlier` attempt, a
-    /// Salesforce create or a HubSpot create-contact first looks for the record that attempt
-    /// made.
+    /// Salesforce create, a HubSpot create-contact or create-company first looks for the
+    /// record that attempt made.
     pub async fn execute(
         &self,
         action: &Action,
@@ -659,7 +719,13 @@ impl Integrations {
                 // rate limit of its own: a contact it misses, or a search that fails, leaves
                 // the create below, whose 409 makes it an update, never a second contact.
                 if let Some(search) = earlier.and_then(|earlier| {
-                    hubspot::find_created(connection, request.body.as_ref(), earlier.since)
+                    hubspot::find_created(
+                        connection,
+                        hubspot::Object::Contacts,
+                        "email",
+                        request.body.as_ref(),
+                        earlier.since,
+                    )
                 }) {
                     match self.send(&search, Provider::Hubspot, &[]).await {
                         Ok(found) => {
@@ -691,15 +757,52 @@ impl Integrations {
                 let response = self.send(&request, Provider::Salesforce, &[]).await?;
                 Ok(answer(&response, request_id(action, scope)))
             }
+            Action::HubspotCreateCompany { match_property } => {
+                // After an earlier attempt, the company it may have made is searched for by
+                // its identifying property first. A company's create has no conflict to fall
+                // back on, so a search that fails fails this attempt (it is retried) rather
+                // than risk a second company.
+                let property = match_property
+                    .as_deref()
+                    .unwrap_or(hubspot::COMPANY_MATCH_PROPERTY);
+                if let Some(search) = earlier.and_then(|earlier| {
+                    hubspot::find_created(
+                        connection,
+                        hubspot::Object::Companies,
+                        property,
+                        request.body.as_ref(),
+                        earlier.since,
+                    )
+                }) {
+                    let found = self.send(&search, Provider::Hubspot, &[]).await?;
+                    if let Some(output) = hubspot::interpret_found(&found) {
+                        tracing::info!(
+                            provider_id = output.provider_id.as_deref(),
+                            "found the company an earlier attempt created; not creating another"
+                        );
+                        return Ok(output);
+                    }
+                }
+                let response = self.send(&request, Provider::Hubspot, &[]).await?;
+                Ok(answer(&response, None))
+            }
             Action::HubspotSearchContacts
             | Action::HubspotUpdateContact { .. }
-            | Action::HubspotCreateCompany
             | Action::HubspotAssociate { .. } => {
                 let response = self.send(&request, Provider::Hubspot, &[]).await?;
                 Ok(answer(&response, request_id(action, scope)))
             }
-            Action::HttpRequest { .. } => {
-                let response = self.send(&request, Provider::Http, &[]).await?;
+            Action::HttpRequest { auth, .. } => {
+                // A CRM workflow's HTTP request is not a call to the connection's account:
+                // it is not counted toward the account's limit.
+                let counted = match auth {
+                    HttpAuth::Connection => Counted::Account,
+                    HttpAuth::OwnHeaders => Counted::Elsewhere,
+                };
+                let response = self
+                    .send_counted(&request, Provider::Http, &[], counted)
+                    .await
+                    .map_err(|failure| http_request::failure_of(*auth, failure))?;
                 Ok(http_request::interpret(&response))
             }
         }
@@ -730,7 +833,18 @@ impl Integrations {
         provider: Provider,
         answers: &[u16],
     ) -> Result<RawResponse, Failure> {
-        let response = self.send_raw(request, provider).await?;
+        self.send_counted(request, provider, answers, Counted::Account)
+            .await
+    }
+
+    async fn send_counted(
+        &self,
+        request: &PreparedRequest,
+        provider: Provider,
+        answers: &[u16],
+        counted: Counted,
+    ) -> Result<RawResponse, Failure> {
+        let response = self.exchange(request, provider, counted).await?;
         if response.is_success() || answers.contains(&response.status) {
             return Ok(response);
         }
@@ -747,6 +861,15 @@ impl Integrations {
         &self,
         request: &PreparedRequest,
         provider: Provider,
+    ) -> Result<RawResponse, Failure> {
+        self.exchange(request, provider, Counted::Account).await
+    }
+
+    async fn exchange(
+        &self,
+        request: &PreparedRequest,
+        provider: Provider,
+        counted: Counted,
     ) -> Result<RawResponse, Failure> {
         let client = match provider {
             Provider::Http => {
@@ -768,7 +891,9 @@ impl Integrations {
         let response = builder.send().await.map_err(|e| classify::transport(&e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        limits::record(provider, &headers);
+        if counted == Counted::Account {
+            limits::record(provider, &headers);
+        }
         let body = read_capped(response, self.max_response_bytes).await?;
         Ok(RawResponse {
             status,

@@ -229,7 +229,7 @@ impl Context {
         };
         let result = self
             .run_action(
-                workflow.provider,
+                step.action.provider(workflow.provider),
                 &step.action,
                 current,
                 &body,

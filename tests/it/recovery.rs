@@ -1,7 +1,9 @@
 //! Recovery from a worker killed with SIGKILL: its runs are taken over within seconds of its
 //! death (claims follow the worker's liveness, renewed every third of a lease), and a run it
 //! left is executed once: killed between the provider's answer and the record (the
-//! `worker.crash_after_provider_answer` failpoint), no action makes a second record.
+//! `worker.crash_after_provider_answer` failpoint), no action makes a second record: each
+//! create looks for what the killed attempt made (a Salesforce create by its match fields, a
+//! HubSpot contact by email, a HubSpot company by its domain or `match_property`).
 
 use std::time::{Duration, Instant};
 
@@ -122,6 +124,15 @@ async fn take_over(app: &mut TestApp, event_id: &str) -> Run {
     app.start_worker().await;
     let runs = app.wait_for_runs(event_id, 1, RunStatus::Succeeded).await;
     runs[0].clone()
+}
+
+/// The stand-in's log: (method, path, status) of each request.
+fn requests_made(crm: &standin::Running) -> Vec<(String, String, u16)> {
+    crm.standin
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.status))
+        .collect()
 }
 
 fn assert_one_record_and_it_is_the_outcome(crm: &standin::Running, run: &Run) {
@@ -247,12 +258,7 @@ async fn a_hubspot_create_contact_killed_after_the_answer_finds_its_contact_inst
     // Found by the search on its email since the first claim: neither created nor updated
     // again.
     assert_eq!(crm.standin.records()[0].updates, 0);
-    let requests: Vec<(String, String, u16)> = crm
-        .standin
-        .requests()
-        .into_iter()
-        .map(|r| (r.method, r.path, r.status))
-        .collect();
+    let requests = requests_made(&crm);
     assert_eq!(
         requests,
         vec![
@@ -265,6 +271,71 @@ async fn a_hubspot_create_contact_killed_after_the_answer_finds_its_contact_inst
             ("POST".into(), "/crm/v3/objects/contacts/search".into(), 200),
         ],
         "{requests:#?}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_hubspot_create_company_killed_after_the_answer_finds_its_company_instead_of_creating_another()
+ {
+    // No match_property: the company's domain, which the mapping sets, identifies it.
+    let (crm, mut app, _) = crash_between_answer_and_record(
+        Provider::Hubspot,
+        "create-company",
+        json!({}),
+        json!({"name": "{{payload.last_name}} Ltd", "domain": "once.example"}),
+        "evt-hs-company",
+    )
+    .await;
+
+    let run = take_over(&mut app, "evt-hs-company").await;
+
+    assert_one_record_and_it_is_the_outcome(&crm, &run);
+    assert_eq!(crm.standin.records()[0].object, "companies");
+    let requests = requests_made(&crm);
+    assert_eq!(
+        requests,
+        vec![
+            ("POST".into(), "/crm/v3/objects/companies".into(), 201),
+            (
+                "POST".into(),
+                "/crm/v3/objects/companies/search".into(),
+                200
+            ),
+        ],
+        "found by the search on its domain since the first claim, not created again: {requests:#?}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_hubspot_create_company_killed_after_the_answer_is_found_by_its_match_property() {
+    // No domain mapped: `match_property` names what identifies the company.
+    let (crm, mut app, _) = crash_between_answer_and_record(
+        Provider::Hubspot,
+        "create-company",
+        json!({"match_property": "name"}),
+        json!({"name": "{{payload.last_name}} Ltd"}),
+        "evt-hs-company-name",
+    )
+    .await;
+
+    let run = take_over(&mut app, "evt-hs-company-name").await;
+
+    assert_one_record_and_it_is_the_outcome(&crm, &run);
+    let posts: Vec<String> = crm
+        .standin
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        posts,
+        [
+            "/crm/v3/objects/companies",
+            "/crm/v3/objects/companies/search"
+        ]
     );
     app.cleanup().await;
 }

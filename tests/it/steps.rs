@@ -489,6 +489,121 @@ async fn bad_definitions_are_refused_in_one_line_by_the_cli_and_with_400_by_the_
 }
 
 #[tokio::test]
+async fn a_bad_http_step_is_refused_in_one_line_naming_the_step_and_the_field() {
+    let app = TestApp::new().await;
+    app.app_event(CONTACT_CREATED).await;
+    let steps = |options: Value| {
+        json!([
+            {"name": "create", "action": "create-contact", "mapping": {"email": "{{payload.email}}"}},
+            {"name": "score", "action": "http.request", "options": options,
+             "mapping": {"contact": "{{steps.create.id}}"}}
+        ])
+        .to_string()
+    };
+
+    let relative = steps(json!({"url": "/scores"}));
+    let (code, _, err) = crate::cli::run(
+        &app,
+        &[
+            "workflow",
+            "create",
+            "--name",
+            "w",
+            "--event",
+            CONTACT_CREATED,
+            "--provider",
+            "hubspot",
+            "--steps",
+            &relative,
+        ],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("step score: action: option url \"/scores\" is not absolute"),
+        "{err}"
+    );
+
+    let server = crate::support::ServerHandle::start(&app.settings).await;
+    for (options, expected) in [
+        (
+            json!({"url": "https://scores.example/x", "body": "{}"}),
+            "step score: action: hubspot http.request does not take option body: it takes only url, method, headers",
+        ),
+        (
+            json!({"url": "https://scores.example/x", "method": "FETCH"}),
+            "step score: action: option method \"FETCH\": expected GET, POST, PUT, PATCH or DELETE",
+        ),
+        (
+            json!({"url": "https://scores.example/{{steps.later.id}}"}),
+            "step score: options.url: {{steps.later.id}} reads step later, which the workflow does not have",
+        ),
+    ] {
+        let (status, body) = crate::api::call(
+            &server,
+            reqwest::Method::POST,
+            "/v1/workflows",
+            Some(
+                json!({"name": "api", "event": CONTACT_CREATED, "provider": "hubspot",
+                        "steps": serde_json::from_str::<Value>(&steps(options)).expect("steps")}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(expected), "{error}");
+    }
+    // An http workflow's step is `request`, with the connection's base URL and token.
+    let (status, body) = crate::api::call(
+        &server,
+        reqwest::Method::POST,
+        "/v1/workflows",
+        Some(
+            json!({"name": "api", "event": CONTACT_CREATED, "provider": "http",
+                    "action": "http.request", "options": {"url": "https://x.example/"}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("an http workflow's step is action request")),
+        "{body}"
+    );
+    server.stop().await;
+
+    let file = std::env::temp_dir().join(format!("appevents-{}-bad-http.yaml", app.tag));
+    std::fs::write(
+        &file,
+        "key: bad-http\nname: Bad\nevent: Contact Created\nprovider: salesforce\nsteps:\n  - name: notify\n    action: http.request\n    options:\n      url: https://hooks.example/x\n      headers: [x]\n",
+    )
+    .expect("write");
+    let (code, _, err) = crate::cli::run(
+        &app,
+        &["workflow", "apply", "-f", file.to_str().expect("path")],
+    )
+    .await;
+    std::fs::remove_file(&file).ok();
+    assert_ne!(code, 0);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(
+            "bad-http.yaml: step notify: action: option headers must be an object of strings"
+        ),
+        "{err}"
+    );
+    assert!(
+        workflows::list(&app.pool, None, None)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_api_shows_a_run_with_its_steps_to_its_user_only() {
     let (_crm, app) = running(None, account_contact_task()).await;
     app.publish(CONTACT_CREATED, "u", payload(), Some("evt-api"))
@@ -516,6 +631,283 @@ async fn the_api_shows_a_run_with_its_steps_to_its_user_only() {
     let (status, _) = crate::api::call(&server, reqwest::Method::GET, &other, None).await;
     assert_eq!(status, 404);
     server.stop().await;
+    app.cleanup().await;
+}
+
+/// A HubSpot workflow file whose middle step is an HTTP request to `server`: the contact
+/// created, then scored by the server (the request carries the contact's id and the step's
+/// own key, never the CRM token), then tagged with the score's segment.
+fn create_score_tag(server: &str) -> String {
+    format!(
+        r#"key: score-contacts
+name: Contacts scored
+event: Contact Created
+provider: hubspot
+steps:
+  - name: create
+    action: create-contact
+    mapping:
+      email: "{{{{payload.email}}}}"
+      lastname: "{{{{payload.last_name}}}}"
+  - name: score
+    action: http.request
+    options:
+      url: {server}/scores
+      headers:
+        x-api-key: scoring-key
+        x-contact: "{{{{steps.create.id}}}}"
+    mapping:
+      contact: "{{{{steps.create.id}}}}"
+      email: "{{{{payload.email}}}}"
+  - name: tag
+    action: update-contact
+    when: steps.score.score > 50
+    options:
+      id: "{{{{steps.create.id}}}}"
+    mapping:
+      segment: "{{{{steps.score.segment}}}}"
+"#
+    )
+}
+
+/// Applies a workflow file of `text` on the command line and switches it on for user "u"
+/// on the stand-in; returns the workflow's id.
+async fn applied(app: &TestApp, crm: &str, name: &str, text: &str) -> Uuid {
+    app.app_event(CONTACT_CREATED).await;
+    let file = std::env::temp_dir().join(format!("appevents-{}-{name}.yaml", app.tag));
+    std::fs::write(&file, text).expect("write");
+    crate::cli::ok(
+        app,
+        &["workflow", "apply", "-f", file.to_str().expect("path")],
+    )
+    .await;
+    std::fs::remove_file(&file).ok();
+    let workflow = workflows::list(&app.pool, None, None).await.expect("list")[0].id;
+    let connection = app
+        .connection("u", Provider::Hubspot, crm, "crm-token")
+        .await;
+    app.subscribe("u", workflow, connection).await;
+    workflow
+}
+
+#[tokio::test]
+async fn a_hubspot_workflow_s_http_step_is_read_by_the_next_step_and_never_carries_the_crm_token() {
+    let server = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/scores"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200)
+                .set_body_json(json!({"segment": "gold", "score": 87})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let mut app = TestApp::new().await;
+    applied(&app, &crm.url(), "score", &create_score_tag(&server.uri())).await;
+    app.start_worker().await;
+
+    app.publish(CONTACT_CREATED, "u", payload(), Some("evt-score"))
+        .await;
+    let runs = app
+        .wait_for_runs("evt-score", 1, RunStatus::Succeeded)
+        .await;
+
+    let records = crm.standin.records();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let contact = &records[0];
+    assert_eq!(contact.fields["segment"], json!("gold"), "{contact:#?}");
+    assert_eq!((contact.creates, contact.updates), (1, 1));
+    let received = server.received_requests().await.expect("recorded");
+    assert_eq!(received.len(), 1);
+    let scored = &received[0];
+    let body: Value = serde_json::from_slice(&scored.body).expect("JSON body");
+    assert_eq!(
+        body,
+        json!({"contact": contact.id, "email": "chain@example.com"})
+    );
+    let header = |name: &str| {
+        scored
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("x-api-key").as_deref(), Some("scoring-key"));
+    assert_eq!(header("x-contact").as_deref(), Some(contact.id.as_str()));
+    assert_eq!(header("authorization"), None, "no CRM token: {scored:?}");
+    assert!(
+        !format!("{:?}", scored.headers).contains("crm-token"),
+        "{scored:?}"
+    );
+    // The HubSpot account's calls are the create and the update: the HTTP request is not
+    // counted toward its limit.
+    let counted = r#"appevents_provider_calls_total{provider="hubspot"} 2"#;
+    let seen = crate::support::eventually(Duration::from_secs(5), || async {
+        app.metrics().await.contains(counted)
+    })
+    .await;
+    assert!(seen, "{}", app.metrics().await);
+
+    // `runs show` lists the HTTP step among the others, with its request and answer.
+    let shown: Value = serde_json::from_str(
+        &crate::cli::ok(&app, &["runs", "show", &runs[0].id.to_string()]).await,
+    )
+    .expect("JSON");
+    let steps = shown["steps"].as_array().expect("steps");
+    let names: Vec<&str> = steps.iter().filter_map(|s| s["step"].as_str()).collect();
+    assert_eq!(names, ["create", "score", "tag"], "{shown}");
+    assert_eq!(steps[1]["status"], json!("succeeded"));
+    assert_eq!(steps[1]["output"], json!({"segment": "gold", "score": 87}));
+    assert_eq!(steps[1]["request"]["method"], json!("POST"));
+    assert_eq!(
+        steps[1]["request"]["url"],
+        json!(format!("{}/scores", server.uri()))
+    );
+    assert!(!shown.to_string().contains("crm-token"), "{shown}");
+
+    // Exported, the file says the same, and applying it again changes nothing.
+    let exported = std::env::temp_dir().join(format!("appevents-{}-score-export", app.tag));
+    let directory = exported.to_str().expect("path");
+    crate::cli::ok(&app, &["workflow", "export", "-o", directory]).await;
+    let text = std::fs::read_to_string(exported.join("score-contacts.yaml")).expect("exported");
+    assert!(
+        text.contains("action: http.request") && text.contains("x-api-key: scoring-key"),
+        "{text}"
+    );
+    let again = crate::cli::ok(&app, &["workflow", "apply", "-f", directory]).await;
+    assert!(again.starts_with("unchanged: score-contacts"), "{again}");
+    std::fs::remove_dir_all(&exported).ok();
+    server.verify().await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_crm_workflow_s_http_step_is_held_to_the_outbound_rules() {
+    let server = wiremock::MockServer::start().await;
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    // Nothing allowed: the HTTP step may not reach the loopback address; the CRM calls,
+    // made with the CRM's own client, still go.
+    let mut app = TestApp::with_settings(|s| s.http.allow = Vec::new()).await;
+    applied(
+        &app,
+        &crm.url(),
+        "refused",
+        &create_score_tag(&server.uri()),
+    )
+    .await;
+    app.start_worker().await;
+
+    app.publish(CONTACT_CREATED, "u", payload(), Some("evt-refused"))
+        .await;
+    let runs = app.wait_for_runs("evt-refused", 1, RunStatus::Dead).await;
+
+    let error = runs[0].last_error.as_ref().expect("error");
+    assert_eq!(error["code"], json!("OUTBOUND_REFUSED"), "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("step score: outbound request to 127.0.0.1 refused")),
+        "{error}"
+    );
+    assert!(
+        server
+            .received_requests()
+            .await
+            .expect("recorded")
+            .is_empty()
+    );
+    assert_eq!(crm.standin.records().len(), 1, "step create ran");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_dry_run_sends_an_http_get_step_as_a_read_and_every_step_with_send() {
+    let server = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("GET"))
+        // The event's value is percent-encoded into the path.
+        .and(wiremock::matchers::path("/segments/chain%40example.com"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_body_json(json!({"segment": "gold"})),
+        )
+        .expect(2)
+        .mount(&server)
+        .await;
+    let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
+    let app = TestApp::new().await;
+    let text = format!(
+        r#"key: segmented
+name: Contacts segmented
+event: Contact Created
+provider: hubspot
+steps:
+  - name: segment
+    action: http.request
+    options: {{method: GET, url: "{}/segments/{{{{payload.email}}}}"}}
+  - name: create
+    action: create-contact
+    mapping: {{email: "{{{{payload.email}}}}", segment: "{{{{steps.segment.segment}}}}"}}
+"#,
+        server.uri()
+    );
+    let id = applied(&app, &crm.url(), "segmented", &text)
+        .await
+        .to_string();
+    let payload = payload().to_string();
+    let test = |more: &'static str| {
+        let mut args = vec!["workflow", "test", id.as_str(), "--user", "u"];
+        args.extend(["--payload", payload.as_str(), "--json"]);
+        args.extend(more.split_whitespace());
+        args.into_iter().map(str::to_owned).collect::<Vec<String>>()
+    };
+    let report = |args: Vec<String>| {
+        let app = &app;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = crate::cli::ok(app, &args).await;
+            serde_json::from_str::<Value>(&out).expect("JSON")
+        }
+    };
+    let outcomes = |report: &Value| -> Vec<String> {
+        report["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .filter_map(|s| s["outcome"].as_str().map(str::to_owned))
+            .collect()
+    };
+
+    let rendered = report(test("")).await;
+    assert_eq!(outcomes(&rendered), ["rendered", "rendered"], "{rendered}");
+    assert_eq!(
+        rendered["steps"][0]["request"]["headers"],
+        json!([]),
+        "no CRM token on the HTTP step: {rendered}"
+    );
+    assert!(
+        server
+            .received_requests()
+            .await
+            .expect("recorded")
+            .is_empty()
+    );
+
+    let reads = report(test("--send-reads")).await;
+    assert_eq!(outcomes(&reads), ["sent", "rendered"], "{reads}");
+    assert_eq!(reads["steps"][0]["output"], json!({"segment": "gold"}));
+    assert_eq!(
+        reads["steps"][1]["request"]["body"]["properties"]["segment"],
+        json!("gold"),
+        "the write renders with the read's real answer: {reads}"
+    );
+    assert!(crm.standin.records().is_empty(), "the write was not sent");
+
+    let sent = report(test("--send")).await;
+    assert_eq!(outcomes(&sent), ["sent", "sent"], "{sent}");
+    let records = crm.standin.records();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0].fields["segment"], json!("gold"));
+    server.verify().await;
     app.cleanup().await;
 }
 

@@ -9,9 +9,10 @@
 //!   created and updated;
 //! - `GET requests`: the log of API requests (method, path, status);
 //!
-//! HubSpot's contact search (`POST /crm/v3/objects/contacts/search`) takes `filterGroups`
-//! (ORed; each group's `filters` ANDed) with EQ, NEQ, GT, GTE, LT and LTE, `createdate` in
-//! epoch milliseconds, and `limit`, and answers `{"total", "results": [{"id", "properties"}]}`.
+//! HubSpot's contact and company searches (`POST /crm/v3/objects/{contacts|companies}/search`)
+//! take `filterGroups` (ORed; each group's `filters` ANDed) with EQ, NEQ, GT, GTE, LT and
+//! LTE, `createdate` in epoch milliseconds, and `limit`, and answer
+//! `{"total", "results": [{"id", "properties"}]}`.
 //!
 //! Batch endpoints: HubSpot's `POST /crm/v3/objects/contacts/batch/{create,update,upsert}`
 //! (at most 100 inputs; inputs with an `objectWriteTraceId` get multi-status answers, `207`
@@ -210,7 +211,14 @@ impl Standin {
             )
             .route("/services/data/{version}/query", get(salesforce_query))
             .route("/crm/v3/objects/contacts", post(hubspot_create))
-            .route("/crm/v3/objects/contacts/search", post(hubspot_search))
+            .route(
+                "/crm/v3/objects/contacts/search",
+                post(|s: State<Standin>, m, u, h, b| hubspot_search(s, "contacts", m, u, h, b)),
+            )
+            .route(
+                "/crm/v3/objects/companies/search",
+                post(|s: State<Standin>, m, u, h, b| hubspot_search(s, "companies", m, u, h, b)),
+            )
             .route("/crm/v3/objects/contacts/batch/{verb}", post(hubspot_batch))
             .route(
                 "/services/data/{version}/composite/sobjects",
@@ -724,11 +732,13 @@ async fn hubspot_create(
     inner.log(&method, &uri, response)
 }
 
-/// `POST /crm/v3/objects/contacts/search`: filter groups are ORed, the filters of a group
-/// ANDed. Operators EQ and NEQ compare a property's text; GT, GTE, LT and LTE compare numbers,
-/// with `createdate` in epoch milliseconds. Anything else is refused as HubSpot refuses it.
+/// `POST /crm/v3/objects/{object}/search` (contacts, companies): filter groups are ORed, the
+/// filters of a group ANDed. Operators EQ and NEQ compare a property's text; GT, GTE, LT and
+/// LTE compare numbers, with `createdate` in epoch milliseconds. Anything else is refused as
+/// HubSpot refuses it.
 async fn hubspot_search(
     State(standin): State<Standin>,
+    object: &str,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -752,7 +762,7 @@ async fn hubspot_search(
     for record in inner
         .records
         .iter()
-        .filter(|r| r.provider == "hubspot" && r.object == "contacts" && r.account == account)
+        .filter(|r| r.provider == "hubspot" && r.object == object && r.account == account)
     {
         let mut any = groups.is_empty();
         for group in &groups {

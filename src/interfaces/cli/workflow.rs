@@ -155,10 +155,15 @@ pub(super) struct StepOptions {
     /// HubSpot upsert: the property that identifies a contact (default email).
     #[arg(long)]
     id_property: Option<String>,
+    /// HubSpot create-company: the mapped property that identifies a company, searched for
+    /// before a run that may have created it already runs again (default domain, when mapped).
+    #[arg(long)]
+    match_property: Option<String>,
     /// HTTP: method (default POST).
     #[arg(long)]
     method: Option<String>,
-    /// HTTP: URL template, absolute or relative to the connection's base URL.
+    /// HTTP: URL template, absolute or relative to the connection's base URL (absolute in a
+    /// Salesforce or HubSpot workflow's http.request).
     #[arg(long)]
     url: Option<String>,
     /// HTTP: a header as NAME:VALUE (value may reference the event); repeatable.
@@ -180,6 +185,7 @@ impl StepOptions {
             ("sobject", &self.sobject),
             ("external_id_field", &self.external_id_field),
             ("id_property", &self.id_property),
+            ("match_property", &self.match_property),
             ("method", &self.method),
             ("url", &self.url),
         ];
