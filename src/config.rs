@@ -787,7 +787,7 @@ mod tests {
         };
         let settings = Settings::load(&sources).expect("loads");
         assert_eq!(settings.worker.concurrency, 7);
-        assert_eq!(settings.amqp.prefetch, 256);
+        assert_eq!(settings.amqp.prefetch, 512);
         std::fs::remove_dir_all(dir).ok();
     }
 

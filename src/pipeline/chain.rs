@@ -220,12 +220,14 @@ impl Context {
                 .map(|r| json!({"method": r.method.as_str(), "url": r.url, "body": r.body}))
         };
         let calls = AtomicU32::new(0);
+        let no_batch = Mutex::new(None);
         let step_attempt = Attempt {
             calls: &calls,
             claimed_before: attempt.claimed_before,
             since: attempt.since,
             rides: false,
             paid: attempt.paid,
+            coming: &no_batch,
         };
         let result = self
             .run_action(

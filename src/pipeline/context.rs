@@ -44,7 +44,7 @@ pub struct Context {
     /// Per-account rate limits and the per-connection in-flight cap.
     pub(crate) throttle: Throttle,
     /// Runs gathered into the providers' batch calls.
-    pub(crate) batches: Batches,
+    pub(crate) batches: Arc<Batches>,
     pub topology: Topology,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -101,7 +101,7 @@ impl Context {
             .map_err(anyhow::Error::msg)?;
         Ok(Context {
             throttle,
-            batches: Batches::new(&settings.batching),
+            batches: Arc::new(Batches::new(&settings.batching)),
             claims,
             records,
             resolver: Arc::new(Resolver::new(pool.clone(), keyring.clone())),

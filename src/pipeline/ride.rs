@@ -11,7 +11,7 @@ use crate::core::failure::Failure;
 use crate::integrations::batch_api::{self, BatchKind, BatchRecord, RecordAnswer};
 use crate::observe::metrics::label;
 use crate::pipeline::context::Context;
-use crate::pipeline::provider_batch::{Ridden, Rider, Seat};
+use crate::pipeline::provider_batch::{Coming, Ridden, Rider, Seat};
 
 impl Context {
     /// Sends the run's record in a batch with others of its connection and action, and
@@ -23,14 +23,20 @@ impl Context {
         connection: &Connection,
         record: BatchRecord,
         paid: bool,
+        coming: Option<Coming>,
     ) -> Ridden {
         let (answer, answered) = oneshot::channel();
         let key = (connection.id, kind);
-        match self.batches.join(key.clone(), record, answer) {
+        match self.batches.join(key.clone(), record, answer, coming) {
             Seat::Follower => {}
             Seat::Alone => return Ridden::Answer(RecordAnswer::Alone),
-            Seat::Leader { id, riders, full } => {
-                let riders = self.batches.gather(&key, id, &riders, &full).await;
+            Seat::Leader {
+                id,
+                riders,
+                full,
+                wait,
+            } => {
+                let riders = self.batches.gather(&key, id, &riders, &full, wait).await;
                 self.send_batch(&key.1, connection, riders, paid).await;
             }
         }

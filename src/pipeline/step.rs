@@ -18,7 +18,7 @@ use crate::integrations::batch_api::{self, BatchKind, RecordAnswer};
 use crate::integrations::{Action, Earlier, StepOutput};
 use crate::observe::metrics::label;
 use crate::pipeline::context::Context;
-use crate::pipeline::provider_batch::{self, Ridden};
+use crate::pipeline::provider_batch::{self, Coming, Key, Ridden};
 use crate::pipeline::resolve::Target;
 use crate::pipeline::runs::RunClaim;
 
@@ -29,22 +29,26 @@ const CLOCK_SKEW: Duration = Duration::from_secs(60);
 impl Context {
     /// Runs the target's step for the event. Returns its result and the provider calls
     /// made, within `worker.run_timeout`.
-    /// `paid`: the run's ticket took a call of its account's budget.
+    /// `paid`: the run's ticket took a call of its account's budget; `coming`: the run's
+    /// count towards its batch, when it rides in one.
     pub(crate) async fn run_step(
         &self,
         target: &Target,
         event: &Event,
         claim: &RunClaim,
         paid: bool,
+        coming: Coming,
     ) -> (Result<StepOutput, Failure>, u32) {
         let calls = AtomicU32::new(0);
+        let coming = Mutex::new(Some(coming));
         let run_timeout = self.run_timeout;
         let attempt = Attempt {
             calls: &calls,
             claimed_before: claim.claims_before > 0,
             since: claim.first_claimed_at - CLOCK_SKEW,
-            rides: self.rides(target),
+            rides: self.ride_key(target).is_some(),
             paid,
+            coming: &coming,
         };
         let result =
             tokio::time::timeout(run_timeout, self.execute(target, event, &attempt, claim))
@@ -59,16 +63,13 @@ impl Context {
         (result, calls.load(Ordering::Relaxed))
     }
 
-    /// Whether the target's runs go out in batches: a workflow of one step whose action has
-    /// a batch endpoint that `batching` leaves on.
-    pub(crate) fn rides(&self, target: &Target) -> bool {
-        let Ok(workflow) = &target.workflow else {
-            return false;
-        };
-        workflow
-            .one_step()
-            .and_then(|step| BatchKind::of(&step.action))
-            .is_some_and(|kind| self.batches.batches(&kind))
+    /// The batch a target's runs join, when they go out in batches: a workflow of one step
+    /// whose action has a batch endpoint that `batching` leaves on.
+    pub(crate) fn ride_key(&self, target: &Target) -> Option<Key> {
+        let workflow = target.workflow.as_ref().ok()?;
+        let connection = target.connection.as_ref().ok()?;
+        let kind = BatchKind::of(&workflow.one_step()?.action)?;
+        self.batches.batches(&kind).then_some((connection.id, kind))
     }
 
     async fn execute(
@@ -188,7 +189,11 @@ impl Context {
             && (earlier.is_none() || kind.repeats_safely())
         {
             let record = batch_api::record(action, &kind, body.clone(), scope)?;
-            match self.ride(kind, connection, record, attempt.paid).await {
+            let coming = lock(attempt.coming).take();
+            match self
+                .ride(kind, connection, record, attempt.paid, coming)
+                .await
+            {
                 Ridden::Answer(RecordAnswer::Done(output)) => return Ok(output),
                 Ridden::Answer(RecordAnswer::Failed(failure)) | Ridden::Failed(failure) => {
                     if failure.throttled_delay().is_some() {
@@ -240,6 +245,8 @@ pub(super) struct Attempt<'a> {
     pub(super) rides: bool,
     /// The run's ticket took a call of its account's budget.
     pub(super) paid: bool,
+    /// The run's count towards its batch, until it joins one.
+    pub(super) coming: &'a Mutex<Option<Coming>>,
 }
 
 impl Attempt<'_> {

@@ -27,6 +27,7 @@ use crate::integrations::limits::{self, Observer};
 use crate::observe::metrics::label;
 use crate::pipeline::context::Session;
 use crate::pipeline::decision::{self, BeforeRun, Decision, Tally};
+use crate::pipeline::provider_batch::Coming;
 use crate::pipeline::resolve::{MatchedEvent, Resolution, Target};
 use crate::pipeline::runs::{ClaimRequest, Claimed};
 use crate::pipeline::settle::{Message, Unsettled};
@@ -185,21 +186,26 @@ impl Session {
         let admissions = futures::future::join_all(
             targets
                 .iter()
-                .map(|t| context.throttle.admit(t, context.rides(t))),
+                .map(|t| context.throttle.admit(t, context.ride_key(t).is_some())),
         )
         .await;
         let mut admitted = Vec::new();
         let mut deferred = Vec::new();
         for (target, admission) in targets.iter().zip(admissions) {
             match admission {
-                Admission::Go(ticket) => admitted.push((*target, ticket)),
+                // Counted from now towards its batch, if it rides: the batch waits for it.
+                Admission::Go(ticket) => admitted.push((
+                    *target,
+                    ticket,
+                    context.batches.expect(context.ride_key(target)),
+                )),
                 Admission::Defer { delay } => deferred.push((*target, delay)),
             }
         }
 
         let requests: Vec<ClaimRequest> = admitted
             .iter()
-            .map(|(t, _)| ClaimRequest {
+            .map(|(t, _, _)| ClaimRequest {
                 user_id: event.user_id.clone(),
                 event_id: event.id.clone(),
                 event_name: event.name.clone(),
@@ -221,8 +227,8 @@ impl Session {
         let work = admitted
             .into_iter()
             .zip(claims)
-            .map(|((target, ticket), claimed)| {
-                self.run_one(&message, target, claimed, ticket, abort)
+            .map(|((target, ticket, coming), claimed)| {
+                self.run_one(&message, target, claimed, ticket, coming, abort)
             });
         let deferrals = deferred.into_iter().map(|(target, delay)| {
             let message = &message;
@@ -263,6 +269,7 @@ impl Session {
         target: &Target,
         claimed: Claimed,
         ticket: Ticket,
+        coming: Coming,
         abort: &CancellationToken,
     ) -> Result<Decision, Unsettled> {
         let context = &self.context;
@@ -280,7 +287,8 @@ impl Session {
                 BeforeRun::Execute(claim) => {
                     span.record("run_id", tracing::field::display(claim.run_id));
                     let observer = Arc::new(Observer::default());
-                    let step = context.run_step(target, message.event, &claim, ticket.paid());
+                    let step =
+                        context.run_step(target, message.event, &claim, ticket.paid(), coming);
                     let (result, calls) = limits::observe(observer.clone(), step)
                         .instrument(span.clone())
                         .await;

@@ -213,11 +213,10 @@ async fn one_record_s_refusal_dead_letters_only_its_run_and_a_conflict_becomes_a
     let records = crm.standin.records();
     assert_eq!(records.len(), 9, "{records:#?}");
     assert!(records.iter().all(|r| r.creates == 1), "{records:#?}");
-    assert_eq!(
-        calls_to(&crm, "/batch/create") - before,
-        1,
-        "the nine went out together"
-    );
+    // Published one by one into a quiet key: the first went at once, the others, close
+    // behind, together.
+    let calls = calls_to(&crm, "/batch/create") - before;
+    assert!((1..=2).contains(&calls), "ten creates in {calls} calls");
     assert_eq!(
         calls_to(&crm, &format!("/contacts/{existing}")),
         1,
