@@ -235,14 +235,15 @@ pub enum RecordAnswer {
     Unanswered,
 }
 
-/// Each record's answer, in the order of the records; `Err` when the whole batch failed in
-/// a way every record shares (a 429, a 5xx, expired credentials): each run handles it as
-/// its own call's failure.
+/// Each record's answer, in the order of `records` (the batch as sent); `Err` when the whole
+/// batch failed in a way every record shares (a 429, a 5xx, expired credentials): each run
+/// handles it as its own call's failure.
 pub fn answers(
     kind: &BatchKind,
     response: &RawResponse,
-    count: usize,
+    records: &[&BatchRecord],
 ) -> Result<Vec<RecordAnswer>, Failure> {
+    let count = records.len();
     let provider = kind.provider();
     let multi_status = provider == Provider::Hubspot && response.status == 207;
     if !response.is_success() || (multi_status && response.json().is_none()) {
@@ -258,14 +259,19 @@ pub fn answers(
     }
     Ok(match provider {
         Provider::Salesforce => collection_answers(response, count),
-        _ => hubspot_answers(kind, response, count),
+        _ => hubspot_answers(kind, response, records),
     })
 }
 
 /// Each input's answer in a batch answer (`results` and, in a 207, `errors`), matched by
 /// the `objectWriteTraceId` the input carried (its place in the batch). A create's
 /// `CONFLICT` names the existing contact, which the run updates (alone, when it does not).
-fn hubspot_answers(kind: &BatchKind, response: &RawResponse, count: usize) -> Vec<RecordAnswer> {
+fn hubspot_answers(
+    kind: &BatchKind,
+    response: &RawResponse,
+    records: &[&BatchRecord],
+) -> Vec<RecordAnswer> {
+    let count = records.len();
     let mut answers = vec![RecordAnswer::Unanswered; count];
     let body = response.json().unwrap_or(Value::Null);
     let place = |trace: Option<&Value>| -> Option<usize> {
@@ -278,7 +284,9 @@ fn hubspot_answers(kind: &BatchKind, response: &RawResponse, count: usize) -> Ve
         .into_iter()
         .flatten()
     {
-        if let Some(index) = place(result.get("objectWriteTraceId")) {
+        let index =
+            place(result.get("objectWriteTraceId")).or_else(|| identified(kind, result, records));
+        if let Some(index) = index {
             answers[index] = RecordAnswer::Done(StepOutput {
                 provider_id: hubspot::id_of(Some(result)),
                 status: response.status,
@@ -320,6 +328,36 @@ fn hubspot_answers(kind: &BatchKind, response: &RawResponse, count: usize) -> Ve
         }
     }
     answers
+}
+
+/// The one record of the batch a result without a trace id is about, by what identifies it:
+/// an upsert's id property, an update's id, a create's email. `None` when no record, or more
+/// than one, has that value: the record stays unanswered, and is tried again alone.
+fn identified(kind: &BatchKind, result: &Value, records: &[&BatchRecord]) -> Option<usize> {
+    let property = |name: &str| result.get("properties")?.get(name).map(text_of);
+    let value = match kind {
+        BatchKind::HubspotUpsert { id_property } => property(id_property),
+        BatchKind::HubspotUpdate => hubspot::id_of(Some(result)),
+        BatchKind::HubspotCreate => property("email"),
+        _ => return None,
+    }
+    .filter(|v| !v.is_empty())?;
+    let of_record = |record: &BatchRecord| match kind {
+        BatchKind::HubspotCreate => record.fields.get("email").map(text_of),
+        _ => record.id.clone(),
+    };
+    let mut matching = records.iter().enumerate().filter(|(_, record)| {
+        of_record(record).is_some_and(|mine| mine.eq_ignore_ascii_case(&value))
+    });
+    let (index, _) = matching.next()?;
+    matching.next().is_none().then_some(index)
+}
+
+fn text_of(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// sObject Collections: `POST .../composite/sobjects` creates the records;
@@ -427,6 +465,26 @@ fn record_answer(response: &RawResponse, result: Value) -> RecordAnswer {
 mod tests {
     use super::*;
 
+    /// `n` records, each with its own email.
+    fn records(n: usize) -> Vec<BatchRecord> {
+        (0..n)
+            .map(|i| BatchRecord {
+                fields: json!({ "email": format!("{i}@example.com") }),
+                id: Some(format!("{i}@example.com")),
+            })
+            .collect()
+    }
+
+    fn answered(
+        kind: &BatchKind,
+        response: &RawResponse,
+        n: usize,
+    ) -> Result<Vec<RecordAnswer>, Failure> {
+        let records = records(n);
+        let refs: Vec<&BatchRecord> = records.iter().collect();
+        super::answers(kind, response, &refs)
+    }
+
     fn response(status: u16, body: Value) -> RawResponse {
         crate::integrations::test_response(status, &body.to_string())
     }
@@ -451,7 +509,7 @@ mod tests {
             }),
         );
 
-        let answers = answers(&BatchKind::HubspotCreate, &answer, 5).expect("per record");
+        let answers = answered(&BatchKind::HubspotCreate, &answer, 5).expect("per record");
 
         let id = |a: &RecordAnswer| match a {
             RecordAnswer::Done(output) => output.provider_id.clone(),
@@ -471,6 +529,52 @@ mod tests {
     }
 
     #[test]
+    fn a_hubspot_result_without_a_trace_id_is_matched_by_what_identifies_its_record() {
+        let kind = BatchKind::HubspotUpsert {
+            id_property: "email".into(),
+        };
+        let answer = response(
+            200,
+            json!({"status": "COMPLETE", "results": [
+                {"id": "21", "properties": {"email": "2@EXAMPLE.com"}},
+                {"id": "20", "properties": {"email": "0@example.com"}},
+                {"id": "99", "properties": {"email": "someone-else@example.com"}},
+            ]}),
+        );
+
+        let answers = answered(&kind, &answer, 3).expect("per record");
+
+        let id = |a: &RecordAnswer| match a {
+            RecordAnswer::Done(output) => output.provider_id.clone(),
+            _ => None,
+        };
+        assert_eq!(id(&answers[0]).as_deref(), Some("20"));
+        assert_eq!(answers[1], RecordAnswer::Unanswered, "no result names it");
+        assert_eq!(id(&answers[2]).as_deref(), Some("21"));
+
+        // Two records of one email in a create: neither can be told apart.
+        let twins = [
+            BatchRecord {
+                fields: json!({"email": "a@example.com"}),
+                id: None,
+            },
+            BatchRecord {
+                fields: json!({"email": "a@example.com"}),
+                id: None,
+            },
+        ];
+        let refs: Vec<&BatchRecord> = twins.iter().collect();
+        let created = response(
+            201,
+            json!({"status": "COMPLETE", "results": [{"id": "5", "properties": {"email": "a@example.com"}}]}),
+        );
+        assert_eq!(
+            super::answers(&BatchKind::HubspotCreate, &created, &refs).expect("per record"),
+            vec![RecordAnswer::Unanswered, RecordAnswer::Unanswered]
+        );
+    }
+
+    #[test]
     fn salesforce_answers_are_by_position_and_a_short_answer_leaves_the_rest_unanswered() {
         let answer = response(
             200,
@@ -484,7 +588,7 @@ mod tests {
             sobject: "Contact".into(),
         };
 
-        let answers = answers(&kind, &answer, 4).expect("per record");
+        let answers = answered(&kind, &answer, 4).expect("per record");
 
         assert!(
             matches!(&answers[0], RecordAnswer::Done(o) if o.provider_id.as_deref() == Some("003A"))
@@ -500,7 +604,7 @@ mod tests {
             json!([{"success": false, "errors": [{"statusCode": "DUPLICATE_VALUE", "message": "Duplicate external id specified: a@example.com", "fields": ["Email"]}]}]),
         );
         assert_eq!(
-            super::answers(&kind, &shared, 1).expect("per record"),
+            answered(&kind, &shared, 1).expect("per record"),
             vec![RecordAnswer::Alone],
             "two records of one contact: sent alone, not failed"
         );
@@ -516,12 +620,12 @@ mod tests {
             json!({"status": "error", "category": "RATE_LIMITS", "errorType": "RATE_LIMIT", "message": "slow down"}),
         );
         assert_eq!(
-            answers(&kind, &limited, 3).expect_err("shared").kind,
+            answered(&kind, &limited, 3).expect_err("shared").kind,
             FailureKind::RateLimited
         );
         let down = response(503, json!({"status": "error", "message": "down"}));
         assert_eq!(
-            answers(&kind, &down, 3).expect_err("shared").kind,
+            answered(&kind, &down, 3).expect_err("shared").kind,
             FailureKind::Transient
         );
         let refused = response(
@@ -529,7 +633,7 @@ mod tests {
             json!({"status": "error", "category": "VALIDATION_ERROR", "message": "Duplicate IDs found in batch input"}),
         );
         assert_eq!(
-            answers(&kind, &refused, 2).expect("each alone"),
+            answered(&kind, &refused, 2).expect("each alone"),
             vec![RecordAnswer::Alone, RecordAnswer::Alone]
         );
     }

@@ -79,8 +79,7 @@ impl Context {
             eprintln!("crash_after_provider_answer: exiting after the provider's answer");
             std::process::exit(137);
         }
-        let answers =
-            response.and_then(|response| batch_api::answers(kind, &response, riders.len()));
+        let answers = response.and_then(|response| batch_api::answers(kind, &response, &records));
         match answers {
             Ok(answers) => {
                 let unanswered = answers
