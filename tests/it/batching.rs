@@ -34,8 +34,9 @@ async fn workflow(
     connection
 }
 
-/// The stand-in, and an app whose batching window is 300 ms (so that events published
-/// together share a batch) with a workflow of `action` for user "u".
+/// The stand-in, and an app whose batching window is 2 s (so that events published together
+/// share a batch, however the machine schedules them) with a workflow of `action` for user
+/// "u".
 async fn arrange(
     provider: Provider,
     action: &str,
@@ -43,9 +44,19 @@ async fn arrange(
     mapping: Value,
 ) -> (standin::Running, TestApp) {
     let crm = standin::spawn("127.0.0.1:0").await.expect("stand-in");
-    let app = TestApp::with_settings(|s| s.batching.window = Duration::from_millis(300)).await;
+    let app = TestApp::with_settings(|s| s.batching.window = Duration::from_secs(2)).await;
     workflow(&app, &crm, provider, action, options, mapping).await;
     (crm, app)
+}
+
+/// Sends one event through the running worker and waits for its run: the connection has just
+/// sent a batch, so the events published next, within the window, wait for each other and go
+/// out together however the machine schedules their admission. Returns the warm-up's email.
+async fn warm_up(app: &TestApp) -> String {
+    let email = "warm-up@example.com".to_owned();
+    publish(app, std::slice::from_ref(&email), &[]).await;
+    finished(app, 1, Duration::from_secs(20)).await;
+    email
 }
 
 fn hubspot_mapping() -> Value {
@@ -234,11 +245,12 @@ async fn a_salesforce_collection_fails_only_the_record_it_refuses() {
         salesforce_mapping(),
     )
     .await;
-    let emails = emails("collection", 6);
-    let ids = publish(&app, &emails, &[emails[2].as_str()]).await;
-
     app.start_worker().await;
-    let runs = finished(&app, ids.len(), Duration::from_secs(30)).await;
+    warm_up(&app).await;
+    let emails = emails("collection", 6);
+
+    let ids = publish(&app, &emails, &[emails[2].as_str()]).await;
+    let runs = finished(&app, 1 + ids.len(), Duration::from_secs(30)).await;
 
     for (i, (id, email)) in ids.iter().zip(&emails).enumerate() {
         let run = &runs[id];
@@ -258,8 +270,12 @@ async fn a_salesforce_collection_fails_only_the_record_it_refuses() {
             assert_eq!(run.provider_id, record_id(&crm, email));
         }
     }
-    assert_eq!(calls_to(&crm, "/composite/sobjects/Contact/Email"), 1);
-    assert_eq!(crm.standin.records().len(), 5);
+    assert_eq!(
+        calls_to(&crm, "/composite/sobjects/Contact/Email"),
+        2,
+        "the warm-up's, and one for the six"
+    );
+    assert_eq!(crm.standin.records().len(), 1 + 5);
     app.cleanup().await;
 }
 
@@ -306,8 +322,8 @@ async fn a_batch_answered_429_or_503_retries_every_run_and_writes_each_record_on
 
 #[tokio::test]
 async fn records_an_answer_leaves_out_are_retried_and_never_taken_as_succeeded() {
-    // Arrange: the first batch's answer speaks of its first record only (and writes
-    // nothing: it is scripted).
+    // Arrange: the five's batch is answered for its first record only (and writes nothing:
+    // it is scripted).
     let (crm, mut app) = arrange(
         Provider::Salesforce,
         "create",
@@ -315,6 +331,8 @@ async fn records_an_answer_leaves_out_are_retried_and_never_taken_as_succeeded()
         salesforce_mapping(),
     )
     .await;
+    app.start_worker().await;
+    let warm_up = warm_up(&app).await;
     crm.standin.set_faults(Faults {
         script: vec![ScriptedAnswer {
             status: 200,
@@ -324,21 +342,29 @@ async fn records_an_answer_leaves_out_are_retried_and_never_taken_as_succeeded()
         ..Faults::default()
     });
     let emails = emails("short", 5);
-    let ids = publish(&app, &emails, &[]).await;
 
     // Act
-    app.start_worker().await;
-    let runs = finished(&app, ids.len(), Duration::from_secs(30)).await;
+    let ids = publish(&app, &emails, &[]).await;
+    let runs = finished(&app, 1 + ids.len(), Duration::from_secs(30)).await;
 
     // Assert: one batch call held all five; the four left out were looked up (nothing made)
     // and created one by one, each with its own record.
-    assert_eq!(calls_to(&crm, "/composite/sobjects"), 1);
+    assert_eq!(
+        calls_to(&crm, "/composite/sobjects"),
+        2,
+        "the warm-up's and the five's"
+    );
     let answered: Vec<&Run> = runs
         .values()
         .filter(|r| r.provider_id.as_deref() == Some("003SCRIPTED00000001"))
         .collect();
     assert_eq!(answered.len(), 1, "{runs:#?}");
-    let records = crm.standin.records();
+    let records: Vec<_> = crm
+        .standin
+        .records()
+        .into_iter()
+        .filter(|r| r.fields["Email"] != warm_up.as_str())
+        .collect();
     assert_eq!(records.len(), 4, "{records:#?}");
     for record in &records {
         let email = record.fields["Email"].as_str().expect("email");
@@ -378,19 +404,39 @@ async fn a_worker_killed_after_a_batch_s_answer_writes_nothing_twice() {
         .expect("the worker exits after the provider's answer")
         .expect("exit status");
     assert_eq!(status.code(), Some(137));
-    assert_eq!(crm.standin.records().len(), 5, "the batch made all five");
+    // The five are usually admitted together and go out in one batch; on a loaded machine
+    // the first may be admitted alone and go at once. Either way the crash follows a batch
+    // call's answer, with what it made unrecorded.
+    let made_before: Vec<String> = crm.standin.records().into_iter().map(|r| r.id).collect();
+    assert!(!made_before.is_empty());
+    assert!(
+        app.all_runs()
+            .await
+            .iter()
+            .all(|r| r.status == RunStatus::Running),
+        "nothing recorded"
+    );
     app.start_worker().await;
     let runs = finished(&app, ids.len(), Duration::from_secs(45)).await;
 
-    // Assert: taken over, each run found its record; none was made twice.
+    // Assert: taken over, each run found its record or made it once; none was made twice.
     let records = crm.standin.records();
     assert_eq!(records.len(), 5, "{records:#?}");
+    assert!(records.iter().all(|r| r.creates == 1), "{records:#?}");
     for (id, email) in ids.iter().zip(&emails) {
         assert_eq!(runs[id].status, RunStatus::Succeeded, "{:#?}", runs[id]);
         assert_eq!(runs[id].provider_id, record_id(&crm, email));
-        assert_eq!(runs[id].claims, 2, "{:#?}", runs[id]);
     }
-    assert_eq!(calls_to(&crm, "/composite/sobjects"), 1);
+    let found: Vec<&Run> = runs
+        .values()
+        .filter(|r| {
+            r.provider_id
+                .as_ref()
+                .is_some_and(|id| made_before.contains(id))
+        })
+        .collect();
+    assert_eq!(found.len(), made_before.len());
+    assert!(found.iter().all(|r| r.claims == 2), "{found:#?}");
     app.cleanup().await;
 }
 
@@ -405,14 +451,15 @@ async fn events_of_one_contact_in_one_window_are_not_sent_in_one_batch() {
         hubspot_mapping(),
     )
     .await;
+    app.start_worker().await;
+    warm_up(&app).await;
     let mut emails = emails("twice", 5);
     emails.push(emails[0].clone());
     emails.push(emails[0].clone());
-    let ids = publish(&app, &emails, &[]).await;
 
     // Act
-    app.start_worker().await;
-    let runs = finished(&app, ids.len(), Duration::from_secs(30)).await;
+    let ids = publish(&app, &emails, &[]).await;
+    let runs = finished(&app, 1 + ids.len(), Duration::from_secs(30)).await;
 
     // Assert: every run succeeded; the repeats went alone, none was refused.
     assert!(
@@ -420,7 +467,7 @@ async fn events_of_one_contact_in_one_window_are_not_sent_in_one_batch() {
         "{runs:#?}"
     );
     let records = crm.standin.records();
-    assert_eq!(records.len(), 5, "{records:#?}");
+    assert_eq!(records.len(), 1 + 5, "{records:#?}");
     let repeated = records
         .iter()
         .find(|r| r.fields["email"] == emails[0].as_str())
@@ -432,7 +479,11 @@ async fn events_of_one_contact_in_one_window_are_not_sent_in_one_batch() {
     );
     let statuses: Vec<u16> = crm.standin.requests().iter().map(|r| r.status).collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    assert_eq!(calls_to(&crm, "/batch/upsert"), 3, "one batch, two alone");
+    assert_eq!(
+        calls_to(&crm, "/batch/upsert"),
+        1 + 3,
+        "the warm-up's; then one batch, two alone"
+    );
     app.cleanup().await;
 }
 
