@@ -50,6 +50,18 @@ pub struct Ticket {
     paid: u32,
 }
 
+impl Account {
+    /// Turns the throttled flag on or off, waking the runs that watch it only when it
+    /// changes: it is set on every call, and hundreds of runs may be waiting for a slot.
+    fn set_throttled(&self, on: bool) {
+        self.throttled.send_if_modified(|throttled| {
+            let changed = *throttled != on;
+            *throttled = on;
+            changed
+        });
+    }
+}
+
 impl Ticket {
     /// Whether the ticket took a call of the account's budget.
     pub fn paid(&self) -> bool {
@@ -272,7 +284,7 @@ impl Throttle {
             }
             if budget.tokens > 0 && budget.expires.is_some_and(|at| now < at) {
                 budget.tokens -= 1;
-                account.throttled.send_replace(false);
+                account.set_throttled(false);
                 return Ok(());
             }
             let lease = match self.lease(account).await {
@@ -294,11 +306,11 @@ impl Throttle {
                     budget.unlimited_until = None;
                     budget.tokens = calls - 1;
                     budget.expires = Some(now + ttl);
-                    account.throttled.send_replace(false);
+                    account.set_throttled(false);
                     return Ok(());
                 }
                 Lease::Empty { wait } => {
-                    account.throttled.send_replace(true);
+                    account.set_throttled(true);
                     if now + wait > deadline {
                         return Err(wait);
                     }
