@@ -88,6 +88,13 @@ pub struct Coming {
     key: Option<Key>,
 }
 
+impl Coming {
+    /// Whether the run rides in a batch.
+    pub fn rides(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
 impl Drop for Coming {
     fn drop(&mut self) {
         let Some(key) = self.key.take() else { return };

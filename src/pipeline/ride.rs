@@ -1,6 +1,7 @@
 //! A run's record sent in a batch call: the run joins its connection's open batch of the
-//! action (`provider_batch`); the batch's first run waits out the window, takes one call of
-//! the account's budget, sends, and hands each run its record's answer.
+//! action (`provider_batch`); the batch's first run waits for the runs on their way (the
+//! window at most), takes one call of the account's budget, sends, and hands each run its
+//! record's answer.
 
 use std::time::Instant;
 
@@ -60,25 +61,18 @@ impl Context {
             .get_or_create(&label("action", kind.name()))
             .observe(riders.len() as f64);
         if !paid && let Err(delay) = self.throttle.take_call(connection.id, provider).await {
-            let failure = Failure::throttled(delay);
-            for rider in riders {
-                let _ = rider.answer.send(Ridden::Failed(failure.clone()));
-            }
+            fail_all(riders, &Failure::throttled(delay));
             return;
         }
         let records: Vec<&BatchRecord> = riders.iter().map(|r| &r.record).collect();
         let request = batch_api::request(&self.integrations.salesforce, kind, connection, &records);
         let started = Instant::now();
         let response = self.integrations.send_raw(&request, provider).await;
-        self.metrics
-            .step_seconds
-            .get_or_create(&label("provider", provider.as_str()))
-            .observe(started.elapsed().as_secs_f64());
-        if self.crash_after_provider_answer && response.as_ref().is_ok_and(|r| r.is_success()) {
-            // Fault injection (tests only): die as a SIGKILL would, before recording.
-            eprintln!("crash_after_provider_answer: exiting after the provider's answer");
-            std::process::exit(137);
-        }
+        self.answered(
+            provider,
+            started,
+            response.as_ref().is_ok_and(|r| r.is_success()),
+        );
         let answers = response.and_then(|response| batch_api::answers(kind, &response, &records));
         match answers {
             Ok(answers) => {
@@ -97,11 +91,14 @@ impl Context {
                     let _ = rider.answer.send(Ridden::Answer(answer));
                 }
             }
-            Err(failure) => {
-                for rider in riders {
-                    let _ = rider.answer.send(Ridden::Failed(failure.clone()));
-                }
-            }
+            Err(failure) => fail_all(riders, &failure),
         }
+    }
+}
+
+/// The whole batch failed as one call would have: every run gets the failure.
+fn fail_all(riders: Vec<Rider>, failure: &Failure) {
+    for rider in riders {
+        let _ = rider.answer.send(Ridden::Failed(failure.clone()));
     }
 }

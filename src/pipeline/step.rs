@@ -40,13 +40,14 @@ impl Context {
         coming: Coming,
     ) -> (Result<StepOutput, Failure>, u32) {
         let calls = AtomicU32::new(0);
+        let rides = coming.rides();
         let coming = Mutex::new(Some(coming));
         let run_timeout = self.run_timeout;
         let attempt = Attempt {
             calls: &calls,
             claimed_before: claim.claims_before > 0,
             since: claim.first_claimed_at - CLOCK_SKEW,
-            rides: self.ride_key(target).is_some(),
+            rides,
             paid,
             coming: &coming,
         };
@@ -221,7 +222,14 @@ impl Context {
             .integrations
             .execute(action, connection, body.clone(), scope, earlier)
             .await;
-        if self.crash_after_provider_answer && result.is_ok() {
+        self.answered(provider, started, result.is_ok());
+        result
+    }
+
+    /// After a provider's answer to a call begun at `started`, single or batch: the crash
+    /// failpoint when it succeeded (tests only), and the call's time.
+    pub(super) fn answered(&self, provider: Provider, started: Instant, succeeded: bool) {
+        if self.crash_after_provider_answer && succeeded {
             // Fault injection (tests only): die as a SIGKILL would, before recording.
             eprintln!("crash_after_provider_answer: exiting after the provider's answer");
             std::process::exit(137);
@@ -230,7 +238,6 @@ impl Context {
             .step_seconds
             .get_or_create(&label("provider", provider.as_str()))
             .observe(started.elapsed().as_secs_f64());
-        result
     }
 }
 

@@ -183,22 +183,22 @@ impl Session {
         };
         // Each account's limit first: a run that must wait longer than it may is deferred
         // before it is claimed, and uses none of its retries.
+        let ride_keys: Vec<_> = targets.iter().map(|t| context.ride_key(t)).collect();
         let admissions = futures::future::join_all(
             targets
                 .iter()
-                .map(|t| context.throttle.admit(t, context.ride_key(t).is_some())),
+                .zip(&ride_keys)
+                .map(|(t, key)| context.throttle.admit(t, key.is_some())),
         )
         .await;
         let mut admitted = Vec::new();
         let mut deferred = Vec::new();
-        for (target, admission) in targets.iter().zip(admissions) {
+        for ((target, admission), key) in targets.iter().zip(admissions).zip(ride_keys) {
             match admission {
                 // Counted from now towards its batch, if it rides: the batch waits for it.
-                Admission::Go(ticket) => admitted.push((
-                    *target,
-                    ticket,
-                    context.batches.expect(context.ride_key(target)),
-                )),
+                Admission::Go(ticket) => {
+                    admitted.push((*target, ticket, context.batches.expect(key)));
+                }
                 Admission::Defer { delay } => deferred.push((*target, delay)),
             }
         }

@@ -5,12 +5,10 @@
 //! transactions per event (issue 15's targets: at most 0.02 calls per event, at least 0.35
 //! of the ceiling).
 
-use appevents::catalog::workflows::{self, NewWorkflow};
-use appevents::core::payload_check::Mode;
 use appevents::core::provider::Provider;
 use serde_json::json;
 
-use crate::{Bench, Drain, EVENT, median, rate, spread};
+use crate::{Bench, Drain, median, rate, spread};
 
 const USER: &str = "bench-batch";
 
@@ -22,28 +20,16 @@ impl Bench {
             self.args.repeat
         );
         println!("machine: {}", crate::machine());
-        appevents::catalog::app_events::create(
-            &self.pool,
-            EVENT,
-            &json!({"email": "ada@example.com"}),
-            Mode::Off,
-        )
-        .await?;
-        let upsert = workflows::create(
-            &self.pool,
-            &NewWorkflow {
-                name: "bench upsert".into(),
-                event: EVENT.into(),
-                provider: Provider::Hubspot,
-                action: "upsert-contact".into(),
-                options: json!({}),
-                mapping: json!({"email": "{{payload.email}}", "lastname": "{{payload.last_name}}"}),
-                when: None,
-                steps: Vec::new(),
-            },
-        )
-        .await?;
-        self.hubspot_user(USER, upsert.id).await?;
+        self.app_event().await?;
+        let upsert = self
+            .workflow(
+                "bench upsert",
+                Provider::Hubspot,
+                "upsert-contact",
+                json!({"email": "{{payload.email}}", "lastname": "{{payload.last_name}}"}),
+            )
+            .await?;
+        self.hubspot_user(USER, upsert).await?;
         let mut ceilings = Vec::new();
         let mut batched: Vec<(Drain, f64)> = Vec::new();
         let mut single: Vec<(Drain, f64)> = Vec::new();

@@ -24,13 +24,7 @@ impl Bench {
         println!(
             "fleet against one limit: 4 workers, {events} events, one HubSpot account limited to {calls} calls per {interval:?} ({limit_per_sec:.1}/s)"
         );
-        appevents::catalog::app_events::create(
-            &self.pool,
-            EVENT,
-            &json!({"email": "ada@example.com"}),
-            appevents::core::payload_check::Mode::Off,
-        )
-        .await?;
+        self.app_event().await?;
         let hubspot = self
             .workflow(
                 "bench hubspot",

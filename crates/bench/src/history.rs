@@ -167,13 +167,7 @@ impl Bench {
 
     /// The workflow the synthetic history and the drains use; one user subscribed to it.
     pub(crate) async fn history_setup(&self) -> anyhow::Result<uuid::Uuid> {
-        appevents::catalog::app_events::create(
-            &self.pool,
-            EVENT,
-            &serde_json::json!({"email": "ada@example.com"}),
-            appevents::core::payload_check::Mode::Off,
-        )
-        .await?;
+        self.app_event().await?;
         let workflow = self
             .workflow(
                 "bench salesforce",

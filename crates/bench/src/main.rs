@@ -259,13 +259,7 @@ impl Bench {
         );
         println!("machine: {}", machine());
         println!();
-        app_events::create(
-            &self.pool,
-            EVENT,
-            &json!({"email": "ada@example.com"}),
-            Mode::Off,
-        )
-        .await?;
+        self.app_event().await?;
         let salesforce = self
             .workflow(
                 "bench salesforce",
@@ -406,6 +400,18 @@ impl Bench {
         )
         .await?;
         Ok(created.id)
+    }
+
+    /// The app event every phase publishes, without a payload check.
+    pub(crate) async fn app_event(&self) -> anyhow::Result<()> {
+        app_events::create(
+            &self.pool,
+            EVENT,
+            &json!({"email": "ada@example.com"}),
+            Mode::Off,
+        )
+        .await?;
+        Ok(())
     }
 
     async fn workflow(
