@@ -88,7 +88,7 @@ impl Context {
                 }
             },
         );
-        let record_pool = pool.clone();
+        let record_pool = db::records_pool(&settings.database)?;
         let records = Batcher::spawn(BATCH, BATCHES_IN_FLIGHT, move |records: Vec<RunRecord>| {
             let pool = record_pool.clone();
             async move {

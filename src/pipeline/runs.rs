@@ -200,6 +200,11 @@ const RECORD_LOST_CLAIM: &str = concat!(
      returning r.id"
 );
 
+/// The statements [`claim`] and [`record`] run for every run, each reaching its rows through
+/// their keys: what the run statement pools (`db::claims_pool`, `db::records_pool`) are tuned
+/// for, and what a test holds to index lookups.
+pub const HOT_STATEMENTS: [&str; 5] = [CLAIM, REVIVE, STATUS, RECORD, RECORD_LOST_CLAIM];
+
 type Key = (String, String, Uuid);
 
 /// Claims runs for the worker `worker_id`; the answer is in the order of `requests`. `lease`

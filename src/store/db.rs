@@ -123,18 +123,46 @@ pub fn pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
     )
 }
 
-/// A small pool whose sessions commit without waiting for the write-ahead log to reach the
-/// disk, for run claims: a claim must be visible to every worker at once, which it is, but
+/// The run statements' pools: claims and records (`runs::claim`, `runs::record`). Each is one
+/// statement over many runs that reaches every row through its key, and must do so whatever
+/// the planner believes of the tables' sizes. A worker prepares its statements once, when a
+/// new database's runs (or a day's new partition) may still be empty and unanalysed; a plan
+/// made then, a scan of the whole table, would stay cached while the table grows. So these
+/// sessions plan once for all parameters and never scan a table whole: a key is always looked
+/// up through its index, and no batch pays for planning again.
+const RUN_STATEMENT_OPTIONS: &str =
+    "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_mergejoin=off";
+
+/// A small pool for run claims, whose sessions also commit without waiting for the write-ahead
+/// log to reach the disk: a claim must be visible to every worker at once, which it is, but
 /// need not survive a Postgres crash, because the outcome is recorded durably (an upsert)
 /// before any message is acknowledged. It halves the disk flushes on the hot path.
 pub fn claims_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+    run_statement_pool(settings, "-c synchronous_commit=off", 4)
+}
+
+/// A small pool for recording runs' outcomes, durably.
+pub fn records_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
+    run_statement_pool(settings, "", 2)
+}
+
+fn run_statement_pool(
+    settings: &DatabaseSettings,
+    extra: &str,
+    size: usize,
+) -> Result<Pool, DbError> {
     let mut config = pg_config(settings.url.expose_secret())?;
-    let options = match config.get_options() {
-        Some(existing) => format!("{existing} -c synchronous_commit=off"),
-        None => "-c synchronous_commit=off".to_owned(),
-    };
+    let options = [
+        config.get_options().unwrap_or_default(),
+        RUN_STATEMENT_OPTIONS,
+        extra,
+    ]
+    .into_iter()
+    .filter(|o| !o.is_empty())
+    .collect::<Vec<_>>()
+    .join(" ");
     config.options(&options);
-    build_pool(config, settings, 4)
+    build_pool(config, settings, size)
 }
 
 /// A pool of `size` connections of its own, for what must not queue behind the main pool

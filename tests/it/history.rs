@@ -487,3 +487,75 @@ async fn a_worker_refuses_a_retention_shorter_than_a_run_can_take() {
     assert!(err.contains("4m 45s 800ms"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
+
+/// The plan `client`'s session makes of `statement` for any parameters (a generic plan, as a
+/// worker's prepared statements get), as EXPLAIN prints it.
+async fn generic_plan(client: &tokio_postgres::Client, statement: &str) -> String {
+    let params = statement
+        .split('$')
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<usize>().ok()
+        })
+        .max()
+        .unwrap_or(0);
+    let nulls = vec!["null"; params].join(", ");
+    client
+        .batch_execute(&format!(
+            "set plan_cache_mode = force_generic_plan; prepare hot as {statement}"
+        ))
+        .await
+        .expect("prepare");
+    let lines = client
+        .simple_query(&format!("explain execute hot({nulls})"))
+        .await
+        .expect("explain");
+    client
+        .batch_execute("deallocate hot")
+        .await
+        .expect("deallocate");
+    lines
+        .iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn scans_a_run_table_whole(plan: &str) -> bool {
+    plan.lines()
+        .any(|line| line.contains("Seq Scan on run") || line.contains("Seq Scan on runs_"))
+}
+
+#[tokio::test]
+async fn the_run_statements_find_their_rows_by_key_on_a_new_database() {
+    // A new database: its runs and keys are empty and were never analysed, as are a new
+    // day's partition's. A plan made now is the plan a worker's session keeps.
+    let app = TestApp::new().await;
+    let claims = db::claims_pool(&app.settings.database).expect("claims pool");
+    let records = db::records_pool(&app.settings.database).expect("records pool");
+    let claims = claims.get().await.expect("claims client");
+    let records = records.get().await.expect("records client");
+    for statement in runs::HOT_STATEMENTS {
+        for client in [&claims, &records] {
+            let plan = generic_plan(client, statement).await;
+            assert!(
+                !scans_a_run_table_whole(&plan),
+                "a run statement scans a table whole:\n{statement}\n{plan}"
+            );
+        }
+    }
+    // A default session would: planned for tables it believes small, the outcome's update
+    // reads every run of every partition to find the few it writes.
+    let plain = db::connect(&app.settings.database).await.expect("connect");
+    let mut whole = 0;
+    for statement in runs::HOT_STATEMENTS {
+        if scans_a_run_table_whole(&generic_plan(&plain, statement).await) {
+            whole += 1;
+        }
+    }
+    assert!(whole > 0, "a default session found every run by key too");
+}
