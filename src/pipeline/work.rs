@@ -287,8 +287,15 @@ impl Session {
                 BeforeRun::Execute(claim) => {
                     span.record("run_id", tracing::field::display(claim.run_id));
                     let observer = Arc::new(Observer::default());
-                    let step =
-                        context.run_step(target, message.event, &claim, ticket.paid(), coming);
+                    // Boxed: the step's state is most of a message's, and the futures that
+                    // hold it (the run, the message's task) are moved as they start and end.
+                    let step = Box::pin(context.run_step(
+                        target,
+                        message.event,
+                        &claim,
+                        ticket.paid(),
+                        coming,
+                    ));
                     let (result, calls) = limits::observe(observer.clone(), step)
                         .instrument(span.clone())
                         .await;
