@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -25,6 +23,7 @@ use crate::observe::errors::{report, report_any};
 use crate::observe::metrics::label;
 use crate::pipeline::context::{Context, Session};
 use crate::pipeline::settle::Unsettled;
+use crate::transport::acks::Acks;
 use crate::transport::broker::{self, Recovery};
 use crate::transport::publisher::Publisher;
 
@@ -106,6 +105,14 @@ async fn session(
     *consumed = true;
 
     let session_abort = abort.child_token();
+    // Acknowledgements go out coalesced, beside the consumer, until every task has finished.
+    let acks = Acks::new();
+    let acks_stop = CancellationToken::new();
+    let acking = tokio::spawn({
+        let acks = acks.clone();
+        let stop = acks_stop.clone();
+        async move { acks.run(stop).await }
+    });
     let semaphore = Arc::new(Semaphore::new(settings.worker.concurrency));
     let mut tasks = JoinSet::new();
     let result = loop {
@@ -123,10 +130,12 @@ async fn session(
         };
         match next {
             Some(Ok(delivery)) => {
+                acks.received(delivery.delivery_tag);
                 let session = session.clone();
                 let abort = session_abort.clone();
+                let acks = acks.clone();
                 tasks.spawn(async move {
-                    session.handle(delivery, &abort).await;
+                    session.handle(delivery, &acks, &abort).await;
                     drop(permit);
                 });
             }
@@ -136,6 +145,8 @@ async fn session(
                 if let Err(err) = channel.wait_for_recovery(err).await {
                     break Err(anyhow::Error::from(err));
                 }
+                // The deliveries in hand come again, with new tags.
+                acks.reset();
                 tracing::info!("broker connection recovered; consuming again");
                 context.metrics.consumer_connected.set(1);
             }
@@ -166,6 +177,8 @@ async fn session(
         session_abort.cancel();
         while tasks.join_next().await.is_some() {}
     }
+    acks_stop.cancel();
+    let _ = acking.await;
     let _ = channel.close(200, "worker stopping".into()).await;
     let _ = connection.close(200, "worker stopping".into()).await;
     result
@@ -175,17 +188,19 @@ impl Session {
     /// Processes a delivery and acknowledges it when settled. Everything it logs, the
     /// acknowledgement's included, is in the event's span; the span is never entered across
     /// an await, where it would become the span of whatever else that thread runs.
-    async fn handle(&self, delivery: Delivery, abort: &CancellationToken) {
+    async fn handle(&self, delivery: Delivery, acks: &Acks, abort: &CancellationToken) {
         let span = tracing::info_span!(
             "event",
             event_id = tracing::field::Empty,
             user_id = tracing::field::Empty,
             event_name = tracing::field::Empty
         );
-        self.handle_in_span(delivery, abort).instrument(span).await;
+        self.handle_in_span(delivery, acks, abort)
+            .instrument(span)
+            .await;
     }
 
-    async fn handle_in_span(&self, delivery: Delivery, abort: &CancellationToken) {
+    async fn handle_in_span(&self, delivery: Delivery, acks: &Acks, abort: &CancellationToken) {
         let metrics = &self.context.metrics;
         metrics.events_in_flight.inc();
         let result =
@@ -206,6 +221,7 @@ impl Session {
                         ..BasicNackOptions::default()
                     })
                     .await;
+                acks.released(delivery.delivery_tag);
                 return;
             }
             Ok(Err(Unsettled::Shutdown)) => {
@@ -223,6 +239,7 @@ impl Session {
                         ..BasicNackOptions::default()
                     })
                     .await;
+                acks.released(delivery.delivery_tag);
                 return;
             }
         };
@@ -230,14 +247,6 @@ impl Session {
             .events
             .get_or_create(&label("outcome", outcome.label()))
             .inc();
-        match delivery.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => {}
-            Ok(false) => tracing::debug!(
-                "channel was recovered since delivery; the broker redelivers and the run records absorb it"
-            ),
-            Err(err) => {
-                tracing::warn!(error = %report(&err), "acknowledgement failed; the broker redelivers and the run records absorb it")
-            }
-        }
+        acks.settled(delivery.delivery_tag, delivery.acker);
     }
 }

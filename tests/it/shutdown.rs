@@ -6,25 +6,36 @@ use appevents::core::provider::Provider;
 use appevents::pipeline::runs::RunStatus;
 use appevents_standin::{self as standin, Faults};
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::support::{TestApp, appevents_command, eventually, signal};
 
 const EVENT: &str = "Order Placed";
 
-async fn hook_workflow(app: &TestApp, crm: &str) {
+/// The app event and its HTTP workflow; returns the workflow's id.
+async fn hook(app: &TestApp) -> Uuid {
     app.app_event(EVENT).await;
-    let hook = app
-        .workflow(
-            "hook",
-            EVENT,
-            Provider::Http,
-            "request",
-            json!({"url": "/hooks/orders"}),
-            json!({"order": "{{payload.n}}"}),
-        )
-        .await;
-    let conn = app.connection("u", Provider::Http, crm, "t").await;
-    app.subscribe("u", hook.id, conn).await;
+    app.workflow(
+        "hook",
+        EVENT,
+        Provider::Http,
+        "request",
+        json!({"url": "/hooks/orders"}),
+        json!({"order": "{{payload.n}}"}),
+    )
+    .await
+    .id
+}
+
+/// Switches the workflow on for `user`, calling `crm`.
+async fn subscribe(app: &TestApp, hook: Uuid, user: &str, crm: &str) {
+    let conn = app.connection(user, Provider::Http, crm, "t").await;
+    app.subscribe(user, hook, conn).await;
+}
+
+async fn hook_workflow(app: &TestApp, crm: &str) {
+    let hook = hook(app).await;
+    subscribe(app, hook, "u", crm).await;
 }
 
 #[tokio::test]
@@ -195,5 +206,70 @@ async fn sigterm_stops_a_worker_whose_log_reader_is_gone() {
         .expect("exits although its logs cannot be written")
         .expect("wait");
     assert!(status.success(), "{status:?}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_settled_behind_a_slow_one_is_acknowledged_without_waiting_for_it() {
+    // One user's CRM answers after 8 s, the other's at once. Acknowledgements are coalesced
+    // (one covers every settled message below the oldest still in hand), but the quick
+    // user's messages, settled behind the slow one, must not wait for it.
+    let slow = standin::spawn("127.0.0.1:0").await.expect("slow stand-in");
+    slow.standin.set_faults(Faults {
+        latency_ms: 8_000,
+        ..Faults::default()
+    });
+    let quick = standin::spawn("127.0.0.1:0").await.expect("quick stand-in");
+    let app = TestApp::new().await;
+    let hook = hook(&app).await;
+    subscribe(&app, hook, "slow", &slow.url()).await;
+    subscribe(&app, hook, "quick", &quick.url()).await;
+    let mut worker = appevents_command(&app.settings, &["worker"])
+        .spawn()
+        .expect("worker binary");
+
+    // The slow event is delivered first: its tag is below every other.
+    app.publish(EVENT, "slow", json!({"n": 0}), None).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            app.all_runs()
+                .await
+                .iter()
+                .any(|r| r.user_id == "slow" && r.status == RunStatus::Running)
+        })
+        .await,
+        "the slow event's run started"
+    );
+    for n in 1..=10 {
+        app.publish(EVENT, "quick", json!({"n": n}), None).await;
+    }
+    let quick_done = eventually(Duration::from_secs(15), || async {
+        app.all_runs()
+            .await
+            .iter()
+            .filter(|r| r.user_id == "quick" && r.status == RunStatus::Succeeded)
+            .count()
+            == 10
+    })
+    .await;
+    assert!(quick_done, "the quick events ran");
+    // Their acknowledgements went out alone after a short linger, not behind the slow one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        slow.standin.records().is_empty(),
+        "the slow call is still under way"
+    );
+    signal(&worker, "KILL");
+    let _ = worker.wait().await;
+    // Only what was in hand comes back: the slow event.
+    let queue = app.settings.amqp.queue.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.queue_depth(&queue).await == 1
+        })
+        .await,
+        "only the slow event is back in the queue, {} are",
+        app.queue_depth(&queue).await
+    );
     app.cleanup().await;
 }
