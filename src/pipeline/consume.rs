@@ -130,7 +130,7 @@ async fn session(
         };
         match next {
             Some(Ok(delivery)) => {
-                acks.received(delivery.delivery_tag);
+                acks.received(delivery.delivery_tag, &delivery.acker);
                 let session = session.clone();
                 let abort = session_abort.clone();
                 let acks = acks.clone();
@@ -145,8 +145,6 @@ async fn session(
                 if let Err(err) = channel.wait_for_recovery(err).await {
                     break Err(anyhow::Error::from(err));
                 }
-                // The deliveries in hand come again, with new tags.
-                acks.reset();
                 tracing::info!("broker connection recovered; consuming again");
                 context.metrics.consumer_connected.set(1);
             }
@@ -221,7 +219,7 @@ impl Session {
                         ..BasicNackOptions::default()
                     })
                     .await;
-                acks.released(delivery.delivery_tag);
+                acks.released(delivery.delivery_tag, &delivery.acker);
                 return;
             }
             Ok(Err(Unsettled::Shutdown)) => {
@@ -239,7 +237,7 @@ impl Session {
                         ..BasicNackOptions::default()
                     })
                     .await;
-                acks.released(delivery.delivery_tag);
+                acks.released(delivery.delivery_tag, &delivery.acker);
                 return;
             }
         };

@@ -25,6 +25,10 @@ use crate::observe::errors::report;
 /// acknowledgement covers them all, before it is acknowledged alone.
 pub const LINGER: Duration = Duration::from_millis(20);
 
+/// How long the acknowledger gathers settled messages after the first one wakes it, so that
+/// one acknowledgement serves those settled close together even when few are in flight.
+const GATHER: Duration = Duration::from_millis(1);
+
 /// The acknowledgements of one consumer's channel.
 #[derive(Default)]
 pub struct Acks {
@@ -38,6 +42,9 @@ struct State<A> {
     in_hand: BTreeSet<u64>,
     /// Settled, to acknowledge, and when each was settled.
     settled: BTreeMap<u64, (A, Instant)>,
+    /// The acker of the last delivery: once it refuses, the channel has failed, and every
+    /// tag here is of its old life.
+    last: Option<A>,
 }
 
 impl<A> Default for State<A> {
@@ -45,6 +52,7 @@ impl<A> Default for State<A> {
         State {
             in_hand: BTreeSet::new(),
             settled: BTreeMap::new(),
+            last: None,
         }
     }
 }
@@ -102,39 +110,49 @@ impl Acks {
     }
 
     /// A delivery taken from the consumer, in the order the channel delivered them.
-    pub fn received(&self, tag: u64) {
-        self.state().in_hand.insert(tag);
+    ///
+    /// A channel that failed and was recovered numbers its deliveries from 1 again. Its old
+    /// ackers refuse from the moment it fails (lapin poisons them before recovering), so the
+    /// first delivery after a recovery finds the last one's acker refusing, and every tag
+    /// of the old life is forgotten: those messages come again, with new tags.
+    pub fn received(&self, tag: u64, acker: &Acker) {
+        let mut state = self.state();
+        if state.last.as_ref().is_some_and(Acker::poisoned) {
+            state.in_hand.clear();
+            state.settled.clear();
+        }
+        state.last = Some(acker.clone());
+        state.in_hand.insert(tag);
     }
 
     /// The message is settled: acknowledge it (soon, and with others when it can).
     pub fn settled(&self, tag: u64, acker: Acker) {
-        // Delivered on a channel that has failed since: the broker delivers it again, and
-        // its tag may now be another message's.
-        if !acker.usable() {
-            return;
-        }
         {
             let mut state = self.state();
+            // Delivered before its channel failed: the broker delivers it again, and its tag
+            // may now be another message's. Checked under the lock, where `received` forgets.
+            if acker.poisoned() {
+                return;
+            }
             state.in_hand.remove(&tag);
             state.settled.insert(tag, (acker, Instant::now()));
         }
         self.settled_one.notify_one();
     }
 
-    /// The message was handed back (its nack already sent), or is left to go back when the
-    /// channel closes: it is no longer in hand, and nothing acknowledges it.
-    pub fn released(&self, tag: u64) {
-        self.state().in_hand.remove(&tag);
+    /// The message was handed back (its nack already sent): it is no longer in hand, and
+    /// nothing acknowledges it. A message left to go back when the channel closes is not
+    /// released: it stays in hand, and nothing covers it.
+    pub fn released(&self, tag: u64, acker: &Acker) {
+        {
+            let mut state = self.state();
+            if acker.poisoned() {
+                return;
+            }
+            state.in_hand.remove(&tag);
+        }
         // Its tag may have been all that held the others back.
         self.settled_one.notify_one();
-    }
-
-    /// Forgets every tag: the channel was recovered, its deliveries will come again with new
-    /// tags, and the old ones' ackers refuse.
-    pub fn reset(&self) {
-        let mut state = self.state();
-        state.in_hand.clear();
-        state.settled.clear();
     }
 
     /// Sends what is settled now; returns when the next lingering acknowledgement is due.
@@ -167,7 +185,9 @@ impl Acks {
             };
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = self.settled_one.notified() => {}
+                _ = self.settled_one.notified() => {
+                    tokio::time::sleep(GATHER).await;
+                }
                 _ = wait => {}
             }
             due = self.flush().await;
@@ -199,6 +219,7 @@ mod tests {
         State {
             in_hand: in_hand.iter().copied().collect(),
             settled: settled.iter().map(|&(tag, at)| (tag, (tag, at))).collect(),
+            last: None,
         }
     }
 
