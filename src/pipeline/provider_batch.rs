@@ -310,20 +310,26 @@ mod tests {
         batches.join(key.clone(), record(n), answer, Some(coming))
     }
 
+    /// The seat's batch, when it leads one; `what` says why it should.
+    fn leads(seat: Seat, what: &str) -> (u64, Arc<Mutex<Vec<Rider>>>, Arc<Notify>, Wait) {
+        match seat {
+            Seat::Leader {
+                id,
+                riders,
+                full,
+                wait,
+            } => (id, riders, full, wait),
+            _ => panic!("{what}"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lone_run_goes_at_once() {
         let batches = batches(50);
         let key = key();
         let coming = batches.expect(Some(key.clone()));
-        let Seat::Leader {
-            id,
-            riders,
-            full,
-            wait,
-        } = join(&batches, &key, coming, 0)
-        else {
-            panic!("the first run leads");
-        };
+        let (id, riders, full, wait) =
+            leads(join(&batches, &key, coming, 0), "the first run leads");
         let started = tokio::time::Instant::now();
 
         let gathered = batches.gather(&key, id, &riders, &full, wait).await;
@@ -340,15 +346,7 @@ mod tests {
         let first = batches.expect(Some(key.clone()));
         let second = batches.expect(Some(key.clone()));
         let third = batches.expect(Some(key.clone()));
-        let Seat::Leader {
-            id,
-            riders,
-            full,
-            wait,
-        } = join(&batches, &key, first, 0)
-        else {
-            panic!("the first run leads");
-        };
+        let (id, riders, full, wait) = leads(join(&batches, &key, first, 0), "the first run leads");
         assert_eq!(wait, Wait::Coming, "two more are on their way");
 
         // The second joins after 10 ms; the third ends before riding (say its claim found
@@ -370,15 +368,8 @@ mod tests {
         // Right after a batch, a run waits for company, though none is admitted yet (a
         // stream): the window, no longer.
         let next = batches.expect(Some(key.clone()));
-        let Seat::Leader {
-            id,
-            riders,
-            full,
-            wait,
-        } = join(&batches, &key, next, 2)
-        else {
-            panic!("it leads the next batch");
-        };
+        let (id, riders, full, wait) =
+            leads(join(&batches, &key, next, 2), "it leads the next batch");
         assert_eq!(wait, Wait::Window);
         let started = tokio::time::Instant::now();
         let gathered = batches.gather(&key, id, &riders, &full, wait).await;
@@ -435,15 +426,7 @@ mod tests {
         let Some(first) = comings.next() else {
             panic!("runs");
         };
-        let Seat::Leader {
-            id,
-            riders,
-            full,
-            wait,
-        } = join(&batches, &key, first, 0)
-        else {
-            panic!("the first run leads");
-        };
+        let (id, riders, full, wait) = leads(join(&batches, &key, first, 0), "the first run leads");
         for n in 1..max {
             let Some(coming) = comings.next() else {
                 panic!("runs");

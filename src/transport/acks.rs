@@ -156,7 +156,7 @@ impl Acks {
     }
 
     /// Sends what is settled now; returns when the next lingering acknowledgement is due.
-    pub async fn flush(&self) -> Option<Instant> {
+    async fn flush(&self) -> Option<Instant> {
         let flush = self.state().take(Instant::now());
         let next = flush.next;
         self.send(flush).await;
