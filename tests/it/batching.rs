@@ -543,13 +543,17 @@ async fn a_batch_that_finds_the_budget_spent_defers_its_runs_without_spending_re
     app.start_worker().await;
 
     // Act: a first batch spends the budget; a second comes right after.
+    let started = std::time::Instant::now();
     let first = publish(&app, &emails("first", 3), &[]).await;
     finished(&app, first.len(), Duration::from_secs(10)).await;
     let second = publish(&app, &emails("second", 3), &[]).await;
 
     // Assert: the second batch's runs were deferred, then made it, with no retry spent and
-    // nothing dead-lettered; each batch was one call.
+    // nothing dead-lettered; every call was a batch call, and no more calls were made than
+    // the budget allowed in the time taken. (A loaded machine may split a batch: a run that
+    // comes back from the held queue after its fellows goes in a call of its own.)
     let runs = finished(&app, first.len() + second.len(), Duration::from_secs(30)).await;
+    let elapsed = started.elapsed();
     assert!(
         runs.values().all(|r| r.status == RunStatus::Succeeded),
         "{runs:#?}"
@@ -568,7 +572,12 @@ async fn a_batch_that_finds_the_budget_spent_defers_its_runs_without_spending_re
         "no retry was scheduled: {metrics}"
     );
     let calls = calls_to(&crm, "/batch/upsert");
-    assert!((2..=4).contains(&calls), "six records in {calls} calls");
+    let allowed = 1 + (elapsed.as_secs_f64() / 3.0) as usize;
+    assert!(
+        (2..=allowed).contains(&calls),
+        "six records in {calls} calls, {allowed} allowed in {elapsed:?}"
+    );
+    assert_eq!(crm.standin.requests().len(), calls, "only batch calls");
     assert_eq!(crm.standin.records().len(), 6);
     app.cleanup().await;
 }
