@@ -165,6 +165,77 @@ fn outcome(claim: &runs::RunClaim, event_id: &str, workflow: Uuid) -> RunRecord 
     }
 }
 
+#[tokio::test]
+async fn a_batch_s_outcomes_are_written_in_place_beside_its_claims() {
+    // Arrange: 200 runs claimed in one statement, as a worker claims a batch, with event ids
+    // and provider ids of the sizes real ones have; and days made by the partition function.
+    let app = TestApp::new().await;
+    let workflow = workflow(&app).await;
+    let client = app.pool.get().await.expect("client");
+    history::create_partitions(&client, OffsetDateTime::now_utc() - 3 * DAY)
+        .await
+        .expect("older partitions");
+    let events: Vec<String> = (0..200).map(|_| Uuid::new_v4().to_string()).collect();
+    let requests: Vec<ClaimRequest> = events
+        .iter()
+        .map(|event| request("u", event, workflow))
+        .collect();
+    let claimed = runs::claim(&client, &requests, WORKER, LEASE)
+        .await
+        .expect("claim");
+    let pages = || async {
+        let rows = client
+            .query(
+                "select id, (ctid::text::point)[0]::int8 from runs order by id",
+                &[],
+            )
+            .await
+            .expect("pages");
+        rows.iter()
+            .map(|row| (row.get::<_, Uuid>(0), row.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+    };
+    let before = pages().await;
+
+    // Act: their outcomes recorded in one statement, as a batch's are.
+    let outcomes: Vec<RunRecord> = claimed
+        .iter()
+        .zip(&events)
+        .map(|(claimed, event)| {
+            let Claimed::Run(claim) = claimed else {
+                panic!("a new run is claimed: {claimed:?}");
+            };
+            RunRecord {
+                provider_id: Some("0035e00000AbCdEfGH".into()),
+                ..outcome(claim, event, workflow)
+            }
+        })
+        .collect();
+    let unwritten = runs::record(&client, &outcomes).await.expect("record");
+
+    // Assert: every run's new version is on its old page (no indexed column changes, so
+    // that is an update in place, which writes no index entry); every day has the room.
+    assert!(unwritten.is_empty());
+    assert_eq!(before.len(), 200);
+    let after = pages().await;
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    assert_eq!(after.len(), 200);
+    assert_eq!(moved, 0, "{moved} of 200 outcomes moved to another page");
+    let roomy = client
+        .query_one(
+            "select count(*) filter (where 'fillfactor=45' = any(c.reloptions)), count(*) \
+             from pg_inherits i join pg_class c on c.oid = i.inhrelid \
+             where i.inhparent = 'runs'::regclass",
+            &[],
+        )
+        .await
+        .expect("partitions");
+    let (with_room, partitions): (i64, i64) = (roomy.get(0), roomy.get(1));
+    assert!(partitions >= 10, "{partitions} partitions");
+    assert_eq!(with_room, partitions);
+    app.cleanup().await;
+}
+
 async fn claim_new(
     client: &impl deadpool_postgres::GenericClient,
     event_id: &str,
