@@ -150,6 +150,9 @@ struct Drain {
     /// the worker's statements are each a transaction of its own, so this is its statements
     /// per event (and a few of the worker's start and the bench's own reads).
     transactions_per_event: f64,
+    /// The database server's CPU during the drain, per event: every Postgres process's,
+    /// background ones too. `None` when the server is not on this machine.
+    database_cpu_per_event: Option<Duration>,
 }
 
 /// The three-step find-or-create workflow of the examples, measured as documented.
@@ -685,6 +688,7 @@ impl Bench {
         self.publish(&self.settings.amqp.exchange, EVENT, bodies)
             .await?;
         let transactions_before = self.transactions().await?;
+        let database_cpu_before = self.database_cpu().await;
         let mut worker = self.start_worker_with(batching).await?;
         let result = self.time_drain(&worker, n).await;
         stop(&mut worker.child).await;
@@ -696,7 +700,37 @@ impl Bench {
             .await?
             .saturating_sub(transactions_before);
         drain.transactions_per_event = transactions as f64 / n.max(1) as f64;
+        // The worker's backends have exited by now, their time added to the server's.
+        drain.database_cpu_per_event =
+            database_cpu_before
+                .zip(self.database_cpu().await)
+                .map(|(before, after)| {
+                    after.saturating_sub(before) / u32::try_from(n.max(1)).unwrap_or(u32::MAX)
+                });
         Ok(drain)
+    }
+
+    /// CPU the database server has used so far, when it runs on this machine: its
+    /// postmaster's, with the exited backends it has reaped, and each live child's.
+    async fn database_cpu(&self) -> Option<Duration> {
+        let client = self.pool.get().await.ok()?;
+        let backend: i32 = client
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .ok()?
+            .try_get(0)
+            .ok()?;
+        let postmaster = proc_stat(u32::try_from(backend).ok()?)?.parent;
+        let mut total = proc_stat(postmaster)?.with_children;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            if let Some(child) = proc_stat(pid).filter(|s| s.parent == postmaster) {
+                total += child.own;
+            }
+        }
+        Some(total)
     }
 
     /// Transactions committed and rolled back in the bench database so far.
@@ -734,6 +768,7 @@ impl Bench {
                     cpu_per_event: cpu / u32::try_from(counted).unwrap_or(u32::MAX),
                     peak_rss_kib: peak_rss_kib(worker.pid)?,
                     transactions_per_event: 0.0,
+                    database_cpu_per_event: None,
                 });
             }
             if now > deadline {
@@ -1002,14 +1037,35 @@ async fn events_done(client: &reqwest::Client, url: &str) -> Option<u64> {
 
 /// User plus system CPU time of a process.
 fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    proc_stat(pid)
+        .map(|stat| stat.own)
+        .with_context(|| format!("/proc/{pid}/stat"))
+}
+
+/// What `/proc/PID/stat` says of a process's CPU and parent.
+struct ProcStat {
+    parent: u32,
+    /// utime and stime.
+    own: Duration,
+    /// `own` with the children it has waited for (cutime and cstime).
+    with_children: Duration,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name, from the 3rd: the parent is the 4th,
+    // utime, stime, cutime and cstime the 14th to 17th.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest)?;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
     // Linux reports in USER_HZ, 100 on every mainstream architecture.
-    Ok(Duration::from_millis(ticks * 10))
+    let ticks = |t: u64| Duration::from_millis(t * 10);
+    let own = field(14)? + field(15)?;
+    Some(ProcStat {
+        parent: u32::try_from(field(4)?).ok()?,
+        own: ticks(own),
+        with_children: ticks(own + field(16)? + field(17)?),
+    })
 }
 
 fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
