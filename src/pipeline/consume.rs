@@ -134,6 +134,9 @@ async fn session(
                 let session = session.clone();
                 let abort = session_abort.clone();
                 let acks = acks.clone();
+                // Boxed: the delivery (its properties are most of it) is then moved from
+                // future to future as a pointer, not copied into each.
+                let delivery = Box::new(delivery);
                 tasks.spawn(async move {
                     session.handle(delivery, &acks, &abort).await;
                     drop(permit);
@@ -186,7 +189,7 @@ impl Session {
     /// Processes a delivery and acknowledges it when settled. Everything it logs, the
     /// acknowledgement's included, is in the event's span; the span is never entered across
     /// an await, where it would become the span of whatever else that thread runs.
-    async fn handle(&self, delivery: Delivery, acks: &Acks, abort: &CancellationToken) {
+    async fn handle(&self, delivery: Box<Delivery>, acks: &Acks, abort: &CancellationToken) {
         let span = tracing::info_span!(
             "event",
             event_id = tracing::field::Empty,
@@ -198,7 +201,12 @@ impl Session {
             .await;
     }
 
-    async fn handle_in_span(&self, delivery: Delivery, acks: &Acks, abort: &CancellationToken) {
+    async fn handle_in_span(
+        &self,
+        delivery: Box<Delivery>,
+        acks: &Acks,
+        abort: &CancellationToken,
+    ) {
         let metrics = &self.context.metrics;
         metrics.events_in_flight.inc();
         let result =
@@ -212,13 +220,7 @@ impl Session {
                 // A bug met this message. Hand it back: its delivery count grows with each
                 // try, and past worker.max_deliveries it is dead-lettered as poison.
                 tracing::error!("processing panicked; the message goes back to the queue");
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                hand_back(&delivery).await;
                 acks.released(delivery.delivery_tag, &delivery.acker);
                 return;
             }
@@ -230,13 +232,7 @@ impl Session {
             }
             Ok(Err(Unsettled::HandBack(reason))) => {
                 tracing::warn!(%reason, "the event cannot be settled now; handed back to the broker");
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                hand_back(&delivery).await;
                 acks.released(delivery.delivery_tag, &delivery.acker);
                 return;
             }
@@ -247,4 +243,14 @@ impl Session {
             .inc();
         acks.settled(delivery.delivery_tag, delivery.acker);
     }
+}
+
+/// Nacks a delivery for the broker to requeue. Boxed: it is rare, and its state would
+/// otherwise be part of every message's task.
+async fn hand_back(delivery: &Delivery) {
+    let nack = delivery.acker.nack(BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    });
+    let _ = Box::pin(nack).await;
 }

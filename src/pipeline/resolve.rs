@@ -135,7 +135,9 @@ impl Resolver {
             return Ok(hit.clone());
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let resolution = self.query(user_id, name).await?;
+        // Boxed: a miss is rare, and its query's state would otherwise be part of every
+        // message's task.
+        let resolution = Box::pin(self.query(user_id, name)).await?;
         // Cache only if no notification arrived while the query ran: its answer could
         // predate the change.
         if self.listening.load(Ordering::Acquire)

@@ -99,8 +99,7 @@ impl Session {
         let event = match event::parse(body, &meta, context.limits) {
             Ok(event) => event,
             Err(invalid) => {
-                return self
-                    .dead_letter_invalid(body, properties, invalid, None, abort)
+                return Box::pin(self.dead_letter_invalid(body, properties, invalid, None, abort))
                     .await;
             }
         };
@@ -113,9 +112,14 @@ impl Session {
             Ok(routing) => routing,
             // The body is a valid event: the dead letter names it, so operators can find it.
             Err(invalid) => {
-                return self
-                    .dead_letter_invalid(body, properties, invalid, Some(&event), abort)
-                    .await;
+                return Box::pin(self.dead_letter_invalid(
+                    body,
+                    properties,
+                    invalid,
+                    Some(&event),
+                    abort,
+                ))
+                .await;
             }
         };
         let deliveries = routing.deliveries;
@@ -130,7 +134,7 @@ impl Session {
                     "poison: delivered {deliveries} times without being finished (the worker crashed, timed out or lost its connection each time)"
                 ),
             };
-            self.dead_letter_message(body, properties, Some(&event), reason, None, abort)
+            Box::pin(self.dead_letter_message(body, properties, Some(&event), reason, None, abort))
                 .await?;
             return Ok(Outcome::Poison { deliveries });
         }
@@ -338,7 +342,7 @@ impl Session {
             code: ReasonCode::PayloadMismatch,
             text: reason.clone(),
         };
-        self.dead_letter_message(body, properties, Some(event), letter, None, abort)
+        Box::pin(self.dead_letter_message(body, properties, Some(event), letter, None, abort))
             .await?;
         Ok(Some(Outcome::PayloadMismatch(reason)))
     }
