@@ -2,8 +2,8 @@
 //! user's events with one HubSpot upsert-contact workflow (one connection), `--repeat`
 //! rounds, each round measuring the broker's ceiling too. Reports events/s, the ratio to
 //! the ceiling, HubSpot calls per event (counted by the stand-in), the worker's and the
-//! database server's CPU and database transactions per event (issue 15's targets: at most 0.02 calls per event, at least 0.35
-//! of the ceiling).
+//! database server's CPU and database transactions per event (issue 15's targets: at most
+//! 0.02 calls per event, at least 0.35 of the ceiling).
 
 use appevents::core::provider::Provider;
 use serde_json::json;

@@ -700,7 +700,8 @@ impl Bench {
             .await?
             .saturating_sub(transactions_before);
         drain.transactions_per_event = transactions as f64 / n.max(1) as f64;
-        // The worker's backends have exited by now, their time added to the server's.
+        // The worker's backends exited during the pause above, their time added to the
+        // server's.
         drain.database_cpu_per_event =
             database_cpu_before
                 .zip(self.database_cpu().await)
@@ -711,7 +712,9 @@ impl Bench {
     }
 
     /// CPU the database server has used so far, when it runs on this machine: its
-    /// postmaster's, with the exited backends it has reaped, and each live child's.
+    /// postmaster's, with the exited backends it has reaped, and each live child's. `None`
+    /// when the backend's process id names no Postgres process here (a server elsewhere, or
+    /// in a container with its own process ids).
     async fn database_cpu(&self) -> Option<Duration> {
         let client = self.pool.get().await.ok()?;
         let backend: i32 = client
@@ -720,17 +723,29 @@ impl Bench {
             .ok()?
             .try_get(0)
             .ok()?;
-        let postmaster = proc_stat(u32::try_from(backend).ok()?)?.parent;
-        let mut total = proc_stat(postmaster)?.with_children;
-        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
-                continue;
-            };
-            if let Some(child) = proc_stat(pid).filter(|s| s.parent == postmaster) {
-                total += child.own;
+        let backend = u32::try_from(backend).ok()?;
+        let postmaster = proc_stat(backend)?.parent;
+        if !is_postgres(backend) || !is_postgres(postmaster) {
+            return None;
+        }
+        // A backend reaped between reading the postmaster and reading its children would be
+        // in neither: read again until the postmaster's reaped total holds still.
+        for _ in 0..5 {
+            let reaped = proc_stat(postmaster)?.with_children;
+            let mut live = Duration::ZERO;
+            for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+                    continue;
+                };
+                if let Some(child) = proc_stat(pid).filter(|s| s.parent == postmaster) {
+                    live += child.own;
+                }
+            }
+            if proc_stat(postmaster)?.with_children == reaped {
+                return Some(reaped + live);
             }
         }
-        Some(total)
+        None
     }
 
     /// Transactions committed and rolled back in the bench database so far.
@@ -1066,6 +1081,10 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
         own: ticks(own),
         with_children: ticks(own + field(16)? + field(17)?),
     })
+}
+
+fn is_postgres(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres")
 }
 
 fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
