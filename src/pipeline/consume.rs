@@ -186,9 +186,10 @@ async fn session(
 }
 
 impl Session {
-    /// Processes a delivery and acknowledges it when settled. Everything it logs, the
-    /// acknowledgement's included, is in the event's span; the span is never entered across
-    /// an await, where it would become the span of whatever else that thread runs.
+    /// Processes a delivery and, once it is settled, hands its tag to the acknowledger
+    /// ([`Acks`], which acknowledges it with others, and logs a failed acknowledgement on its
+    /// own). Everything it logs is in the event's span; the span is never entered across an
+    /// await, where it would become the span of whatever else that thread runs.
     async fn handle(&self, delivery: Box<Delivery>, acks: &Acks, abort: &CancellationToken) {
         let span = tracing::info_span!(
             "event",
@@ -220,8 +221,7 @@ impl Session {
                 // A bug met this message. Hand it back: its delivery count grows with each
                 // try, and past worker.max_deliveries it is dead-lettered as poison.
                 tracing::error!("processing panicked; the message goes back to the queue");
-                hand_back(&delivery).await;
-                acks.released(delivery.delivery_tag, &delivery.acker);
+                hand_back(&delivery, acks).await;
                 return;
             }
             Ok(Err(Unsettled::Shutdown)) => {
@@ -232,8 +232,7 @@ impl Session {
             }
             Ok(Err(Unsettled::HandBack(reason))) => {
                 tracing::warn!(%reason, "the event cannot be settled now; handed back to the broker");
-                hand_back(&delivery).await;
-                acks.released(delivery.delivery_tag, &delivery.acker);
+                hand_back(&delivery, acks).await;
                 return;
             }
         };
@@ -245,12 +244,14 @@ impl Session {
     }
 }
 
-/// Nacks a delivery for the broker to requeue. Boxed: it is rare, and its state would
-/// otherwise be part of every message's task.
-async fn hand_back(delivery: &Delivery) {
+/// Nacks a delivery for the broker to requeue, then releases its tag, so that nothing
+/// acknowledges it and the messages settled after it are no longer held back. The nack is
+/// boxed: it is rare, and its state would otherwise be part of every message's task.
+async fn hand_back(delivery: &Delivery, acks: &Acks) {
     let nack = delivery.acker.nack(BasicNackOptions {
         requeue: true,
         ..BasicNackOptions::default()
     });
     let _ = Box::pin(nack).await;
+    acks.released(delivery.delivery_tag, &delivery.acker);
 }

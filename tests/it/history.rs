@@ -81,6 +81,13 @@ async fn counts(client: &impl deadpool_postgres::GenericClient) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// Makes the partitions of the three days before today, as the partition function does.
+async fn older_days(client: &tokio_postgres::Client) {
+    history::create_partitions(client, OffsetDateTime::now_utc() - 3 * DAY)
+        .await
+        .expect("older partitions");
+}
+
 async fn workflow(app: &TestApp) -> Uuid {
     app.hubspot_workflow("http://127.0.0.1:9").await
 }
@@ -90,9 +97,7 @@ async fn a_run_stays_unique_across_a_partition_boundary() {
     let app = TestApp::new().await;
     let workflow = workflow(&app).await;
     let client = app.pool.get().await.expect("client");
-    history::create_partitions(&client, OffsetDateTime::now_utc() - 3 * DAY)
-        .await
-        .expect("older partitions");
+    older_days(&client).await;
     let done = seed_run(&client, "u", "evt-done", workflow, "succeeded", 2 * DAY).await;
     let waiting = seed_run(&client, "u", "evt-wait", workflow, "retrying", 2 * DAY).await;
 
@@ -172,9 +177,7 @@ async fn a_batch_s_outcomes_are_written_in_place_beside_its_claims() {
     let app = TestApp::new().await;
     let workflow = workflow(&app).await;
     let client = app.pool.get().await.expect("client");
-    history::create_partitions(&client, OffsetDateTime::now_utc() - 3 * DAY)
-        .await
-        .expect("older partitions");
+    older_days(&client).await;
     let events: Vec<String> = (0..200).map(|_| Uuid::new_v4().to_string()).collect();
     let requests: Vec<ClaimRequest> = events
         .iter()
