@@ -402,6 +402,15 @@ async fn the_overview_and_catalog_show_what_needs_attention_and_never_a_secret()
         )
         .await;
     console.app.start_worker().await;
+    // The worker's first heartbeat is written beside its consumer's start, not before it.
+    let beating = eventually(Duration::from_secs(10), || async {
+        client_db
+            .query_opt("select 1 from workers where alive_until > now()", &[])
+            .await
+            .is_ok_and(|row| row.is_some())
+    })
+    .await;
+    assert!(beating, "a worker's heartbeat");
     let worker: uuid::Uuid = client_db
         .query_one("select id from workers where alive_until > now()", &[])
         .await
